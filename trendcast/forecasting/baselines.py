@@ -1,0 +1,156 @@
+"""Baseline forecasters: all-zero, naive, seasonal-naive and window mean.
+
+They are the bar the LSTM must clear in backtests, and seasonal-naive is also the fallback
+for items with too little history. Quantiles come from the empirical distribution of each
+method's own in-window errors (what the method would have got wrong recently), added to its
+point forecast and clipped at zero — simple, distribution-free and honest about intermittency.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import numpy.typing as npt
+
+from trendcast.forecasting.base import ForecastBatch, WindowBatch
+
+__all__ = [
+    "NaiveForecaster",
+    "SeasonalNaiveForecaster",
+    "WindowMeanForecaster",
+    "ZeroForecaster",
+    "seasonal_naive",
+]
+
+F32 = npt.NDArray[np.float32]
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def seasonal_naive(quantities: F32, history_len: npt.NDArray[np.int64], season: int,
+                   horizon: int) -> F32:
+    """Repeat each window's last ``season`` buckets over the horizon.
+
+    Items with less than one season of history repeat the mean of what they have.
+
+    >>> q = np.array([[0, 1, 2, 3, 4, 5, 6, 7]], dtype=np.float32)
+    >>> seasonal_naive(q, np.array([8]), 3, 5).tolist()
+    [[5.0, 6.0, 7.0, 5.0, 6.0]]
+    >>> padded = np.array([[0, 0, 0, 0, 0, 0, 6, 7]], dtype=np.float32)
+    >>> seasonal_naive(padded, np.array([2]), 3, 2).tolist()
+    [[6.5, 6.5]]
+    """
+    n, window = quantities.shape
+    season = min(season, window)
+    last = quantities[:, window - season:]
+    reps = -(-horizon // season)
+    out = np.tile(last, (1, reps))[:, :horizon].astype(np.float32)
+    short = history_len < season
+    if short.any():
+        sums = quantities[short].sum(axis=1)
+        means = sums / np.maximum(history_len[short], 1)
+        out[short] = means[:, None]
+    return out
+
+
+def _error_quantiles(point: F32, errors: F32, valid: npt.NDArray[np.bool_]) -> tuple[F32, F32, F32]:
+    """Add empirical error quantiles (per row, over valid in-window errors) to a point forecast."""
+    masked = np.where(valid, errors, np.nan)
+    with warnings.catch_warnings():
+        # Rows without any valid error (a single bucket of history) give NaN: treated as 0.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        qs = np.nanquantile(masked, QUANTILES, axis=1)  # [3, n]
+    qs = np.nan_to_num(qs, nan=0.0).astype(np.float32)
+    p10, p50, p90 = (np.maximum(point + qs[i][:, None], 0.0).astype(np.float32) for i in range(3))
+    return np.minimum(p10, p50), p50, np.maximum(p90, p50)
+
+
+def _valid_mask(batch: WindowBatch, lag: int) -> npt.NDArray[np.bool_]:
+    """Positions whose value and its ``lag``-earlier value are both real history."""
+    cols = np.arange(batch.window)[None, :]
+    first_real = (batch.window - batch.history_len)[:, None]
+    return (cols - lag >= first_real) & (cols >= lag)
+
+
+def _lagged_batch(batch: WindowBatch, point: F32, lag: int, name: str) -> ForecastBatch:
+    q = batch.quantities
+    errors = np.zeros_like(q)
+    errors[:, lag:] = q[:, lag:] - q[:, :-lag]
+    p10, p50, p90 = _error_quantiles(point, errors, _valid_mask(batch, lag))
+    return ForecastBatch(mean=point, p10=p10, p50=p50, p90=p90,
+                         fallback=np.zeros(len(batch), dtype=bool))
+
+
+class ZeroForecaster:
+    """Forecasts zero everywhere: the bar for intermittent demand (its WAPE is exactly 1)."""
+
+    def __init__(self, horizon: int) -> None:
+        self._horizon = horizon
+
+    @property
+    def name(self) -> str:
+        return "zero"
+
+    @property
+    def horizon(self) -> int:
+        return self._horizon
+
+    def predict(self, batch: WindowBatch) -> ForecastBatch:
+        zeros = np.zeros((len(batch), self._horizon), dtype=np.float32)
+        return ForecastBatch(zeros, zeros, zeros, zeros, np.zeros(len(batch), dtype=bool))
+
+
+class SeasonalNaiveForecaster:
+    """Repeats the last season (default 7 buckets: a week of days); ``season=1`` is naive."""
+
+    def __init__(self, horizon: int, season: int = 7) -> None:
+        self._horizon = horizon
+        self.season = season
+
+    @property
+    def name(self) -> str:
+        return "naive" if self.season == 1 else f"seasonal_naive{self.season}"
+
+    @property
+    def horizon(self) -> int:
+        return self._horizon
+
+    def predict(self, batch: WindowBatch) -> ForecastBatch:
+        point = seasonal_naive(batch.quantities, batch.history_len, self.season, self._horizon)
+        return _lagged_batch(batch, point, min(self.season, batch.window - 1), self.name)
+
+
+class NaiveForecaster(SeasonalNaiveForecaster):
+    """Repeats the last bucket."""
+
+    def __init__(self, horizon: int) -> None:
+        super().__init__(horizon, season=1)
+
+
+class WindowMeanForecaster:
+    """Forecasts the mean of the last ``length`` buckets (default 28) for every step."""
+
+    def __init__(self, horizon: int, length: int = 28) -> None:
+        self._horizon = horizon
+        self.length = length
+
+    @property
+    def name(self) -> str:
+        return f"mean{self.length}"
+
+    @property
+    def horizon(self) -> int:
+        return self._horizon
+
+    def predict(self, batch: WindowBatch) -> ForecastBatch:
+        length = min(self.length, batch.window)
+        recent = batch.quantities[:, batch.window - length:]
+        real = np.minimum(batch.history_len, length).astype(np.float32)
+        level = recent.sum(axis=1) / np.maximum(real, 1.0)
+        point = np.repeat(level[:, None], self._horizon, axis=1).astype(np.float32)
+        errors = (batch.quantities - level[:, None]).astype(np.float32)
+        cols = np.arange(batch.window)[None, :]
+        valid = cols >= (batch.window - np.minimum(batch.history_len, length))[:, None]
+        p10, p50, p90 = _error_quantiles(point, errors, valid)
+        return ForecastBatch(mean=point, p10=p10, p50=p50, p90=p90,
+                             fallback=np.zeros(len(batch), dtype=bool))

@@ -1,0 +1,115 @@
+"""Bucket frequencies and event-time bucket math, shared by offline and stream code.
+
+A bucket is a half-open interval ``[start, start + step)``. Buckets are aligned on a fixed
+origin so that the offline aggregation and the stream worker (which only sees epoch
+milliseconds) agree on every boundary: hours and days align on the Unix epoch (UTC midnight),
+weeks on Monday 1970-01-05 so that a weekly bucket is a calendar week starting Monday.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from trendcast.exceptions import ConfigError
+
+__all__ = ["Freq", "parse_freq"]
+
+_HOUR_MS = 3_600_000
+_DAY_MS = 24 * _HOUR_MS
+_WEEK_MS = 7 * _DAY_MS
+# Monday 1970-01-05 00:00 UTC: weekly buckets start on Mondays.
+_MONDAY_ORIGIN_MS = 4 * _DAY_MS
+
+_UNITS = {"h": _HOUR_MS, "d": _DAY_MS, "w": _WEEK_MS}
+_PATTERN = re.compile(r"^\s*(\d*)\s*(h|hour|hours|d|day|days|w|week|weeks)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Freq:
+    """A fixed-length bucket size with its alignment origin.
+
+    Attributes:
+        step_ms: Bucket length in milliseconds.
+        origin_ms: Epoch milliseconds of one bucket boundary.
+        name: Canonical spelling (``1h``, ``1D``, ``1W``…), stored in bundles.
+    """
+
+    step_ms: int
+    origin_ms: int
+    name: str
+
+    def floor_ms(self, ts_ms: int) -> int:
+        """Start (epoch ms) of the bucket holding ``ts_ms``.
+
+        >>> parse_freq("1D").floor_ms(86_400_000 + 5)
+        86400000
+        >>> parse_freq("1W").floor_ms(0)  # Thursday 1970-01-01 belongs to the week of Mon 12-29
+        -259200000
+        """
+        return self.origin_ms + ((ts_ms - self.origin_ms) // self.step_ms) * self.step_ms
+
+    def floor_ms_array(self, ts_ms: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Vectorised :meth:`floor_ms`.
+
+        >>> parse_freq("1h").floor_ms_array(np.array([3_599_999, 3_600_000])).tolist()
+        [0, 3600000]
+        """
+        return self.origin_ms + ((ts_ms - self.origin_ms) // self.step_ms) * self.step_ms
+
+    def floor(self, ts: pd.Series) -> pd.Series:
+        """Bucket start of each timestamp of a tz-naive (UTC) datetime Series.
+
+        >>> s = pd.Series(pd.to_datetime(["2011-01-05 13:00", "2011-01-09 23:59"]))
+        >>> parse_freq("1W").floor(s).dt.strftime("%Y-%m-%d").tolist()
+        ['2011-01-03', '2011-01-03']
+        """
+        ms = ts.astype("datetime64[ms]").astype("int64").to_numpy()
+        floored = self.floor_ms_array(ms)
+        return pd.Series(pd.to_datetime(floored, unit="ms"), index=ts.index, name=ts.name)
+
+    def range(self, start: pd.Timestamp, end: pd.Timestamp) -> pd.DatetimeIndex:
+        """All bucket starts from ``start`` to ``end`` inclusive (both bucket starts).
+
+        >>> parse_freq("1D").range(pd.Timestamp("2011-01-01"), pd.Timestamp("2011-01-03")).size
+        3
+        """
+        return pd.date_range(start, end, freq=pd.Timedelta(milliseconds=self.step_ms))
+
+    @property
+    def timedelta(self) -> pd.Timedelta:
+        """Bucket length as a pandas Timedelta."""
+        return pd.Timedelta(milliseconds=self.step_ms)
+
+
+def parse_freq(text: str) -> Freq:
+    """Parse a bucket frequency such as ``1D``, ``1h``, ``6h``, ``7D`` or ``1W``.
+
+    Only fixed-length buckets are allowed: calendar months have no fixed length and would make
+    the stream's bucket math depend on a calendar.
+
+    >>> parse_freq("1d").name, parse_freq("W").name, parse_freq("6H").step_ms
+    ('1D', '1W', 21600000)
+    >>> parse_freq("1M")
+    Traceback (most recent call last):
+    ...
+    trendcast.exceptions.ConfigError: expected a frequency like 1h, 6h, 1D, 7D or 1W, got '1M'
+
+    Raises:
+        ConfigError: The text is not a supported frequency.
+    """
+    match = _PATTERN.match(text)
+    if match is None:
+        raise ConfigError(f"expected a frequency like 1h, 6h, 1D, 7D or 1W, got {text!r}")
+    count = int(match.group(1) or "1")
+    if count <= 0:
+        raise ConfigError(f"expected a positive frequency, got {text!r}")
+    unit = match.group(2)[0].lower()
+    step = count * _UNITS[unit]
+    origin = _MONDAY_ORIGIN_MS if unit == "w" else 0
+    name = f"{count}{'h' if unit == 'h' else unit.upper()}"
+    return Freq(step_ms=step, origin_ms=origin, name=name)
