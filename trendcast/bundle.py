@@ -110,8 +110,9 @@ class BundleMeta(_Frozen):
 class Bundle:
     """A verified bundle on disk: metadata, scales and the path of the ONNX model."""
 
-    def __init__(self, path: Path, meta: BundleMeta, scales: dict[str, float],
-                 prices: dict[str, float]) -> None:
+    def __init__(
+        self, path: Path, meta: BundleMeta, scales: dict[str, float], prices: dict[str, float]
+    ) -> None:
         self.path = path
         self.meta = meta
         self.scales = scales

@@ -106,7 +106,8 @@ class Panel:
 
     def series(self) -> dict[str, pd.DataFrame]:
         """Per-item frames, in item order."""
-        return {str(k): g.reset_index(drop=True) for k, g in self.frame.groupby("item_id", sort=True)}
+        groups = self.frame.groupby("item_id", sort=True)
+        return {str(k): g.reset_index(drop=True) for k, g in groups}
 
 
 def sample_data_path() -> Path:
@@ -154,8 +155,7 @@ def _rename(raw: pd.DataFrame, columns: ColumnMap, path: str) -> tuple[pd.DataFr
     if columns.price is not None and not has_price and columns.price != "price":
         found = ", ".join(map(str, raw.columns))
         raise DataError(f"{path}: missing price column {columns.price}; columns found: {found}")
-    if has_price:
-        assert columns.price is not None
+    if has_price and columns.price is not None:
         wanted[columns.price] = "price"
     frame = raw[list(wanted)].rename(columns=wanted)
     return frame, has_price
@@ -244,9 +244,7 @@ def clean_lines(
     return frame.reset_index(drop=True), has_price
 
 
-def bucketize(
-    lines: pd.DataFrame, freq: Freq, *, has_price: bool, min_active: int = 0
-) -> Panel:
+def bucketize(lines: pd.DataFrame, freq: Freq, *, has_price: bool, min_active: int = 0) -> Panel:
     """Sum canonical lines into dense buckets.
 
     Every bucket from an item's first sale to the data's last bucket exists (no sale = 0),
@@ -279,7 +277,7 @@ def bucketize(
             _q=np.where(positive & work["price"].notna(), work["quantity"], 0.0),
         )
         agg |= {"_pq": ("_pq", "sum"), "_q": ("_q", "sum")}
-    sums = work.groupby(["item_id", "ts"], sort=True).agg(**agg).reset_index()  # type: ignore[call-overload]
+    sums = work.groupby(["item_id", "ts"], sort=True).agg(**agg).reset_index()
     sums["quantity"] = sums["quantity"].clip(lower=0.0)
     if min_active > 0:
         active = sums[sums["quantity"] > 0].groupby("item_id").size()
@@ -294,9 +292,7 @@ def bucketize(
     item_ids = np.repeat(first.index.to_numpy(), counts.to_numpy())
     offsets = np.concatenate([np.arange(n) for n in counts.to_numpy()])
     starts = np.repeat(first.to_numpy(), counts.to_numpy())
-    grid = pd.DataFrame(
-        {"item_id": item_ids, "ts": starts + offsets * step.to_timedelta64()}
-    )
+    grid = pd.DataFrame({"item_id": item_ids, "ts": starts + offsets * step.to_timedelta64()})
     frame = grid.merge(sums, on=["item_id", "ts"], how="left")
     frame["quantity"] = frame["quantity"].fillna(0.0)
     columns = ["item_id", "ts", "quantity"]
@@ -337,13 +333,15 @@ def load_sales(
     Raises:
         DataError: Any problem with the file or its content.
     """
-    lines, has_price = read_lines(
-        path, columns=columns, item_pattern=item_pattern, returns=returns
-    )
+    lines, has_price = read_lines(path, columns=columns, item_pattern=item_pattern, returns=returns)
     panel = bucketize(lines, freq, has_price=has_price, min_active=min_active)
     logger.info(
         "loaded %s: %d items, %d buckets of %s (%s..%s)",
-        path, panel.n_items, panel.n_buckets, freq.name, panel.start, panel.end,
+        path,
+        panel.n_items,
+        panel.n_buckets,
+        freq.name,
+        panel.start,
+        panel.end,
     )
     return panel
-

@@ -68,7 +68,7 @@ class Freq:
         >>> parse_freq("1W").floor(s).dt.strftime("%Y-%m-%d").tolist()
         ['2011-01-03', '2011-01-03']
         """
-        ms = ts.astype("datetime64[ms]").astype("int64").to_numpy()
+        ms: npt.NDArray[np.int64] = np.asarray(ts.astype("datetime64[ms]").astype("int64"))
         floored = self.floor_ms_array(ms)
         return pd.Series(pd.to_datetime(floored, unit="ms"), index=ts.index, name=ts.name)
 

@@ -27,8 +27,9 @@ F32 = npt.NDArray[np.float32]
 QUANTILES = (0.1, 0.5, 0.9)
 
 
-def seasonal_naive(quantities: F32, history_len: npt.NDArray[np.int64], season: int,
-                   horizon: int) -> F32:
+def seasonal_naive(
+    quantities: F32, history_len: npt.NDArray[np.int64], season: int, horizon: int
+) -> F32:
     """Repeat each window's last ``season`` buckets over the horizon.
 
     Items with less than one season of history repeat the mean of what they have.
@@ -42,7 +43,7 @@ def seasonal_naive(quantities: F32, history_len: npt.NDArray[np.int64], season: 
     """
     n, window = quantities.shape
     season = min(season, window)
-    last = quantities[:, window - season:]
+    last = quantities[:, window - season :]
     reps = -(-horizon // season)
     out = np.tile(last, (1, reps))[:, :horizon].astype(np.float32)
     short = history_len < season
@@ -77,8 +78,9 @@ def _lagged_batch(batch: WindowBatch, point: F32, lag: int, name: str) -> Foreca
     errors = np.zeros_like(q)
     errors[:, lag:] = q[:, lag:] - q[:, :-lag]
     p10, p50, p90 = _error_quantiles(point, errors, _valid_mask(batch, lag))
-    return ForecastBatch(mean=point, p10=p10, p50=p50, p90=p90,
-                         fallback=np.zeros(len(batch), dtype=bool))
+    return ForecastBatch(
+        mean=point, p10=p10, p50=p50, p90=p90, fallback=np.zeros(len(batch), dtype=bool)
+    )
 
 
 class ZeroForecaster:
@@ -144,7 +146,7 @@ class WindowMeanForecaster:
 
     def predict(self, batch: WindowBatch) -> ForecastBatch:
         length = min(self.length, batch.window)
-        recent = batch.quantities[:, batch.window - length:]
+        recent = batch.quantities[:, batch.window - length :]
         real = np.minimum(batch.history_len, length).astype(np.float32)
         level = recent.sum(axis=1) / np.maximum(real, 1.0)
         point = np.repeat(level[:, None], self._horizon, axis=1).astype(np.float32)
@@ -152,5 +154,6 @@ class WindowMeanForecaster:
         cols = np.arange(batch.window)[None, :]
         valid = cols >= (batch.window - np.minimum(batch.history_len, length))[:, None]
         p10, p50, p90 = _error_quantiles(point, errors, valid)
-        return ForecastBatch(mean=point, p10=p10, p50=p50, p90=p90,
-                             fallback=np.zeros(len(batch), dtype=bool))
+        return ForecastBatch(
+            mean=point, p10=p10, p50=p50, p90=p90, fallback=np.zeros(len(batch), dtype=bool)
+        )

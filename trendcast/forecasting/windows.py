@@ -30,13 +30,16 @@ def windows_from_panel(
     frame = panel.frame if cutoff is None else panel.frame[panel.frame["ts"] < cutoff]
     frame = frame.groupby("item_id", sort=True).tail(window)
     items = frame["item_id"].to_numpy()
-    change = np.flatnonzero(np.r_[True, items[1:] != items[:-1]]) if len(items) else np.array([], dtype=np.int64)
+    # Row index where each item's rows start (frame is sorted by item, then time).
+    change = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
     lengths = np.diff(np.r_[change, len(items)]).astype(np.int64)
     n = len(change)
     quantities = np.zeros((n, window), dtype=np.float32)
     prices = np.full((n, window), np.nan, dtype=np.float32) if panel.has_price else None
     row = np.repeat(np.arange(n), lengths)
-    col = window - np.repeat(lengths, lengths) + (np.arange(len(items)) - np.repeat(change, lengths))
+    # Right-align each item's rows: its last bucket lands in the window's last column.
+    within = np.arange(len(items)) - np.repeat(change, lengths)
+    col = window - np.repeat(lengths, lengths) + within
     quantities[row, col] = frame["quantity"].to_numpy(dtype=np.float32)
     if prices is not None:
         prices[row, col] = frame["price"].to_numpy(dtype=np.float32)

@@ -1,0 +1,43 @@
+# trendcast: `make up` runs the whole pipeline on the embedded default, `make test` the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+STAMP := $(VENV)/.installed-stamp
+EXTRAS ?= train,embedded,bench,dev
+
+.PHONY: install test test-all lint format up bench bench-offline clean
+
+install: $(STAMP)  ## Create ./.venv with everything (idempotent; fast when done)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+test: install  ## Fast suite (unit + integration on Tansu and Redis); slow tests excluded
+	$(PY) -m pytest
+
+test-all: install  ## Everything, slow tests included
+	$(PY) -m pytest -m ''
+
+lint: install  ## ruff (lint + format check) and strict mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+up: install  ## Embedded default: Tansu + Redis, small bundle, worker, replay, live forecasts
+	$(VENV)/bin/trendcast up
+
+bench: bench-offline  ## All benchmarks (need ../shared/data)
+
+bench-offline: install
+	$(PY) bench/offline.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts

@@ -1,0 +1,213 @@
+"""The ``trendcast`` console script: thin commands that parse, build settings, call a library.
+
+Heavy libraries (TensorFlow, Faust, ONNX Runtime) are imported inside the commands that need
+them, so ``trendcast --help`` is instant and ``trendcast forecast`` never loads TensorFlow.
+Every :class:`~trendcast.exceptions.TrendcastError` reaches the user as one line on stderr and
+exit code 1; usage errors exit 2; nothing prints a traceback unless ``TRENDCAST_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import click
+import typer
+from pydantic import ValidationError
+
+from trendcast.config import OfflineSettings
+from trendcast.exceptions import ConfigError, TrendcastError
+
+if TYPE_CHECKING:
+    from trendcast.data import ColumnMap, Panel
+
+__all__ = ["app", "main"]
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    name="trendcast",
+    help="Streaming, real-time sales forecaster: train, export, forecast, evaluate, stream.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Shared options (typer has no option groups; these Annotated aliases keep commands in sync).
+DataOpt = Annotated[
+    Path, typer.Option("--data", help="CSV/Parquet of sales lines or pre-aggregated series.")
+]
+ItemCol = Annotated[str, typer.Option("--item-col", help="Column holding the item id.")]
+TimeCol = Annotated[str, typer.Option("--time-col", help="Column holding the timestamp.")]
+QtyCol = Annotated[str, typer.Option("--qty-col", help="Column holding the quantity.")]
+PriceCol = Annotated[
+    str, typer.Option("--price-col", help="Column holding the unit price (used if present).")
+]
+ItemPattern = Annotated[
+    str | None,
+    typer.Option("--item-pattern", help=r"Keep items whose id matches this regex, e.g. '^\d{5}'."),
+]
+Returns = Annotated[
+    str,
+    typer.Option(
+        "--returns",
+        click_type=click.Choice(["drop", "net"]),
+        help="drop: ignore negative quantities; net: subtract them within a bucket.",
+    ),
+]
+FreqOpt = Annotated[str, typer.Option("--freq", help="Bucket size: 1h, 6h, 1D, 7D, 1W…")]
+MinActive = Annotated[
+    int, typer.Option("--min-active", min=0, help="Keep items with at least N selling buckets.")
+]
+BundleOpt = Annotated[Path | None, typer.Option("--bundle", help="Model bundle directory.")]
+
+
+def _settings(ctx: typer.Context) -> OfflineSettings:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, OfflineSettings):  # pragma: no cover - set by the callback
+        raise ConfigError("settings not initialised")
+    return obj
+
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    """trendcast: streaming, real-time sales forecasting."""
+    settings = ctx.obj if isinstance(ctx.obj, OfflineSettings) else OfflineSettings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    ctx.obj = settings
+
+
+def _load_panel(
+    data: Path,
+    *,
+    freq: str,
+    item_col: str,
+    time_col: str,
+    qty_col: str,
+    price_col: str,
+    item_pattern: str | None,
+    returns: str,
+    min_active: int = 0,
+) -> Panel:
+    from trendcast.data import load_sales
+    from trendcast.freq import parse_freq
+
+    return load_sales(
+        data,
+        parse_freq(freq),
+        columns=_columns(item_col, time_col, qty_col, price_col),
+        item_pattern=item_pattern,
+        returns="net" if returns == "net" else "drop",
+        min_active=min_active,
+    )
+
+
+def _columns(item_col: str, time_col: str, qty_col: str, price_col: str) -> ColumnMap:
+    from trendcast.data import ColumnMap
+
+    return ColumnMap(item=item_col, time=time_col, quantity=qty_col, price=price_col)
+
+
+def _date(value: str | None, flag: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: expected a date like 2011-06-30, got {value!r}") from exc
+
+
+@app.command()
+def forecast(
+    ctx: typer.Context,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output CSV file.")],
+    bundle: BundleOpt = None,
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "ts",
+    qty_col: QtyCol = "quantity",
+    price_col: PriceCol = "price",
+    item_pattern: ItemPattern = None,
+    returns: Returns = "drop",
+    quantized: Annotated[bool, typer.Option(help="Use the INT8 model if present.")] = False,
+) -> None:
+    """Forecast the next horizon for every item from the end of the data (ONNX Runtime only).
+
+    Example: trendcast forecast --bundle artifacts/bundle --data sales.csv --out forecast.csv
+    """
+    from trendcast.bundle import load_bundle
+    from trendcast.forecasting.onnx import OnnxForecaster
+    from trendcast.forecasting.output import forecast_frame
+    from trendcast.forecasting.windows import windows_from_panel
+
+    settings = _settings(ctx)
+    loaded = load_bundle(bundle or settings.bundle)
+    panel = _load_panel(
+        data,
+        freq=loaded.meta.freq,
+        item_col=item_col,
+        time_col=time_col,
+        qty_col=qty_col,
+        price_col=price_col,
+        item_pattern=item_pattern,
+        returns=returns,
+    )
+    forecaster = OnnxForecaster(loaded, quantized=quantized, threads=settings.threads or None)
+    batch = windows_from_panel(panel, loaded.meta.window)
+    frame = forecast_frame(batch, forecaster.predict(batch), loaded.freq)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    n_fallback = int(frame.groupby("item_id")["fallback"].first().sum())
+    typer.echo(
+        f"wrote {out}: {batch.quantities.shape[0]} items x {loaded.meta.horizon} buckets "
+        f"({n_fallback} items on the seasonal-naive fallback), model {loaded.meta.model_version}"
+    )
+
+
+def main() -> None:
+    """Console-script entry point: run the app, turning errors into one line and an exit code."""
+    try:
+        settings = OfflineSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        typer.secho(
+            f"error: TRENDCAST_{str(first['loc'][0]).upper()}: {first['msg']}", err=True, fg="red"
+        )
+        sys.exit(2)
+    try:
+        app(standalone_mode=False, obj=settings)
+    except TrendcastError as exc:
+        if settings.debug:
+            raise
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        sys.exit(1)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: still one line, the traceback only on request
+        if settings.debug:
+            raise
+        typer.secho(
+            f"internal error: {type(exc).__name__}: {exc} (set TRENDCAST_DEBUG=1 for a traceback)",
+            err=True,
+            fg="red",
+        )
+        sys.exit(70)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
