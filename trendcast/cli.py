@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import click
 import typer
 from pydantic import ValidationError
 
@@ -51,11 +51,19 @@ ItemPattern = Annotated[
     str | None,
     typer.Option("--item-pattern", help=r"Keep items whose id matches this regex, e.g. '^\d{5}'."),
 ]
+
+
+class ReturnsChoice(StrEnum):
+    """What to do with negative quantities (returns, cancellations)."""
+
+    drop = "drop"
+    net = "net"
+
+
 Returns = Annotated[
-    str,
+    ReturnsChoice,
     typer.Option(
         "--returns",
-        click_type=click.Choice(["drop", "net"]),
         help="drop: ignore negative quantities; net: subtract them within a bucket.",
     ),
 ]
@@ -92,7 +100,7 @@ def _load_panel(
     qty_col: str,
     price_col: str,
     item_pattern: str | None,
-    returns: str,
+    returns: ReturnsChoice,
     min_active: int = 0,
 ) -> Panel:
     from trendcast.data import load_sales
@@ -103,7 +111,7 @@ def _load_panel(
         parse_freq(freq),
         columns=_columns(item_col, time_col, qty_col, price_col),
         item_pattern=item_pattern,
-        returns="net" if returns == "net" else "drop",
+        returns=returns.value,
         min_active=min_active,
     )
 
@@ -134,7 +142,7 @@ def forecast(
     qty_col: QtyCol = "quantity",
     price_col: PriceCol = "price",
     item_pattern: ItemPattern = None,
-    returns: Returns = "drop",
+    returns: Returns = ReturnsChoice.drop,
     quantized: Annotated[bool, typer.Option(help="Use the INT8 model if present.")] = False,
 ) -> None:
     """Forecast the next horizon for every item from the end of the data (ONNX Runtime only).
@@ -187,14 +195,18 @@ def main() -> None:
             raise
         typer.secho(f"error: {exc}", err=True, fg="red")
         sys.exit(1)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: typer prints them like click does
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        sys.exit(int(getattr(exc, "exit_code", 2)))
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
@@ -207,6 +219,7 @@ def main() -> None:
             fg="red",
         )
         sys.exit(70)
+    sys.exit(0)
 
 
 if __name__ == "__main__":  # pragma: no cover
