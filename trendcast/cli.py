@@ -22,6 +22,9 @@ from trendcast.config import OfflineSettings
 from trendcast.exceptions import ConfigError, TrendcastError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
+    from export import QuantizeReport
     from trendcast.data import ColumnMap, Panel
 
 __all__ = ["app", "main"]
@@ -58,6 +61,14 @@ class ReturnsChoice(StrEnum):
 
     drop = "drop"
     net = "net"
+
+
+class LossChoice(StrEnum):
+    """Loss of the LSTM's expected-value output."""
+
+    poisson = "poisson"
+    tweedie = "tweedie"
+    mse = "mse"
 
 
 Returns = Annotated[
@@ -176,6 +187,195 @@ def forecast(
         f"wrote {out}: {batch.quantities.shape[0]} items x {loaded.meta.horizon} buckets "
         f"({n_fallback} items on the seasonal-naive fallback), model {loaded.meta.model_version}"
     )
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    data: DataOpt,
+    bundle: BundleOpt = None,
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "ts",
+    qty_col: QtyCol = "quantity",
+    price_col: PriceCol = "price",
+    item_pattern: ItemPattern = None,
+    returns: Returns = ReturnsChoice.drop,
+    freq: FreqOpt = "1D",
+    min_active: MinActive = 0,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Train only on data before this date.")
+    ] = None,
+    window: Annotated[int, typer.Option(min=2, help="Input buckets per window.")] = 56,
+    horizon: Annotated[int, typer.Option(min=1, help="Buckets forecast.")] = 28,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping).")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed of numpy, Python and TensorFlow.")] = 42,
+    loss: Annotated[LossChoice, typer.Option(help="Loss of the mean output.")] = (
+        LossChoice.poisson
+    ),
+    units: Annotated[int, typer.Option(min=1, help="LSTM units.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per step.")] = 256,
+    max_windows: Annotated[
+        int, typer.Option(min=1, help="Sample at most this many training windows.")
+    ] = 60_000,
+    quantize: Annotated[bool, typer.Option(help="Also export an INT8 model.")] = False,
+) -> None:
+    """Train the global LSTM and export a verified ONNX bundle.
+
+    Example: trendcast train --data sales.csv --bundle artifacts/bundle --epochs 20
+    """
+    from rich.console import Console
+
+    settings = _settings(ctx)
+    panel = _load_panel(
+        data,
+        freq=freq,
+        item_col=item_col,
+        time_col=time_col,
+        qty_col=qty_col,
+        price_col=price_col,
+        item_pattern=item_pattern,
+        returns=returns,
+        min_active=min_active,
+    )
+    cutoff = _date(until, "--until")
+    if cutoff is not None:
+        panel = panel.until(_timestamp(cutoff))
+        if panel.frame.empty:
+            raise ConfigError(f"--until {until}: no data before that date")
+    panel.require_history(horizon)
+
+    # TensorFlow is imported only here (and in export): the worker never needs it.
+    from export import export_bundle, quantize_bundle
+    from training import TrainConfig
+    from training import train as train_model
+    from trendcast.plots import plot_training_curves
+
+    target = bundle or settings.bundle
+    config = TrainConfig(
+        window=window,
+        horizon=horizon,
+        epochs=epochs,
+        seed=seed,
+        loss=loss.value,
+        units=units,
+        batch_size=batch_size,
+        max_windows=max_windows,
+    )
+    console = Console(stderr=True)
+    result = train_model(panel, config, console=console)
+    path = export_bundle(result, target)
+    plot_training_curves(result.history, path / "training" / "training_curves.png")
+    if quantize:
+        _print_quantize(quantize_bundle(path, threads=settings.threads or None))
+    from trendcast.bundle import load_bundle
+
+    meta = load_bundle(path).meta
+    typer.echo(
+        f"bundle {path}: model {meta.model_version}, {meta.training.n_items} items, "
+        f"window {meta.window}, horizon {meta.horizon}, freq {meta.freq}, "
+        f"ONNX==Keras max diff {meta.parity.get('max_abs_diff', float('nan')):.2e}"
+    )
+
+
+def _timestamp(value: datetime) -> pd.Timestamp:
+    import pandas as pd
+
+    ts = pd.Timestamp(value)
+    return ts.tz_convert("UTC").tz_localize(None) if ts.tzinfo is not None else ts
+
+
+def _print_quantize(report: QuantizeReport) -> None:
+    typer.echo(
+        f"INT8 model {report.path.name}: max |int8-float| {report.max_abs_diff:.4f} "
+        f"(mean {report.mean_abs_diff:.5f}); {report.int8_windows_per_s:,.0f} vs "
+        f"{report.float_windows_per_s:,.0f} windows/s at batch {report.batch_size} "
+        f"(speed-up x{report.speedup:.2f}); size {report.int8_bytes:,} vs "
+        f"{report.float_bytes:,} bytes"
+    )
+    for name, value in report.float_scores.items():
+        if name in report.int8_scores:
+            typer.echo(f"  {name}: float {value:.4f} -> int8 {report.int8_scores[name]:.4f}")
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    bundle: BundleOpt = None,
+    quantize: Annotated[
+        bool, typer.Option(help="Add an INT8 dynamically quantized model and report it.")
+    ] = False,
+    reconvert: Annotated[
+        bool, typer.Option(help="Re-convert model.onnx from the kept Keras model first.")
+    ] = False,
+) -> None:
+    """Re-export a bundle from its Keras model and/or add an INT8 model.
+
+    Example: trendcast export --bundle artifacts/bundle --quantize
+    """
+    from trendcast.bundle import load_bundle
+
+    settings = _settings(ctx)
+    target = bundle or settings.bundle
+    if not quantize and not reconvert:
+        raise ConfigError("nothing to do: pass --quantize and/or --reconvert")
+    from export import export_from_training_dir, quantize_bundle
+
+    if reconvert:
+        export_from_training_dir(target)
+    else:
+        load_bundle(target)  # refuse to touch a bundle that does not verify
+    if quantize:
+        _print_quantize(quantize_bundle(target, threads=settings.threads or None))
+    typer.echo(f"bundle {target}: model {load_bundle(target).meta.model_version}")
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="Report directory.")],
+    bundle: BundleOpt = None,
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "ts",
+    qty_col: QtyCol = "quantity",
+    price_col: PriceCol = "price",
+    item_pattern: ItemPattern = None,
+    returns: Returns = ReturnsChoice.drop,
+    freq: FreqOpt = "1D",
+    min_active: MinActive = 0,
+    weeks: Annotated[int, typer.Option(min=1, help="Backtest over the last N weeks.")] = 8,
+    horizon: Annotated[
+        int, typer.Option(min=1, help="Buckets forecast (from the bundle if given).")
+    ] = 28,
+) -> None:
+    """Rolling-origin backtest of the model (if --bundle) beside the baselines.
+
+    Example: trendcast evaluate --data sales.csv --bundle artifacts/bundle --out report/
+    """
+    from trendcast.backtest import evaluate as run_evaluation
+    from trendcast.backtest import print_metrics
+    from trendcast.bundle import load_bundle
+
+    loaded = load_bundle(bundle) if bundle is not None else None
+    if loaded is not None:
+        freq, horizon = loaded.meta.freq, loaded.meta.horizon
+    panel = _load_panel(
+        data,
+        freq=freq,
+        item_col=item_col,
+        time_col=time_col,
+        qty_col=qty_col,
+        price_col=price_col,
+        item_pattern=item_pattern,
+        returns=returns,
+        min_active=min_active,
+    )
+    panel.require_history(horizon)
+    evaluation = run_evaluation(panel, out, bundle=loaded, weeks=weeks, horizon=horizon)
+    print_metrics(evaluation.result)
+    for warning in evaluation.warnings:
+        typer.secho(f"warning: {warning}", err=True, fg="yellow")
+    typer.echo(f"wrote {', '.join(str(p) for p in evaluation.files.values())}")
 
 
 def main() -> None:

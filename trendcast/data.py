@@ -99,6 +99,19 @@ class Panel:
         """Number of buckets from the first to the last bucket of the data."""
         return int((self.end - self.start) / self.freq.timedelta) + 1
 
+    def require_history(self, horizon: int, *, what: str = "the history") -> None:
+        """Refuse a horizon that does not fit in the data with at least one bucket of history.
+
+        Raises:
+            DataError: ``horizon`` is not shorter than the number of buckets.
+        """
+        if horizon >= self.n_buckets:
+            raise DataError(
+                f"horizon of {horizon} buckets is longer than {what} "
+                f"({self.n_buckets} buckets of {self.freq.name}, {self.start:%Y-%m-%d}.."
+                f"{self.end:%Y-%m-%d}); use a shorter --horizon or more data"
+            )
+
     def until(self, cutoff: pd.Timestamp) -> Panel:
         """The panel restricted to buckets starting before ``cutoff`` (a backtest origin)."""
         frame = self.frame[self.frame["ts"] < cutoff].reset_index(drop=True)
