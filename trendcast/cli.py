@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from export import QuantizeReport
+    from stream.config import WorkerSettings
     from trendcast.data import ColumnMap, Panel
 
 __all__ = ["app", "main"]
@@ -376,6 +377,185 @@ def evaluate(
     for warning in evaluation.warnings:
         typer.secho(f"warning: {warning}", err=True, fg="yellow")
     typer.echo(f"wrote {', '.join(str(p) for p in evaluation.files.values())}")
+
+
+def _worker_settings() -> WorkerSettings:
+    from stream.config import WorkerSettings
+
+    try:
+        return WorkerSettings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"TRENDCAST_{str(first['loc'][0]).upper()}: {first['msg']}") from exc
+
+
+@app.command()
+def worker(
+    loglevel: Annotated[str, typer.Option(help="Faust log level.")] = "info",
+) -> None:
+    """Run the stream worker (settings from TRENDCAST_* environment variables).
+
+    Example: TRENDCAST_KAFKA_BROKERS=kafka://localhost:9092 TRENDCAST_BUNDLE=artifacts/bundle
+    trendcast worker
+    """
+    from stream.cli import run_worker
+
+    run_worker(_worker_settings(), loglevel=loglevel)
+
+
+@app.command()
+def replay(
+    data: DataOpt,
+    item_col: ItemCol = "item_id",
+    time_col: TimeCol = "ts",
+    qty_col: QtyCol = "quantity",
+    price_col: PriceCol = "price",
+    item_pattern: ItemPattern = None,
+    returns: Returns = ReturnsChoice.drop,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="First event time to publish (inclusive).")
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Event time to stop before (exclusive).")
+    ] = None,
+    speed: Annotated[
+        str | None, typer.Option(help="N times real time, or 'max' (default: max).")
+    ] = None,
+    rate: Annotated[float | None, typer.Option(min=0.001, help="Cap events per second.")] = None,
+    topic: Annotated[
+        str | None, typer.Option(help="Topic (default TRENDCAST_SALES_TOPIC).")
+    ] = None,
+) -> None:
+    """Publish a file's sales lines as events, in event-time order, with stable event ids.
+
+    Example: trendcast replay --data sales.csv --from 2011-06-01 --to 2011-07-01 --speed 86400
+    """
+    from stream.embedded import to_bootstrap
+    from stream.replay import parse_speed, source_identity
+    from stream.replay import replay as run_replay
+    from trendcast.data import read_lines
+
+    if speed is not None and rate is not None:
+        raise ConfigError("give either --speed or --rate, not both")
+    start, end = _date(from_, "--from"), _date(to, "--to")
+    settings = _worker_settings()
+    lines, _ = read_lines(
+        data,
+        columns=_columns(item_col, time_col, qty_col, price_col),
+        item_pattern=item_pattern,
+        returns=returns.value,
+    )
+    report = run_replay(
+        lines,
+        bootstrap=to_bootstrap(settings.kafka_brokers),
+        topic=topic or settings.sales_topic,
+        speed=parse_speed(speed) if speed is not None else None,
+        rate=rate,
+        start=start,
+        end=end,
+        source=source_identity(data),
+        progress=True,
+        create_partitions=settings.topic_partitions,
+    )
+    typer.echo(
+        f"published {report.events:,} events for {report.items:,} items "
+        f"({report.first_ts}..{report.last_ts}) in {report.elapsed_s:.1f}s "
+        f"({report.events_per_s:,.0f} events/s)"
+    )
+
+
+@app.command()
+def tail(
+    topic: Annotated[str | None, typer.Option(help="Topic (default: the forecasts topic).")] = None,
+    n: Annotated[int, typer.Option("-n", "--lines", min=0, help="Show the last N records.")] = 10,
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new ones.")] = False,
+) -> None:
+    """Print a topic's records as JSON lines.
+
+    Example: trendcast tail --topic sales.dlq -n 5
+    """
+    from stream.embedded import to_bootstrap
+    from stream.tail import print_tail
+
+    settings = _worker_settings()
+    print_tail(
+        to_bootstrap(settings.kafka_brokers),
+        topic or settings.forecasts_topic,
+        n=n,
+        follow=follow,
+    )
+
+
+@app.command()
+def inspect(
+    item_ids: Annotated[list[str], typer.Argument(help="Item ids to show.")],
+    freq: Annotated[str | None, typer.Option(help="Bucket size (default: the bundle's).")] = None,
+) -> None:
+    """Print each item's window from Redis as one JSON object per line.
+
+    Example: trendcast inspect 85123A 22423
+    """
+    import orjson
+
+    from stream.cli import inspect_items
+
+    for record in inspect_items(_worker_settings(), item_ids, freq=freq):
+        typer.echo(orjson.dumps(record).decode())
+
+
+def _train_sample_bundle(target: Path) -> Path:
+    """Train the small bundle `trendcast up` serves when none is given (shipped sample)."""
+    from rich.console import Console
+
+    from export import export_bundle
+    from training import TrainConfig
+    from training import train as train_model
+    from trendcast.data import load_sales, sample_data_path
+    from trendcast.freq import parse_freq
+
+    panel = load_sales(sample_data_path(), parse_freq("1D"))
+    config = TrainConfig(window=28, horizon=14, epochs=4, units=32, max_windows=8_000)
+    result = train_model(panel, config, console=Console(stderr=True))
+    return export_bundle(result, target)
+
+
+@app.command()
+def up(
+    bundle: BundleOpt = None,
+    data: Annotated[
+        Path | None, typer.Option(help="Canonical sales file to replay (default: the sample).")
+    ] = None,
+    speed: Annotated[str, typer.Option(help="Live replay speed: N x real time or 'max'.")] = (
+        "86400"
+    ),
+    weeks: Annotated[float, typer.Option(min=0.1, help="Weeks replayed live.")] = 4.0,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")
+    ] = None,
+    exit_when_done: Annotated[
+        bool, typer.Option(help="Stop once the replay is over and forecasts stop.")
+    ] = False,
+) -> None:
+    """The embedded default: broker, Redis, bundle, worker, replay and live forecasts.
+
+    Starts a Tansu broker without TRENDCAST_KAFKA_BROKERS, a Redis server without
+    TRENDCAST_REDIS_URL (unless one answers on 6379), trains a small bundle from the shipped
+    sample without --bundle; Ctrl-C stops all of it.
+    """
+    from stream.replay import parse_speed
+    from stream.up import run_up
+
+    report = run_up(
+        _worker_settings(),
+        train_bundle=_train_sample_bundle,
+        bundle=bundle,
+        data=data,
+        speed=parse_speed(speed),
+        live_weeks=weeks,
+        max_seconds=duration,
+        exit_when_done=exit_when_done,
+    )
+    typer.echo(f"stopped ({report.stopped_by})")
 
 
 def main() -> None:
