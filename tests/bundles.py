@@ -79,8 +79,13 @@ def make_fake_bundle(
         quantiles=[0.1, 0.5, 0.9],
         features=features,
         training=TrainingMeta(
-            data_start="2011-01-01", data_end="2011-06-30", n_items=1, n_windows=1,
-            epochs=0, loss="none", seed=0,
+            data_start="2011-01-01",
+            data_end="2011-06-30",
+            n_items=1,
+            n_windows=1,
+            epochs=0,
+            loss="none",
+            seed=0,
         ),
     )
     write_bundle_meta(path, meta)

@@ -52,8 +52,13 @@ def test_truncated_model_fails(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="checksum mismatch"):
         load_bundle(path)
     # Even with a matching checksum, an unreadable model is refused.
-    _edit_meta(path, files={"model.onnx": sha256_file(path / "model.onnx"),
-                            "scales.json": sha256_file(path / "scales.json")})
+    _edit_meta(
+        path,
+        files={
+            "model.onnx": sha256_file(path / "model.onnx"),
+            "scales.json": sha256_file(path / "scales.json"),
+        },
+    )
     with pytest.raises(BundleError, match="not a readable ONNX model"):
         load_bundle(path)
 
@@ -70,8 +75,9 @@ def test_truncated_model_fails(tmp_path: Path) -> None:
         ({"window": "wide"}, "invalid metadata at window"),
     ],
 )
-def test_mismatched_metadata_is_refused(tmp_path: Path, change: dict[str, object],
-                                        message: str) -> None:
+def test_mismatched_metadata_is_refused(
+    tmp_path: Path, change: dict[str, object], message: str
+) -> None:
     path = make_fake_bundle(tmp_path / "b")
     _edit_meta(path, **change)
     with pytest.raises(BundleError, match=message):
@@ -83,8 +89,13 @@ def test_swapped_model_with_wrong_shape_is_refused(tmp_path: Path) -> None:
 
     path = make_fake_bundle(tmp_path / "b")
     onnx.save(fake_onnx(window=14, horizon=5, n_features=7), str(path / "model.onnx"))
-    _edit_meta(path, files={"model.onnx": sha256_file(path / "model.onnx"),
-                            "scales.json": sha256_file(path / "scales.json")})
+    _edit_meta(
+        path,
+        files={
+            "model.onnx": sha256_file(path / "model.onnx"),
+            "scales.json": sha256_file(path / "scales.json"),
+        },
+    )
     with pytest.raises(BundleError, match="expected output 'mean' of shape"):
         load_bundle(path)
 
@@ -92,8 +103,13 @@ def test_swapped_model_with_wrong_shape_is_refused(tmp_path: Path) -> None:
 def test_corrupt_json_and_scales(tmp_path: Path) -> None:
     path = make_fake_bundle(tmp_path / "b")
     (path / "scales.json").write_bytes(b'{"nope": 1}')
-    _edit_meta(path, files={"model.onnx": sha256_file(path / "model.onnx"),
-                            "scales.json": sha256_file(path / "scales.json")})
+    _edit_meta(
+        path,
+        files={
+            "model.onnx": sha256_file(path / "model.onnx"),
+            "scales.json": sha256_file(path / "scales.json"),
+        },
+    )
     with pytest.raises(BundleError, match="invalid scales"):
         load_bundle(path)
     (path / "bundle.json").write_bytes(b"{not json")

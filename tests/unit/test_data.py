@@ -75,8 +75,11 @@ def test_other_frequencies(freq: str, n_buckets: int) -> None:
 
 def test_timezones_are_converted_to_utc() -> None:
     frame = pd.DataFrame(
-        {"item_id": ["a", "a"], "ts": ["2011-01-01T23:30:00-02:00", "2011-01-02T00:10:00Z"],
-         "quantity": [1, 1]}
+        {
+            "item_id": ["a", "a"],
+            "ts": ["2011-01-01T23:30:00-02:00", "2011-01-02T00:10:00Z"],
+            "quantity": [1, 1],
+        }
     )
     lines, _ = clean_lines(frame)
     panel = bucketize(lines, parse_freq("1D"), has_price=False)
@@ -92,7 +95,8 @@ def test_min_active_filter() -> None:
 
 
 def test_missing_columns_name_what_was_found() -> None:
-    with pytest.raises(DataError, match=r"missing column\(s\) item_id, ts.*columns found: InvoiceNo, StockCode"):
+    expected = r"missing column\(s\) item_id, ts.*columns found: InvoiceNo, StockCode"
+    with pytest.raises(DataError, match=expected):
         clean_lines(retail_lines())
 
 

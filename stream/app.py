@@ -1,0 +1,221 @@
+"""The Faust app of the worker: wiring only (logic lives in :mod:`stream.processor`).
+
+One agent reads the sales topic as raw bytes (``value_serializer="raw"``: a message that is
+not JSON must reach our validator, not crash Faust's deserializer), takes batches of up to
+``batch_size`` events with ``noack_take`` and acks them only after
+:meth:`~stream.processor.SalesProcessor.process` returned — i.e. after their state is in
+Redis and their dead letters and forecasts were delivered — so Faust commits offsets only
+for events whose effects are stored. A failing batch is retried with backoff, never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from stream.config import WorkerSettings
+from stream.inference.batching import ModelInfo
+from stream.processor import OnLate, RawMessage, SalesProcessor, Sink
+from stream.windows.base import PartitionId, WindowStore
+from trendcast.exceptions import BrokerError, TrendcastError
+from trendcast.forecasting.base import Forecaster
+
+__all__ = ["TopicSink", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+#: Longest pause between retries of a failing batch; long enough not to hammer a Redis that
+#: is restarting, short enough that recovery is quick.
+_MAX_BACKOFF_S = 10.0
+
+
+#: aiohttp refuses a charset inside content_type; Prometheus text is ASCII anyway.
+_METRICS_CONTENT_TYPE = "; ".join(
+    part.strip() for part in CONTENT_TYPE_LATEST.split(";") if "charset" not in part
+)
+
+
+class TopicSink:
+    """Sends to Faust topics immediately (``force=True``: not attached to the current event,
+    which would delay them until the ack) and awaits each record's delivery."""
+
+    def __init__(self, forecasts: faust.types.TopicT, dead_letters: faust.types.TopicT) -> None:
+        self._forecasts = forecasts
+        self._dead_letters = dead_letters
+        self._declared = False
+
+    async def _declare(self) -> None:
+        if not self._declared:
+            await self._forecasts.maybe_declare()
+            await self._dead_letters.maybe_declare()
+            self._declared = True
+
+    async def _send(
+        self, topic: faust.types.TopicT, records: Sequence[tuple[bytes | None, bytes]]
+    ) -> None:
+        await self._declare()
+        try:
+            futures = [await topic.send(key=key, value=value, force=True) for key, value in records]
+            await asyncio.gather(*futures)
+        except Exception as exc:  # aiokafka raises many types; all mean "not delivered"
+            raise BrokerError(
+                f"could not deliver {len(records)} records to {topic.get_topic_name()}: {exc}"
+            ) from exc
+
+    async def send_forecasts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """See :class:`stream.processor.Sink`."""
+        await self._send(self._forecasts, [(k.encode(), v) for k, v in records])
+
+    async def send_dead_letters(self, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """See :class:`stream.processor.Sink`."""
+        await self._send(self._dead_letters, records)
+
+
+def _raw(event: Any) -> RawMessage:
+    message = event.message
+    timestamp = message.timestamp
+    return RawMessage(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        timestamp_ms=None if timestamp is None else int(timestamp * 1000),
+    )
+
+
+def create_app(
+    settings: WorkerSettings,
+    forecaster: Forecaster,
+    store: WindowStore,
+    model: ModelInfo,
+    *,
+    sink: Sink | None = None,
+    on_late: OnLate | None = None,
+) -> faust.App:
+    """Build the worker's Faust app.
+
+    Args:
+        settings: Worker settings.
+        forecaster: Usually ``OnnxForecaster(load_bundle(settings.bundle))``.
+        store: Window state (Redis in production).
+        model: Freq, window, horizon and version of the forecaster's model.
+        sink: Output override for tests; default sends to the forecasts and DLQ topics.
+        on_late: Hook called for each late event.
+
+    Returns:
+        The app; ``app.main()`` / ``Worker(app).execute_from_commandline()`` runs it.
+    """
+    app = faust.App(
+        settings.consumer_group,
+        broker=settings.kafka_brokers,
+        key_serializer="raw",
+        value_serializer="raw",
+        autodiscover=False,
+        datadir=str(settings.data_dir),
+        web_enabled=settings.web_enabled,
+        web_port=settings.web_port,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replicas,
+        # No leader-election topic: the worker has no leader tasks, and one topic less to
+        # create keeps start-up fast on small brokers.
+        topic_disable_leader=True,
+        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        broker_commit_interval=settings.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+    )
+    sales = app.topic(
+        settings.sales_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    forecasts = app.topic(
+        settings.forecasts_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    dead_letters = app.topic(
+        settings.dlq_topic,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+    processor = SalesProcessor(
+        store,
+        forecaster,
+        model,
+        sink or TopicSink(forecasts, dead_letters),
+        lateness_buckets=settings.lateness_buckets,
+        grace_buckets=settings.grace_buckets,
+        inference_batch_size=settings.inference_batch_size,
+        max_message_bytes=settings.max_message_bytes,
+        max_future_ms=int(settings.max_future_s * 1000),
+        state_ttl_ms=None if settings.state_ttl_s is None else settings.state_ttl_s * 1000,
+        on_late=on_late,
+    )
+
+    async def process_with_retry(stream: faust.Stream[Any], events: Sequence[Any]) -> bool:
+        backoff = 0.2
+        messages = [_raw(e) for e in events]
+        while True:
+            try:
+                await processor.process(messages)
+                return True
+            except Exception as exc:
+                # Never skip a batch: its offsets must not be committed before its state is
+                # stored. Our errors (Redis, broker, model) are expected to be transient; a
+                # bug retries forever too, loudly, rather than silently losing sales.
+                if stream.should_stop:
+                    return False
+                if isinstance(exc, TrendcastError):
+                    logger.error(
+                        "batch of %d failed (%s); retrying in %.1fs", len(messages), exc, backoff
+                    )
+                else:
+                    logger.exception(
+                        "batch of %d failed unexpectedly; retrying in %.1fs",
+                        len(messages),
+                        backoff,
+                    )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    @app.agent(sales, name="trendcast.sales")
+    async def process_sales(source: faust.types.StreamT[Any]) -> None:
+        stream = cast(faust.Stream[Any], source)
+        # noack_take yields the events themselves; acking is ours, after the state is stored.
+        async for events in stream.noack_take(settings.batch_size, within=settings.batch_timeout_s):
+            if await process_with_retry(stream, events):
+                for event in events:
+                    await stream.ack(event)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        revoked = args[0] if args else kwargs.get("revoked", set())
+        processor.forget(PartitionId(tp.topic, tp.partition) for tp in revoked)
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # Another worker may have advanced these clocks meanwhile: reload them lazily.
+        assigned = args[0] if args else kwargs.get("assigned", set())
+        processor.forget(PartitionId(tp.topic, tp.partition) for tp in assigned)
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(), content_type=_METRICS_CONTENT_TYPE)
+
+    app.trendcast_processor = processor  # type: ignore[attr-defined]  # for tests/inspection
+    return app

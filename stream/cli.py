@@ -1,0 +1,200 @@
+"""Plain functions behind ``trendcast worker`` and ``trendcast inspect`` (wired by typer).
+
+Importing this module is cheap: Faust, Redis and ONNX Runtime are imported inside the
+functions, so ``trendcast --help`` does not pay for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from stream._sync import run_sync
+from stream.config import WorkerSettings
+from trendcast.exceptions import StateStoreError
+
+if TYPE_CHECKING:
+    import faust
+
+    from stream.inference.batching import ModelInfo
+    from stream.processor import OnLate, Sink
+    from stream.windows.base import WindowStore
+    from trendcast.bundle import Bundle
+    from trendcast.forecasting.base import Forecaster
+
+__all__ = ["build_worker_app", "inspect_items", "load_model", "model_info", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_info(bundle: Bundle) -> ModelInfo:
+    """What the worker needs from a bundle besides the forecaster."""
+    from stream.inference.batching import ModelInfo
+
+    meta = bundle.meta
+    return ModelInfo(
+        freq=bundle.freq,
+        window=meta.window,
+        horizon=meta.horizon,
+        model_version=meta.model_version,
+        uses_prices="price" in meta.features,
+    )
+
+
+def load_model(settings: WorkerSettings) -> tuple[Forecaster, ModelInfo]:
+    """Load and verify the bundle and open its ONNX model.
+
+    Raises:
+        BundleError: The bundle is missing, corrupt or inconsistent; the worker must not
+            start on a model it cannot verify.
+    """
+    from trendcast.bundle import load_bundle
+    from trendcast.forecasting.onnx import OnnxForecaster
+
+    bundle = load_bundle(settings.bundle)
+    return OnnxForecaster(bundle), model_info(bundle)
+
+
+def _check_redis(url: str, fields_per_item: int) -> None:
+    """Fail fast when Redis is down; warn when item hashes would leave the compact encoding.
+
+    Redis keeps a hash in a listpack (tens of bytes per bucket) only up to
+    ``hash-max-listpack-entries`` fields; a larger window silently switches to a hash table
+    several times bigger.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    try:
+        client.ping()
+        try:
+            values = list(client.config_get("hash-max-listpack-entries").values())
+            limit = int(values[0]) if values and values[0] is not None else None
+        except (redis.RedisError, ValueError):
+            limit = None  # managed Redis often forbids CONFIG; not worth failing for
+        if limit is not None and limit < fields_per_item:
+            logger.warning(
+                "Redis hash-max-listpack-entries is %d but items keep up to %d buckets: "
+                "raise it (CONFIG SET hash-max-listpack-entries %d) or items take ~4x memory",
+                limit,
+                fields_per_item,
+                fields_per_item,
+            )
+    except redis.RedisError as exc:
+        raise StateStoreError(f"Redis at {url} is unavailable: {exc}") from exc
+    finally:
+        client.close()
+
+
+def build_worker_app(
+    settings: WorkerSettings,
+    forecaster: Forecaster | None = None,
+    model: ModelInfo | None = None,
+    *,
+    store: WindowStore | None = None,
+    sink: Sink | None = None,
+    on_late: OnLate | None = None,
+) -> faust.App:
+    """The Faust app for ``settings``: the bundle's model and a Redis store by default.
+
+    Raises:
+        BundleError: The bundle cannot be verified (when no forecaster is given).
+        StateStoreError: Redis is unreachable (when no store is given).
+    """
+    from stream.app import create_app
+    from stream.windows.redis import RedisWindowStore
+
+    if forecaster is None or model is None:
+        forecaster, model = load_model(settings)
+    if store is None:
+        # Kept buckets: the window, the open ones (lateness) and the writable closed ones
+        # (grace), a margin for the batch that closes buckets, and the first-sale field.
+        _check_redis(
+            settings.redis_url,
+            model.window + settings.lateness_buckets + settings.grace_buckets + 4,
+        )
+        store = RedisWindowStore.from_url(settings.redis_url, model.freq, settings.state_prefix)
+    return create_app(settings, forecaster, store, model, sink=sink, on_late=on_late)
+
+
+def run_worker(settings: WorkerSettings, *, loglevel: str = "info") -> None:
+    """Run the worker until Ctrl-C or SIGTERM (Faust stops cleanly and commits acked offsets).
+
+    Raises:
+        BundleError: Missing, corrupt or mismatched bundle (checked before connecting).
+        StateStoreError: Redis unreachable at start.
+    """
+    import faust
+
+    app = build_worker_app(settings)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    worker = faust.Worker(app, loglevel=loglevel, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:  # mode's worker always exits; a clean stop is a return for us
+        if exc.code not in (None, 0):
+            raise
+
+
+async def _inspect(
+    settings: WorkerSettings, item_ids: Sequence[str], freq_name: str
+) -> list[dict[str, Any]]:
+    from stream.inference.batching import iso_utc
+    from stream.windows.redis import RedisWindowStore
+    from trendcast.freq import parse_freq
+
+    freq = parse_freq(freq_name)
+    store = RedisWindowStore.from_url(settings.redis_url, freq, settings.state_prefix)
+    try:
+        windows = await store.read(list(item_ids))
+    finally:
+        await store.aclose()
+    out = []
+    for item_id in item_ids:
+        w = windows[item_id]
+        buckets = []
+        if w.buckets:
+            start = min(w.buckets)
+            if w.first_ms is not None:
+                start = max(start, w.first_ms)
+            for b in range(start, max(w.buckets) + freq.step_ms, freq.step_ms):
+                sums = w.buckets.get(b)
+                buckets.append(
+                    {"start": iso_utc(b), "quantity": max(sums.quantity, 0.0) if sums else 0.0}
+                )
+        out.append(
+            {
+                "item_id": item_id,
+                "freq": freq.name,
+                "first": None if w.first_ms is None else iso_utc(w.first_ms),
+                "buckets": buckets,
+            }
+        )
+    return out
+
+
+def inspect_items(
+    settings: WorkerSettings, item_ids: Sequence[str], *, freq: str | None = None
+) -> Iterator[dict[str, Any]]:
+    """The stored window of each item, for operators and checks.
+
+    Yields one ``{"item_id", "freq", "first", "buckets": [{"start", "quantity"}]}`` per item:
+    every kept bucket from the oldest kept to the latest with a sale, zeros included, net
+    quantities clipped at zero as the model sees them (``first``: first sale ever seen;
+    unknown items have no buckets).
+
+    Args:
+        settings: Worker settings (Redis URL and key prefix).
+        item_ids: Items to show.
+        freq: Bucket frequency; default: the bundle's (``settings.bundle``).
+
+    Raises:
+        BundleError: ``freq`` not given and the bundle cannot be read.
+        StateStoreError: Redis unreachable.
+    """
+    if freq is None:
+        from trendcast.bundle import load_bundle
+
+        freq = load_bundle(settings.bundle, check_model=False).meta.freq
+    yield from run_sync(_inspect(settings, item_ids, freq))

@@ -1,0 +1,291 @@
+"""Sale events: validating raw Kafka bytes into :class:`SaleEvent`, and dead-letter records.
+
+The worker never trusts its input. :func:`parse_event` turns any byte string into either a
+:class:`SaleEvent` or an :class:`~trendcast.exceptions.EventError` whose ``reason`` is a short
+code (below) that the worker writes, with the original bytes, to the dead-letter topic. It
+raises nothing else for any input, which the unit tests check with hypothesis: one exotic
+message must never stop a partition.
+
+Event contract (JSON object, unknown fields ignored)::
+
+    item_id   str, 1..128 chars after stripping, no control characters   (required)
+    ts        ISO-8601 with a zone ("2011-01-05T10:00:00Z"), or epoch ms  (required)
+    quantity  finite number (negative = return, netted into its bucket)   (required)
+    price     finite number >= 0, or null                                 (optional)
+    event_id  str, 1..128 chars; the dedupe key of re-delivered events    (optional)
+
+Reason codes: ``empty``, ``too_large``, ``not_utf8``, ``not_json``, ``not_object``,
+``missing_field``, ``bad_type``, ``too_long``, ``bad_item_id``, ``not_finite``,
+``out_of_range``, ``negative_price``, ``bad_timestamp``; the worker adds ``late``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from trendcast.exceptions import EventError
+
+__all__ = [
+    "MAX_DEAD_LETTER_BYTES",
+    "MAX_ID_CHARS",
+    "MAX_TS_MS",
+    "MIN_TS_MS",
+    "REASONS",
+    "SaleEvent",
+    "dead_letter_value",
+    "parse_event",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 128
+#: Event times outside [1990-01-01, 2100-01-01) are typos or unit mix-ups (seconds vs ms).
+MIN_TS_MS = 631_152_000_000
+MAX_TS_MS = 4_102_444_800_000
+#: Quantities and prices beyond this are data errors, and sums of them would lose precision.
+MAX_ABS_VALUE = 1e12
+#: Original bytes kept in a dead letter. Beyond this the copy is cut (``value_truncated``):
+#: a dead letter larger than the broker's record limit could never be delivered, and the
+#: worker, which retries rather than skips, would stall on it.
+MAX_DEAD_LETTER_BYTES = 256 * 1024
+_MAX_TS_CHARS = 64
+_PREVIEW_CHARS = 256
+
+REASONS = (
+    "empty",
+    "too_large",
+    "not_utf8",
+    "not_json",
+    "not_object",
+    "missing_field",
+    "bad_type",
+    "too_long",
+    "bad_item_id",
+    "not_finite",
+    "out_of_range",
+    "negative_price",
+    "bad_timestamp",
+    "late",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SaleEvent:
+    """One validated sale.
+
+    Attributes:
+        item_id: The series key (stripped).
+        ts_ms: Event time, epoch milliseconds UTC.
+        quantity: Units sold (negative for returns).
+        price: Unit price, or ``None`` when not given.
+        event_id: Producer-assigned id used to drop re-deliveries, or ``None``.
+    """
+
+    item_id: str
+    ts_ms: int
+    quantity: float
+    price: float | None = None
+    event_id: str | None = None
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass, but `true` is not a quantity.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(obj: dict[str, Any], name: str) -> float:
+    value = obj[name]
+    if not _is_number(value):
+        raise EventError("bad_type", f"expected {name} to be a number, got {type(value).__name__}")
+    number = float(value) if isinstance(value, float) else value
+    if isinstance(number, float) and not math.isfinite(number):
+        raise EventError("not_finite", f"expected a finite {name}, got {number!r}")
+    if abs(number) > MAX_ABS_VALUE:
+        raise EventError("out_of_range", f"expected |{name}| <= {MAX_ABS_VALUE:g}, got {number!r}")
+    return float(number)
+
+
+def _text(obj: dict[str, Any], name: str) -> str:
+    value = obj[name]
+    if not isinstance(value, str):
+        raise EventError("bad_type", f"expected {name} to be a string, got {type(value).__name__}")
+    if len(value) > MAX_ID_CHARS:
+        raise EventError(
+            "too_long", f"expected {name} of at most {MAX_ID_CHARS} chars, got {len(value)}"
+        )
+    return value
+
+
+def _item_id(obj: dict[str, Any]) -> str:
+    item_id = _text(obj, "item_id").strip()
+    if not item_id:
+        raise EventError("bad_item_id", "expected a non-blank item_id")
+    if not item_id.isprintable():
+        raise EventError("bad_item_id", f"expected printable item_id, got {item_id!r}")
+    return item_id
+
+
+def _timestamp(value: Any, now_ms: int | None, max_future_ms: int | None) -> int:
+    if isinstance(value, str):
+        if len(value) > _MAX_TS_CHARS:
+            raise EventError("bad_timestamp", f"expected an ISO-8601 ts, got {len(value)} chars")
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise EventError("bad_timestamp", f"expected ISO-8601 ts, got {value!r}") from exc
+        if parsed.tzinfo is None or parsed.utcoffset() is None:
+            raise EventError(
+                "bad_timestamp", f"expected a ts with a time zone (e.g. Z), got {value!r}"
+            )
+        try:
+            ts_ms = round(parsed.timestamp() * 1000)
+        except (OverflowError, ValueError, OSError) as exc:
+            raise EventError("bad_timestamp", f"ts out of range: {value!r}") from exc
+    elif _is_number(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise EventError("bad_timestamp", f"expected a finite epoch-ms ts, got {value!r}")
+        if not MIN_TS_MS <= value < MAX_TS_MS:
+            raise EventError(
+                "bad_timestamp", f"expected epoch milliseconds in 1990..2100, got {value!r}"
+            )
+        ts_ms = round(value)
+    else:
+        raise EventError(
+            "bad_type",
+            f"expected ts to be an ISO-8601 string or epoch ms, got {type(value).__name__}",
+        )
+    if not MIN_TS_MS <= ts_ms < MAX_TS_MS:
+        raise EventError("bad_timestamp", f"expected a ts in 1990..2100, got {value!r}")
+    if now_ms is not None and max_future_ms is not None and ts_ms > now_ms + max_future_ms:
+        raise EventError(
+            "bad_timestamp", f"ts {value!r} is {ts_ms - now_ms} ms ahead of the wall clock"
+        )
+    return int(ts_ms)
+
+
+def _lenient_json(raw: bytes, error: orjson.JSONDecodeError) -> Any:
+    """Second chance for what strict JSON rejects but producers commonly write.
+
+    Python's ``json.dumps`` writes ``NaN``/``Infinity`` and integers beyond 64 bits, which
+    orjson refuses; parsing them leniently lets the validator name the real problem
+    (``not_finite``, ``out_of_range``) instead of a generic ``not_json``.
+    """
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise EventError("not_json", str(error)[:200]) from exc
+
+
+def parse_event(
+    raw: bytes | None,
+    *,
+    max_bytes: int = 64 * 1024,
+    now_ms: int | None = None,
+    max_future_ms: int | None = None,
+) -> SaleEvent:
+    """Validate one message value.
+
+    Args:
+        raw: The Kafka record value (``None`` for a tombstone).
+        max_bytes: Larger values are rejected before decoding (``too_large``).
+        now_ms: Wall clock for the future check; ``None`` disables it.
+        max_future_ms: How far ahead of ``now_ms`` an event may be.
+
+    Returns:
+        The validated event.
+
+    Raises:
+        EventError: The value is invalid; ``reason`` is one of :data:`REASONS`.
+
+    >>> parse_event(b'{"item_id": " A1 ", "ts": "1999-01-01T00:00:00Z", "quantity": 2}')
+    SaleEvent(item_id='A1', ts_ms=915148800000, quantity=2.0, price=None, event_id=None)
+    >>> parse_event(b'{"item_id": "A1", "ts": "1999-01-01", "quantity": 2}')  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    trendcast.exceptions.EventError: bad_timestamp: expected a ts with a time zone (e.g. Z), ...
+    """
+    if not raw:
+        raise EventError("empty", "expected a JSON object, got an empty value")
+    if len(raw) > max_bytes:
+        raise EventError("too_large", f"expected at most {max_bytes} bytes, got {len(raw)}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EventError("not_utf8", f"invalid UTF-8 at byte {exc.start}") from exc
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        obj = _lenient_json(raw, exc)
+    if not isinstance(obj, dict):
+        raise EventError("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    missing = [name for name in ("item_id", "ts", "quantity") if name not in obj]
+    if missing:
+        raise EventError("missing_field", f"missing {', '.join(missing)}")
+    item_id = _item_id(obj)
+    quantity = _number(obj, "quantity")
+    ts_ms = _timestamp(obj["ts"], now_ms, max_future_ms)
+    price: float | None = None
+    if obj.get("price") is not None:
+        price = _number(obj, "price")
+        if price < 0:
+            raise EventError("negative_price", f"expected price >= 0, got {price!r}")
+    event_id: str | None = None
+    if obj.get("event_id") is not None:
+        event_id = _text(obj, "event_id")
+        if not event_id:
+            raise EventError("bad_type", "expected a non-empty event_id")
+    return SaleEvent(
+        item_id=item_id, ts_ms=ts_ms, quantity=quantity, price=price, event_id=event_id
+    )
+
+
+def dead_letter_value(
+    raw: bytes | None,
+    *,
+    reason: str,
+    detail: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None = None,
+    timestamp_ms: int | None = None,
+    dead_lettered_at_ms: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> bytes:
+    """The JSON value of a dead-letter record: where it came from, why, and its exact bytes.
+
+    The original bytes travel base64-encoded (they may not be UTF-8) next to a readable
+    preview, so an operator can read the DLQ and a script can re-publish fixed records.
+
+    >>> rec = orjson.loads(dead_letter_value(b"\\xff", reason="not_utf8", detail="d",
+    ...     topic="sales", partition=1, offset=7))
+    >>> rec["reason"], rec["value_b64"], rec["source"]
+    ('not_utf8', '/w==', {'topic': 'sales', 'partition': 1, 'offset': 7})
+    """
+    truncated = raw is not None and len(raw) > MAX_DEAD_LETTER_BYTES
+    if raw is not None and truncated:
+        raw = raw[:MAX_DEAD_LETTER_BYTES]
+    record: dict[str, Any] = {
+        "reason": reason,
+        "detail": detail,
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "key_b64": None if key is None else base64.b64encode(key).decode("ascii"),
+        "value_b64": None if raw is None else base64.b64encode(raw).decode("ascii"),
+        "value_preview": None
+        if raw is None
+        else raw[: _PREVIEW_CHARS * 4].decode("utf-8", errors="replace")[:_PREVIEW_CHARS],
+        "timestamp_ms": timestamp_ms,
+        "dead_lettered_at_ms": dead_lettered_at_ms,
+        "value_truncated": truncated,
+    }
+    if extra:
+        record.update(extra)
+    return orjson.dumps(record)

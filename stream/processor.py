@@ -1,0 +1,468 @@
+"""One batch of raw sale messages through the worker: validate, store, close buckets, forecast.
+
+This is the worker's logic without Faust, so it can be unit-tested with the in-memory store
+and a fake sink, and so the Faust app (:mod:`stream.app`) stays pure wiring. Per batch:
+
+1. every message is validated (:func:`stream.events.parse_event`); invalid ones, and events
+   older than their partition's grace (``late``), become dead-letter records;
+2. valid events are summed into their items' buckets in ONE store round trip, idempotently
+   (dedupe key = ``event_id``, else ``topic/partition/offset``), which also advances the
+   partition clock and returns the partition's recently selling items;
+3. for each bucket the watermark closed, every item with a sale in that bucket's window gets
+   a forecast; items whose already-forecast buckets received late (in-grace) events get a new
+   forecast as of the last closed bucket; one ``predict`` per micro-batch;
+4. dead letters and forecasts are sent and their delivery awaited; only then is the
+   partition's "forecast up to" mark stored, and only after :meth:`SalesProcessor.process`
+   returns does the caller ack the messages, so Kafka offsets are committed only for events
+   whose state and outputs are stored.
+
+A failure anywhere leaves the batch un-acked and the cached clocks dropped; re-processing it
+is safe because every store write is idempotent and clocks only move forward. Forecasts are
+therefore at-least-once across crashes and exactly-once in a clean run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from stream.events import SaleEvent, dead_letter_value, parse_event
+from stream.inference.batching import ForecastRequest, ModelInfo, forecast
+from stream.watermark import PartitionClock
+from stream.windows.base import (
+    ApplyResult,
+    BucketDelta,
+    ItemUpdate,
+    ItemWindow,
+    PartitionId,
+    PartitionUpdate,
+    WindowStore,
+)
+from trendcast.exceptions import EventError
+from trendcast.forecasting.base import Forecaster
+
+__all__ = ["BatchStats", "RawMessage", "SalesProcessor", "Sink"]
+
+logger = logging.getLogger(__name__)
+
+EVENTS = Counter("trendcast_events_total", "Sale messages by outcome", ["outcome"])
+DEAD_LETTERS = Counter("trendcast_dead_letters_total", "Dead-lettered messages", ["reason"])
+LATE_BY = Histogram(
+    "trendcast_late_by_ms",
+    "How far late events lay behind the watermark",
+    buckets=(1e3, 6e4, 3.6e6, 8.64e7, 6.048e8, float("inf")),
+)
+FORECASTS = Counter("trendcast_forecasts_total", "Forecast records sent", ["kind"])
+BATCH_SECONDS = Histogram("trendcast_batch_seconds", "Time to process one batch")
+WATERMARK = Gauge(
+    "trendcast_watermark_ms", "Event-time watermark per source partition", ["topic", "partition"]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A Kafka record as the processor needs it (decoupled from Faust's types)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+    @property
+    def source(self) -> PartitionId:
+        """The partition the record came from."""
+        return PartitionId(self.topic, self.partition)
+
+
+class Sink(Protocol):
+    """Where the processor's output goes; each call returns once the broker has it."""
+
+    async def send_forecasts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """Send ``(item_id, JSON value)`` records to the forecasts topic."""
+        ...
+
+    async def send_dead_letters(self, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """Send ``(original key, JSON value)`` records to the dead-letter topic."""
+        ...
+
+
+@dataclass
+class BatchStats:
+    """What one batch did (for logs and tests)."""
+
+    valid: int = 0
+    invalid: int = 0
+    late: int = 0
+    duplicates: int = 0
+    forecasts: int = 0
+    reforecasts: int = 0
+    closed_buckets: dict[PartitionId, list[int]] = field(default_factory=dict)
+
+
+#: Called for each late event with the event, its message and how far behind it was (ms).
+OnLate = Callable[[SaleEvent, RawMessage, int], None]
+
+
+class SalesProcessor:
+    """The worker's batch logic.
+
+    Args:
+        store: Window state.
+        forecaster: Turns windows into forecasts.
+        model: Window, horizon, freq and version of the model.
+        sink: Output topics.
+        lateness_buckets: Watermark lag (see :class:`~stream.watermark.PartitionClock`).
+        grace_buckets: Closed buckets still accepting events.
+        inference_batch_size: Windows per ``predict`` call.
+        max_message_bytes: Size limit of a message value.
+        max_future_ms: How far ahead of the wall clock an event may be.
+        state_ttl_ms: TTL of item keys; ``None`` derives it from the kept span.
+        on_late: Hook called for every late event (after counting it).
+        clock_ms: Wall clock (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        store: WindowStore,
+        forecaster: Forecaster,
+        model: ModelInfo,
+        sink: Sink,
+        *,
+        lateness_buckets: int = 1,
+        grace_buckets: int = 1,
+        inference_batch_size: int = 256,
+        max_message_bytes: int = 64 * 1024,
+        max_future_ms: int | None = 86_400_000,
+        state_ttl_ms: int | None = None,
+        on_late: OnLate | None = None,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        if store.freq != model.freq:
+            raise ValueError(f"expected a store of freq {model.freq.name}, got {store.freq.name}")
+        self.store = store
+        self.forecaster = forecaster
+        self.model = model
+        self.sink = sink
+        self.lateness_buckets = lateness_buckets
+        self.grace_buckets = grace_buckets
+        self.inference_batch_size = inference_batch_size
+        self.max_message_bytes = max_message_bytes
+        self.max_future_ms = max_future_ms
+        span = (model.window + lateness_buckets + grace_buckets + 1) * model.freq.step_ms
+        self.state_ttl_ms = state_ttl_ms if state_ttl_ms is not None else 2 * span
+        self.on_late = on_late
+        self.clock_ms = clock_ms
+        self._clocks: dict[PartitionId, PartitionClock] = {}
+
+    def forget(self, partitions: Iterable[PartitionId] | None = None) -> None:
+        """Drop cached clocks (all, or of ``partitions``), e.g. on revoke or after a failure.
+
+        The next batch of such a partition reloads its clock from the store, which is how a
+        worker continues a partition another worker had.
+        """
+        if partitions is None:
+            self._clocks.clear()
+        else:
+            for p in partitions:
+                self._clocks.pop(p, None)
+
+    async def _clock(self, partition: PartitionId) -> PartitionClock:
+        clock = self._clocks.get(partition)
+        if clock is None:
+            state = await self.store.load_partition(partition)
+            clock = PartitionClock(
+                self.model.freq,
+                lateness_buckets=self.lateness_buckets,
+                grace_buckets=self.grace_buckets,
+                state=state,
+            )
+            self._clocks[partition] = clock
+        return clock
+
+    def _dead_letter(
+        self, msg: RawMessage, reason: str, detail: str, now_ms: int, **extra: object
+    ) -> tuple[bytes | None, bytes]:
+        logger.warning(
+            "dead-lettering %s[%d]@%d: %s (%s)",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            reason,
+            detail,
+        )
+        DEAD_LETTERS.labels(reason).inc()
+        value = dead_letter_value(
+            msg.value,
+            reason=reason,
+            detail=detail,
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key,
+            timestamp_ms=msg.timestamp_ms,
+            dead_lettered_at_ms=now_ms,
+            extra=dict(extra) or None,
+        )
+        return msg.key, value
+
+    async def process(self, messages: Sequence[RawMessage]) -> BatchStats:
+        """Process one batch (any mix of partitions, each in offset order).
+
+        Raises:
+            StateStoreError: The store failed; nothing was acked, retry the same batch.
+            BrokerError: Sending output failed; retry the same batch.
+            ForecastError: The forecaster failed; retry the same batch.
+        """
+        started = time.perf_counter()
+        try:
+            return await self._process(messages)
+        except BaseException:
+            # The cached clocks may be ahead of what was stored: reload them next time.
+            self.forget({m.source for m in messages})
+            raise
+        finally:
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    async def _process(self, messages: Sequence[RawMessage]) -> BatchStats:
+        stats = BatchStats()
+        now_ms = self.clock_ms()
+        by_partition: dict[PartitionId, list[RawMessage]] = {}
+        for msg in messages:
+            by_partition.setdefault(msg.source, []).append(msg)
+
+        # 1. Validate and classify; plan the store writes of each partition.
+        dead: list[tuple[bytes | None, bytes]] = []
+        plans: list[_Plan] = []
+        for pid, msgs in by_partition.items():
+            plan = await self._ingest(pid, msgs, now_ms, stats, dead)
+            if plan is not None:
+                plans.append(plan)
+                stats.closed_buckets[pid] = plan.due
+        if dead:
+            await self.sink.send_dead_letters(dead)
+
+        # 2. One round trip: sums, dedupe, clocks, recent sellers.
+        result = await self.store.apply(
+            [u for plan in plans for u in plan.items], [plan.partition for plan in plans]
+        )
+        stats.duplicates = result.duplicates
+        EVENTS.labels("valid").inc(stats.valid - result.duplicates - result.refused)
+        EVENTS.labels("duplicate").inc(result.duplicates)
+
+        # 3. Forecast closed buckets (and items whose forecast buckets changed), then mark.
+        requests, windows = await self._forecast_requests(plans, result, stats)
+        if requests:
+            records = await forecast(
+                self.forecaster, requests, windows, self.model, self.inference_batch_size
+            )
+            await self.sink.send_forecasts(records)
+            stats.forecasts = len(records)
+            FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
+            FORECASTS.labels("late").inc(stats.reforecasts)
+        marks = []
+        for plan in plans:
+            watermark = plan.clock.watermark_ms
+            if watermark is not None:
+                WATERMARK.labels(plan.pid.topic, str(plan.pid.partition)).set(watermark)
+            if plan.due:
+                # Only now, with the forecasts delivered: a crash before this line re-emits
+                # them (at-least-once) instead of losing them.
+                plan.clock.mark_emitted()
+                marks.append(PartitionUpdate(plan.pid, plan.clock.state))
+        if marks:
+            await self.store.apply([], marks)
+        if stats.invalid or stats.late or stats.forecasts:
+            logger.info(
+                "batch: %d valid, %d invalid, %d late, %d duplicate, %d forecasts "
+                "(%d re-forecasts)",
+                stats.valid,
+                stats.invalid,
+                stats.late,
+                stats.duplicates,
+                stats.forecasts,
+                stats.reforecasts,
+            )
+        return stats
+
+    def _validate(
+        self,
+        msg: RawMessage,
+        clock: PartitionClock,
+        now_ms: int,
+        stats: BatchStats,
+        dead: list[tuple[bytes | None, bytes]],
+    ) -> SaleEvent | None:
+        """The message's event if it counts; otherwise dead-letter it and return None."""
+        try:
+            event = parse_event(
+                msg.value,
+                max_bytes=self.max_message_bytes,
+                now_ms=now_ms,
+                max_future_ms=self.max_future_ms,
+            )
+        except EventError as exc:
+            stats.invalid += 1
+            EVENTS.labels("invalid").inc()
+            dead.append(self._dead_letter(msg, exc.reason, exc.detail, now_ms))
+            return None
+        if clock.is_late(event.ts_ms):
+            late_by = clock.late_by_ms(event.ts_ms)
+            stats.late += 1
+            EVENTS.labels("late").inc()
+            LATE_BY.observe(late_by)
+            detail = (
+                f"event at {event.ts_ms} is {late_by} ms behind the watermark of "
+                f"{msg.topic}[{msg.partition}]"
+            )
+            dead.append(
+                self._dead_letter(
+                    msg,
+                    "late",
+                    detail,
+                    now_ms,
+                    item_id=event.item_id,
+                    event_ts_ms=event.ts_ms,
+                    late_by_ms=late_by,
+                )
+            )
+            if self.on_late is not None:
+                self.on_late(event, msg, late_by)
+            return None
+        return event
+
+    async def _ingest(
+        self,
+        pid: PartitionId,
+        msgs: Sequence[RawMessage],
+        now_ms: int,
+        stats: BatchStats,
+        dead: list[tuple[bytes | None, bytes]],
+    ) -> _Plan | None:
+        """Validate a partition's messages in offset order, advancing its clock."""
+        clock = await self._clock(pid)
+        step = self.model.freq.step_ms
+        emitted_before = clock.state.emitted_to_ms
+        # The late bound as stored before this batch: every event accepted below is at or
+        # after it, and dedupe keys older than it can go (see ItemUpdate.dedupe_from_ms).
+        late_before_start = clock.late_before_ms
+        deltas: dict[str, list[BucketDelta]] = {}
+        last_sale: dict[str, int] = {}
+        for msg in msgs:
+            event = self._validate(msg, clock, now_ms, stats, dead)
+            if event is None:
+                continue
+            stats.valid += 1
+            clock.observe(event.ts_ms)
+            bucket = self.model.freq.floor_ms(event.ts_ms)
+            priced = self.model.uses_prices and event.price is not None and event.quantity > 0
+            if event.event_id is not None:
+                dedupe_key = f"e:{event.event_id}"
+            else:
+                dedupe_key = f"o:{msg.topic}:{msg.partition}:{msg.offset}"
+            deltas.setdefault(event.item_id, []).append(
+                BucketDelta(
+                    bucket_ms=bucket,
+                    dedupe_key=dedupe_key,
+                    quantity=event.quantity,
+                    price_qty=(event.price or 0.0) * event.quantity if priced else 0.0,
+                    priced_qty=event.quantity if priced else 0.0,
+                )
+            )
+            last_sale[event.item_id] = max(bucket, last_sale.get(event.item_id, bucket))
+
+        open_from, late_before = clock.open_from_ms, clock.late_before_ms
+        if open_from is None or late_before is None:
+            return None  # nothing valid ever seen on this partition
+        due = clock.due_buckets()
+        # Oldest bucket a later forecast can end with: the first not yet forecast, the last
+        # closed one (re-forecasts after late events) or the oldest still writable one.
+        candidates = (clock.state.emitted_to_ms, open_from - step, late_before, late_before_start)
+        oldest_end = min(x for x in candidates if x is not None)
+        keep_from = oldest_end - (self.model.window - 1) * step
+        dedupe_from = keep_from if late_before_start is None else late_before_start
+        return _Plan(
+            pid=pid,
+            clock=clock,
+            emitted_before=emitted_before,
+            due=due,
+            items=[
+                ItemUpdate(
+                    item_id,
+                    ds,
+                    keep_from_ms=keep_from,
+                    dedupe_from_ms=dedupe_from,
+                    ttl_ms=self.state_ttl_ms,
+                )
+                for item_id, ds in deltas.items()
+            ],
+            partition=PartitionUpdate(
+                pid,
+                clock.state,
+                last_sale_ms=last_sale,
+                forget_before_ms=keep_from,
+                active_from_ms=due[0] - (self.model.window - 1) * step if due else None,
+            ),
+        )
+
+    async def _forecast_requests(
+        self, plans: Sequence[_Plan], result: ApplyResult, stats: BatchStats
+    ) -> tuple[list[ForecastRequest], dict[str, ItemWindow]]:
+        """Who to forecast as of which bucket, and the windows of every candidate.
+
+        Every item with a sale in the window of a newly closed bucket, for that bucket; and
+        every item whose already-forecast buckets changed (in-grace late events), as of the
+        last closed bucket, unless that forecast is being made anyway. The candidates'
+        windows are read in one round trip and reused for inference.
+        """
+        step, window = self.model.freq.step_ms, self.model.window
+        regrace: dict[PartitionId, list[str]] = {}
+        for plan in plans:
+            before = plan.emitted_before
+            if before is None:
+                continue  # nothing was forecast before this batch
+            own = {u.item_id for u in plan.items} & result.changed.keys()
+            regrace[plan.pid] = sorted(i for i in own if any(b < before for b in result.changed[i]))
+        candidates = {item for plan in plans for item in result.active.get(plan.pid, [])}
+        candidates.update(item for items in regrace.values() for item in items)
+        windows = await self.store.read(sorted(candidates)) if candidates else {}
+        sold = {item: sorted(w.buckets) for item, w in windows.items()}
+        requests: list[ForecastRequest] = []
+        for plan in plans:
+            planned: set[tuple[str, int]] = set()
+            for bucket in plan.due:
+                lo = bucket - (window - 1) * step
+                for item in result.active.get(plan.pid, []):
+                    buckets = sold[item]
+                    i = bisect_left(buckets, lo)
+                    if i < len(buckets) and buckets[i] <= bucket:  # a sale in [lo, bucket]
+                        requests.append(ForecastRequest(item, bucket))
+                        planned.add((item, bucket))
+            open_from = plan.clock.open_from_ms
+            if open_from is None:
+                continue
+            last_closed = open_from - step
+            for item in regrace.get(plan.pid, []):
+                if (item, last_closed) not in planned:
+                    requests.append(ForecastRequest(item, last_closed))
+                    stats.reforecasts += 1
+        return requests, windows
+
+
+@dataclass
+class _Plan:
+    """One partition's share of a batch, between validation and forecasting."""
+
+    pid: PartitionId
+    clock: PartitionClock
+    emitted_before: int | None
+    due: list[int]
+    items: list[ItemUpdate]
+    partition: PartitionUpdate

@@ -1,0 +1,422 @@
+"""The worker without services: Faust's agent test context, the in-memory store, a fake model.
+
+The first tests drive the real Faust agent (``agent.test_context()``); the rest call
+:class:`stream.processor.SalesProcessor` directly for the event-time cases (late events,
+re-delivery, restarts, failures) that are awkward to stage through a channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from stream.app import create_app
+from stream.config import WorkerSettings
+from stream.inference.batching import ModelInfo
+from stream.processor import RawMessage, SalesProcessor
+from stream.windows.base import PartitionId
+from stream.windows.memory import MemoryWindowStore
+from trendcast.exceptions import BrokerError, ForecastError
+from trendcast.forecasting.base import ForecastBatch, WindowBatch
+from trendcast.freq import parse_freq
+
+DAY = 86_400_000
+FREQ = parse_freq("1D")
+T0 = 14_975 * DAY  # 2011-01-01
+MODEL = ModelInfo(freq=FREQ, window=7, horizon=3, model_version="fake-1")
+
+
+class FakeForecaster:
+    """Forecasts the last window value for every step, and remembers every batch."""
+
+    def __init__(self, horizon: int = 3) -> None:
+        self.batches: list[WindowBatch] = []
+        self._horizon = horizon
+
+    @property
+    def name(self) -> str:
+        return "fake"
+
+    @property
+    def horizon(self) -> int:
+        return self._horizon
+
+    def predict(self, batch: WindowBatch) -> ForecastBatch:
+        self.batches.append(batch)
+        last = np.repeat(batch.quantities[:, -1:], self._horizon, axis=1)
+        return ForecastBatch(
+            mean=last,
+            p10=last * 0.5,
+            p50=last,
+            p90=last * 2,
+            fallback=batch.history_len < batch.window,
+        )
+
+
+class ListSink:
+    def __init__(self, fail_forecasts: int = 0) -> None:
+        self.forecasts: list[tuple[str, dict[str, Any]]] = []
+        self.dead: list[dict[str, Any]] = []
+        self.fail_forecasts = fail_forecasts
+
+    async def send_forecasts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        if self.fail_forecasts:
+            self.fail_forecasts -= 1
+            raise BrokerError("broker down")
+        self.forecasts += [(k, orjson.loads(v)) for k, v in records]
+
+    async def send_dead_letters(self, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+        self.dead += [orjson.loads(v) for _, v in records]
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(k, v["as_of"]) for k, v in self.forecasts]
+
+
+def sale(item: str, day: float, qty: float = 1.0, **extra: Any) -> bytes:
+    return orjson.dumps({"item_id": item, "ts": int(T0 + day * DAY), "quantity": qty, **extra})
+
+
+def day_iso(day: int) -> str:
+    return f"2011-01-{day + 1:02d}T00:00:00Z"
+
+
+class Feed:
+    """Builds RawMessages with increasing offsets per partition."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[int, int] = {}
+
+    def __call__(self, *values: bytes, partition: int = 0) -> list[RawMessage]:
+        out = []
+        for value in values:
+            offset = self.offsets.get(partition, 0)
+            self.offsets[partition] = offset + 1
+            out.append(RawMessage("sales", partition, offset, b"k", value))
+        return out
+
+
+def processor(
+    store: MemoryWindowStore | None = None,
+    sink: ListSink | None = None,
+    forecaster: FakeForecaster | None = None,
+    **kwargs: Any,
+) -> SalesProcessor:
+    return SalesProcessor(
+        store or MemoryWindowStore(FREQ),
+        forecaster or FakeForecaster(),
+        MODEL,
+        sink or ListSink(),
+        max_future_ms=None,
+        **kwargs,
+    )
+
+
+# --- the Faust agent -------------------------------------------------------------------------
+
+
+async def _wait_for(condition: Any, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def test_agent_stores_valid_dead_letters_invalid_and_forecasts_closed_buckets(
+    tmp_path: Path,
+) -> None:
+    sink, store, forecaster = ListSink(), MemoryWindowStore(FREQ), FakeForecaster()
+    settings = WorkerSettings(
+        web_enabled=False, data_dir=tmp_path, batch_size=4, batch_timeout_s=0.01
+    )
+    app = create_app(settings, forecaster, store, MODEL, sink=sink)
+    agent = next(iter(app.agents.values()))
+
+    async def scenario() -> None:
+        async with agent.test_context() as ctx:
+            await ctx.put(key=b"a", value=sale("a", 0.5, 2))
+            await ctx.put(key=b"a", value=sale("a", 1.5, 3))
+            await ctx.put(key=b"x", value=b"\xffnot utf8")
+            await ctx.put(key=b"b", value=sale("b", 1.2, 1, price=2.5, event_id="b-1"))
+            await ctx.put(key=b"a", value=sale("a", 3.0, 1))  # watermark day 2: days 0, 1 close
+            await _wait_for(lambda: len(sink.forecasts) >= 3)
+        windows = await store.read(["a", "b"])
+        assert {b: s.quantity for b, s in windows["a"].buckets.items()} == {
+            T0: 2.0,
+            T0 + DAY: 3.0,
+            T0 + 3 * DAY: 1.0,
+        }
+        assert windows["b"].buckets[T0 + DAY].quantity == 1.0
+
+    asyncio.run(scenario())
+    assert [d["reason"] for d in sink.dead] == ["not_utf8"]
+    dead = sink.dead[0]
+    assert dead["source"] == {"topic": "sales", "partition": 0, "offset": 2}
+    assert base64.b64decode(dead["value_b64"]) == b"\xffnot utf8"
+    # Forecasting started at the first event's open bucket (day -1, no sales yet): day 0 has
+    # a; day 1 has a and b.
+    assert sorted(sink.pairs()) == [("a", day_iso(1)), ("a", day_iso(2)), ("b", day_iso(2))]
+    rec = dict(sink.forecasts)["b"]
+    assert rec["freq"] == "1D" and rec["model_version"] == "fake-1"
+    assert [h["date"] for h in rec["horizon"]] == ["2011-01-03", "2011-01-04", "2011-01-05"]
+    assert rec["horizon"][0] == {
+        "date": "2011-01-03",
+        "mean": 1.0,
+        "p10": 0.5,
+        "p50": 1.0,
+        "p90": 2.0,
+    }
+    assert rec["fallback"] is True
+    assert isinstance(rec["emitted_at_ms"], int)
+
+
+# --- the processor ---------------------------------------------------------------------------
+
+
+def test_every_active_item_gets_exactly_one_forecast_per_closed_bucket() -> None:
+    sink, forecaster = ListSink(), FakeForecaster()
+    proc = processor(sink=sink, forecaster=forecaster, inference_batch_size=2)
+    feed = Feed()
+
+    async def scenario() -> None:
+        await proc.process(feed(sale("a", 0), sale("b", 0), sale("c", 1)))
+        await proc.process(feed(sale("a", 2.5)))  # closes day 0 (open from day 1)
+        await proc.process(feed(sale("a", 2.6)))  # nothing new closes
+        await proc.process(feed(sale("b", 11)))  # closes days 1..9
+
+    asyncio.run(scenario())
+    expected = {("a", day_iso(1)), ("b", day_iso(1))}
+    # Window 7: an item is forecast while it sold within the bucket's last 7 buckets.
+    for day in range(1, 10):
+        for item, sale_days in (("a", {0, 2}), ("b", {0}), ("c", {1})):
+            if any(s <= day <= s + 6 for s in sale_days):
+                expected.add((item, day_iso(day + 1)))
+    assert sorted(sink.pairs()) == sorted(expected)
+    assert len(sink.pairs()) == len(set(sink.pairs()))
+    assert all(len(b) <= 2 for b in forecaster.batches)  # micro-batches
+
+
+def test_window_given_to_the_model() -> None:
+    forecaster = FakeForecaster()
+    proc = processor(forecaster=forecaster)
+    feed = Feed()
+
+    async def scenario() -> None:
+        await proc.process(
+            feed(
+                sale("a", 1, 2),
+                sale("a", 1.5, 1),
+                sale("a", 3, 4),
+                sale("a", 3.2, -10),
+                sale("a", 5, 1),
+            )
+        )
+        await proc.process(feed(sale("a", 6.1, 7)))  # closes days 0..4
+
+    asyncio.run(scenario())
+    batch = forecaster.batches[-1]
+    row = [i for i, b in enumerate(batch.last_start_ms) if b == T0 + 4 * DAY][0]
+    # Days -2..4; returns are netted and the bucket clipped at zero, as offline.
+    assert batch.quantities[row].tolist() == [0, 0, 0, 3, 0, 0, 0]
+    assert batch.history_len[row] == 4
+    assert batch.prices is None
+
+
+def test_price_aware_models_get_prices() -> None:
+    forecaster = FakeForecaster()
+    model = ModelInfo(freq=FREQ, window=3, horizon=3, model_version="p", uses_prices=True)
+    proc = SalesProcessor(
+        MemoryWindowStore(FREQ), forecaster, model, ListSink(), max_future_ms=None
+    )
+    feed = Feed()
+
+    async def scenario() -> None:
+        await proc.process(
+            feed(
+                sale("a", 0, 1, price=2.0),
+                sale("a", 0, 3, price=4.0),
+                sale("a", 1, 1),
+                sale("a", 3),
+            )
+        )
+
+    asyncio.run(scenario())
+    batch = forecaster.batches[-1]
+    assert batch.prices is not None
+    # Window of day 1 = days -1..1: padding is NaN, day 1 (no price) carries day 0's forward.
+    np.testing.assert_array_equal(batch.prices[-1], [np.nan, 3.5, 3.5])
+
+
+def test_late_events_go_to_the_dead_letter_topic_and_grace_updates_reforecast() -> None:
+    sink = ListSink()
+    late: list[int] = []
+    proc = processor(sink=sink, grace_buckets=1, on_late=lambda e, m, by: late.append(by))
+    feed = Feed()
+
+    async def scenario() -> None:
+        await proc.process(feed(sale("a", 0), sale("b", 0), sale("a", 4)))  # closes -1..2
+        before = len(sink.forecasts)
+        # Open from day 3; grace 1 -> day 2 still writable, day 1 late.
+        await proc.process(feed(sale("a", 2.5, 5), sale("b", 1.5, 9)))
+        assert sink.pairs()[before:] == [("a", day_iso(3))]  # re-forecast as of day 2's end
+
+    asyncio.run(scenario())
+    assert [d["reason"] for d in sink.dead] == ["late"]
+    dead = sink.dead[0]
+    assert (dead["item_id"], dead["source"]["offset"]) == ("b", 4)
+    assert dead["late_by_ms"] == late[0] == 3 * DAY - int(1.5 * DAY)
+    windows = asyncio.run(proc.store.read(["a", "b"]))
+    assert windows["a"].buckets[T0 + 2 * DAY].quantity == 5.0
+    assert T0 + DAY not in windows["b"].buckets
+
+
+def test_redelivered_batch_changes_nothing() -> None:
+    sink, store = ListSink(), MemoryWindowStore(FREQ)
+    proc = processor(store=store, sink=sink)
+    feed = Feed()
+    batch = feed(sale("a", 0, 1), sale("a", 1, 2), sale("b", 1, 3, event_id="x"), sale("a", 3, 1))
+
+    async def scenario() -> None:
+        await proc.process(batch)
+        before = (await store.read(["a", "b"]), list(sink.pairs()))
+        stats = await proc.process(batch)  # same offsets: dedupe by partition/offset
+        assert stats.forecasts == 0
+        # The same event_id under a new offset is a duplicate too.
+        stats = await proc.process(feed(sale("b", 2, 3, event_id="x")))
+        assert (await store.read(["a", "b"]), sink.pairs()) == before
+
+    asyncio.run(scenario())
+
+
+def test_restarted_worker_continues_from_stored_partition_state() -> None:
+    store = MemoryWindowStore(FREQ)
+    sink1, sink2 = ListSink(), ListSink()
+    feed = Feed()
+
+    async def scenario() -> None:
+        await processor(store=store, sink=sink1).process(feed(sale("a", 0), sale("a", 3)))
+        # A new worker (empty caches) takes the partition over.
+        proc2 = processor(store=store, sink=sink2)
+        await proc2.process(feed(sale("a", 0.5, 9), sale("a", 5)))
+
+    asyncio.run(scenario())
+    assert sink1.pairs() == [("a", day_iso(1)), ("a", day_iso(2))]
+    # Day 0 is late for the new worker (it knows the watermark); days 2..3 close now.
+    assert sink2.pairs() == [("a", day_iso(3)), ("a", day_iso(4))]
+    assert [d["reason"] for d in sink2.dead] == ["late"]
+
+
+def test_failed_batch_is_retried_without_losing_or_doubling_forecasts() -> None:
+    sink, store = ListSink(fail_forecasts=1), MemoryWindowStore(FREQ)
+    proc = processor(store=store, sink=sink)
+    feed = Feed()
+    batch = feed(sale("a", 0), sale("a", 3))
+
+    async def scenario() -> None:
+        with pytest.raises(BrokerError):
+            await proc.process(batch)
+        await proc.process(batch)  # the un-acked batch comes again
+        window = (await store.read(["a"]))["a"]
+        assert {b: s.quantity for b, s in window.buckets.items()} == {T0: 1, T0 + 3 * DAY: 1}
+
+    asyncio.run(scenario())
+    assert sink.pairs() == [("a", day_iso(1)), ("a", day_iso(2))]
+
+
+def test_partitions_have_independent_clocks() -> None:
+    sink = ListSink()
+    proc = processor(sink=sink)
+    feed = Feed()
+
+    async def scenario() -> None:
+        await proc.process(
+            feed(sale("a", 0), partition=0) + feed(sale("b", 0), sale("b", 5), partition=1)
+        )
+        # Partition 0's clock has not moved: day 1 is on time there.
+        await proc.process(feed(sale("a", 1), partition=0))
+
+    asyncio.run(scenario())
+    assert {k for k, _ in sink.pairs()} == {"b"}
+    assert sink.dead == []
+    assert asyncio.run(proc.store.load_partition(PartitionId("sales", 0))).max_event_ms == T0 + DAY
+
+
+def test_one_write_round_trip_per_batch() -> None:
+    calls: list[str] = []
+
+    class Counting(MemoryWindowStore):
+        async def apply(self, items, partitions):
+            calls.append("apply")
+            return await super().apply(items, partitions)
+
+        async def read(self, item_ids):
+            calls.append("read")
+            return await super().read(item_ids)
+
+    proc = processor(store=Counting(FREQ))
+    feed = Feed()
+    many = [sale(f"i{n}", day / 10) for day in range(20) for n in range(5)]
+
+    async def scenario() -> None:
+        await proc.process(feed(*many[:50]))  # no bucket closes
+        assert calls == ["apply"]
+        calls.clear()
+        await proc.process(feed(*many[50:]))  # buckets close: read windows, mark emitted
+        assert calls == ["apply", "read", "apply"]
+
+    asyncio.run(scenario())
+
+
+def test_forecaster_errors_surface_as_forecast_errors() -> None:
+    class Broken(FakeForecaster):
+        def predict(self, batch: WindowBatch) -> ForecastBatch:
+            raise RuntimeError("boom")
+
+    proc = processor(forecaster=Broken())
+
+    with pytest.raises(ForecastError, match="boom"):
+        asyncio.run(proc.process(Feed()(sale("a", 0), sale("a", 3))))
+
+
+# --- start-up ------------------------------------------------------------------------------
+
+
+def test_worker_refuses_to_start_without_a_verifiable_bundle(tmp_path: Path) -> None:
+    from stream.cli import build_worker_app
+    from tests.bundles import make_fake_bundle
+    from trendcast.exceptions import BundleError
+
+    def settings(bundle: Path) -> WorkerSettings:
+        return WorkerSettings(
+            bundle=bundle,
+            web_enabled=False,
+            data_dir=tmp_path / "d",
+            redis_url="redis://127.0.0.1:1/0",
+        )
+
+    with pytest.raises(BundleError, match="not found"):
+        build_worker_app(settings(tmp_path / "missing"))
+    bundle = make_fake_bundle(tmp_path / "bundle", window=7, horizon=3)
+    (bundle / "model.onnx").write_bytes(b"tampered")
+    with pytest.raises(BundleError, match="checksum"):
+        build_worker_app(settings(bundle))
+
+
+def test_worker_refuses_to_start_without_redis(tmp_path: Path) -> None:
+    from stream.cli import build_worker_app
+    from tests.bundles import make_fake_bundle
+    from trendcast.exceptions import StateStoreError
+
+    bundle = make_fake_bundle(tmp_path / "bundle", window=7, horizon=3)
+    settings = WorkerSettings(
+        bundle=bundle, web_enabled=False, data_dir=tmp_path / "d", redis_url="redis://127.0.0.1:1/0"
+    )
+    with pytest.raises(StateStoreError, match="unavailable"):
+        build_worker_app(settings)

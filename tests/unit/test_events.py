@@ -1,0 +1,201 @@
+"""Event validation: every reason code, and no input can raise anything but EventError."""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream.events import MAX_ID_CHARS, REASONS, SaleEvent, dead_letter_value, parse_event
+from trendcast.exceptions import EventError
+
+TS = "2011-01-05T10:00:00Z"
+TS_MS = 1_294_221_600_000
+NOW_MS = 1_800_000_000_000
+
+
+def ev(**fields: object) -> bytes:
+    base: dict[str, object] = {"item_id": "85123A", "ts": TS, "quantity": 3}
+    base.update(fields)
+    return orjson.dumps({k: v for k, v in base.items() if v is not ...})
+
+
+def reason(raw: bytes | None, **kwargs: object) -> str:
+    with pytest.raises(EventError) as info:
+        parse_event(raw, **kwargs)  # type: ignore[arg-type]
+    assert info.value.reason in REASONS
+    return info.value.reason
+
+
+def test_valid_event_with_all_fields() -> None:
+    got = parse_event(ev(price=2.5, event_id="e-1", extra={"ignored": True}))
+    assert got == SaleEvent(item_id="85123A", ts_ms=TS_MS, quantity=3.0, price=2.5, event_id="e-1")
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        (TS, TS_MS),
+        ("2011-01-05T11:00:00+01:00", TS_MS),
+        ("2011-01-05 10:00:00.000+00:00", TS_MS),
+        (TS_MS, TS_MS),
+        (float(TS_MS), TS_MS),
+    ],
+)
+def test_timestamp_forms(ts: object, expected: int) -> None:
+    assert parse_event(ev(ts=ts)).ts_ms == expected
+
+
+def test_item_id_is_stripped_and_price_null_means_unknown() -> None:
+    got = parse_event(ev(item_id="  A 1 ", price=None, event_id=None))
+    assert (got.item_id, got.price, got.event_id) == ("A 1", None, None)
+
+
+def test_negative_quantity_is_a_return() -> None:
+    assert parse_event(ev(quantity=-2)).quantity == -2.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, "empty"),
+        (b"", "empty"),
+        (b"\xff\xfe{}", "not_utf8"),
+        (b'{"item_id": "a\xed\xa0\x80"}', "not_utf8"),  # UTF-8-encoded surrogate
+        (b"{not json", "not_json"),
+        (b'{"item_id": "a", "ts": NaN, "quantity": 1}', "bad_timestamp"),
+        (b'{"item_id": "a", "ts": 1, "quantity": 1', "not_json"),
+        (b"[" * 50_000, "not_json"),
+        (b"[1, 2]", "not_object"),
+        (b'"text"', "not_object"),
+        (b"42", "not_object"),
+        (ev(item_id=...), "missing_field"),
+        (ev(ts=...), "missing_field"),
+        (ev(quantity=...), "missing_field"),
+        (ev(item_id=5), "bad_type"),
+        (ev(quantity="3"), "bad_type"),
+        (ev(quantity=True), "bad_type"),
+        (ev(quantity=None), "bad_type"),
+        (ev(price="1.0"), "bad_type"),
+        (ev(event_id=7), "bad_type"),
+        (ev(event_id=""), "bad_type"),
+        (ev(ts=[2011]), "bad_type"),
+        (ev(item_id="x" * (MAX_ID_CHARS + 1)), "too_long"),
+        (ev(event_id="x" * (MAX_ID_CHARS + 1)), "too_long"),
+        (ev(item_id="   "), "bad_item_id"),
+        (ev(item_id="a\nb"), "bad_item_id"),
+        (b'{"item_id": "a", "ts": "2011-01-05T10:00:00Z", "quantity": 1e400}', "not_finite"),
+        (b'{"item_id": "a", "ts": "2011-01-05T10:00:00Z", "quantity": NaN}', "not_finite"),
+        (b'{"item_id": "a", "ts": "2011-01-05T10:00:00Z", "quantity": -Infinity}', "not_finite"),
+        (
+            b'{"item_id": "a", "ts": "2011-01-05T10:00:00Z", "quantity": 1, "price": NaN}',
+            "not_finite",
+        ),
+        (
+            b'{"item_id": "a", "ts": "2011-01-05T10:00:00Z", "quantity": 1' + b"0" * 30 + b"}",
+            "out_of_range",
+        ),
+        (ev(quantity=1e13), "out_of_range"),
+        (ev(price=-0.5), "negative_price"),
+        (ev(ts="2011-01-05"), "bad_timestamp"),  # no zone
+        (ev(ts="2011-01-05T10:00:00"), "bad_timestamp"),
+        (ev(ts="yesterday"), "bad_timestamp"),
+        (ev(ts="9999-12-31T23:59:59Z"), "bad_timestamp"),
+        (ev(ts="1970-01-01T00:00:00Z"), "bad_timestamp"),
+        (ev(ts=TS_MS // 1000), "bad_timestamp"),  # seconds, not ms
+        (ev(ts=-1), "bad_timestamp"),
+        (ev(ts="2" * 100), "bad_timestamp"),
+    ],
+)
+def test_reasons(raw: bytes | None, expected: str) -> None:
+    assert reason(raw) == expected
+
+
+def test_too_large_is_checked_before_decoding() -> None:
+    assert reason(b"\xff" * 100, max_bytes=10) == "too_large"
+
+
+def test_future_events_are_bad_timestamps() -> None:
+    ahead = orjson.dumps({"item_id": "a", "ts": NOW_MS + 2 * 86_400_000, "quantity": 1})
+    assert reason(ahead, now_ms=NOW_MS, max_future_ms=86_400_000) == "bad_timestamp"
+    near = orjson.dumps({"item_id": "a", "ts": NOW_MS + 1000, "quantity": 1})
+    assert parse_event(near, now_ms=NOW_MS, max_future_ms=86_400_000).ts_ms == NOW_MS + 1000
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_any_bytes_raise_only_event_error(raw: bytes) -> None:
+    try:
+        parse_event(raw, max_bytes=200, now_ms=NOW_MS, max_future_ms=0)
+    except EventError as exc:
+        assert exc.reason in REASONS
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "item_id": json_values | st.text(max_size=200),
+            "ts": json_values | st.datetimes().map(lambda d: d.isoformat()),
+            "quantity": json_values,
+            "price": json_values,
+            "event_id": json_values,
+        },
+    )
+)
+def test_any_json_object_raises_only_event_error(obj: dict[str, object]) -> None:
+    try:
+        raw = orjson.dumps(obj)
+    except (TypeError, orjson.JSONEncodeError):
+        return  # e.g. integers beyond 64 bits: not representable, so not a test input
+    try:
+        got = parse_event(raw, now_ms=NOW_MS, max_future_ms=0)
+    except EventError as exc:
+        assert exc.reason in REASONS
+    else:
+        assert 1 <= len(got.item_id) <= MAX_ID_CHARS
+
+
+def test_dead_letter_keeps_original_bytes_and_source() -> None:
+    raw = b"\x00\xffnot json"
+    rec = orjson.loads(
+        dead_letter_value(
+            raw,
+            reason="not_utf8",
+            detail="bad byte",
+            topic="sales",
+            partition=2,
+            offset=41,
+            key=b"k",
+            extra={"late_by_ms": 5},
+        )
+    )
+    assert base64.b64decode(rec["value_b64"]) == raw
+    assert base64.b64decode(rec["key_b64"]) == b"k"
+    assert rec["source"] == {"topic": "sales", "partition": 2, "offset": 41}
+    assert (rec["reason"], rec["detail"], rec["late_by_ms"]) == ("not_utf8", "bad byte", 5)
+    assert "not json" in rec["value_preview"]
+
+
+def test_dead_letter_of_a_huge_message_is_truncated() -> None:
+    from stream.events import MAX_DEAD_LETTER_BYTES
+
+    raw = b"x" * (MAX_DEAD_LETTER_BYTES + 10)
+    rec = orjson.loads(
+        dead_letter_value(raw, reason="too_large", detail="", topic="s", partition=0, offset=0)
+    )
+    assert rec["value_truncated"] is True
+    assert len(base64.b64decode(rec["value_b64"])) == MAX_DEAD_LETTER_BYTES
