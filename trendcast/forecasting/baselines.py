@@ -56,6 +56,9 @@ def seasonal_naive(
 
 def _error_quantiles(point: F32, errors: F32, valid: npt.NDArray[np.bool_]) -> tuple[F32, F32, F32]:
     """Add empirical error quantiles (per row, over valid in-window errors) to a point forecast."""
+    if point.shape[0] == 0:
+        # nanquantile cannot reduce an empty batch; an empty batch has empty quantiles.
+        return point.copy(), point.copy(), point.copy()
     masked = np.where(valid, errors, np.nan)
     with warnings.catch_warnings():
         # Rows without any valid error (a single bucket of history) give NaN: treated as 0.
@@ -76,7 +79,11 @@ def _valid_mask(batch: WindowBatch, lag: int) -> npt.NDArray[np.bool_]:
 def _lagged_batch(batch: WindowBatch, point: F32, lag: int, name: str) -> ForecastBatch:
     q = batch.quantities
     errors = np.zeros_like(q)
-    errors[:, lag:] = q[:, lag:] - q[:, :-lag]
+    # A one-bucket window has no lagged pair (lag 0 would slice ``q[:, :-0]`` to nothing):
+    # its errors stay empty and the quantiles collapse onto the point forecast.
+    lag = max(lag, 1)
+    if lag < batch.window:
+        errors[:, lag:] = q[:, lag:] - q[:, :-lag]
     p10, p50, p90 = _error_quantiles(point, errors, _valid_mask(batch, lag))
     return ForecastBatch(
         mean=point, p10=p10, p50=p50, p90=p90, fallback=np.zeros(len(batch), dtype=bool)
