@@ -7,7 +7,7 @@ functions, so ``trendcast --help`` does not pay for them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from stream._sync import run_sync
@@ -56,22 +56,40 @@ def load_model(settings: WorkerSettings) -> tuple[Forecaster, ModelInfo]:
     return OnnxForecaster(bundle), model_info(bundle)
 
 
-def _check_redis(url: str, fields_per_item: int) -> None:
+def _check_redis(url: str, fields_per_item: int, *, cluster: bool = False) -> None:
     """Fail fast when Redis is down; warn when item hashes would leave the compact encoding.
 
     Redis keeps a hash in a listpack (tens of bytes per bucket) only up to
     ``hash-max-listpack-entries`` fields; a larger window silently switches to a hash table
-    several times bigger.
+    several times bigger. On a cluster every primary is asked (items live on all of them) and
+    the smallest limit counts.
     """
-    import redis
+    from redis.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException, RedisError
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    from stream.windows.clients import CLIENT_ERRORS, sync_client
+
+    try:
+        # The cluster client connects here already, to discover the slots.
+        client = sync_client(url, cluster=cluster, socket_connect_timeout=5)
+    except CLIENT_ERRORS as exc:
+        raise StateStoreError(f"Redis at {url} is unavailable: {exc}") from exc
     try:
         client.ping()
         try:
-            values = list(client.config_get("hash-max-listpack-entries").values())
-            limit = int(values[0]) if values and values[0] is not None else None
-        except (redis.RedisError, ValueError):
+            configs: list[Mapping[Any, Any]]
+            if isinstance(client, RedisCluster):
+                # Several nodes answer {node name: {parameter: value}}; redis-py unwraps a
+                # single answer, so both shapes occur.
+                raw: Mapping[Any, Any] = client.config_get(
+                    "hash-max-listpack-entries", target_nodes=RedisCluster.PRIMARIES
+                )
+                configs = [v for v in raw.values() if isinstance(v, Mapping)] or [raw]
+            else:
+                configs = [client.config_get("hash-max-listpack-entries")]
+            values = [v for config in configs for v in config.values() if v is not None]
+            limit = min(int(v) for v in values) if values else None
+        except (RedisError, RedisClusterException, ValueError):
             limit = None  # managed Redis often forbids CONFIG; not worth failing for
         if limit is not None and limit < fields_per_item:
             logger.warning(
@@ -81,7 +99,7 @@ def _check_redis(url: str, fields_per_item: int) -> None:
                 fields_per_item,
                 fields_per_item,
             )
-    except redis.RedisError as exc:
+    except CLIENT_ERRORS as exc:
         raise StateStoreError(f"Redis at {url} is unavailable: {exc}") from exc
     finally:
         client.close()
@@ -113,8 +131,14 @@ def build_worker_app(
         _check_redis(
             settings.redis_url,
             model.window + settings.lateness_buckets + settings.grace_buckets + 4,
+            cluster=settings.redis_cluster,
         )
-        store = RedisWindowStore.from_url(settings.redis_url, model.freq, settings.state_prefix)
+        store = RedisWindowStore.from_url(
+            settings.redis_url,
+            model.freq,
+            settings.state_prefix,
+            cluster=settings.redis_cluster,
+        )
     return create_app(settings, forecaster, store, model, sink=sink, on_late=on_late)
 
 
@@ -145,7 +169,9 @@ async def _inspect(
     from trendcast.freq import parse_freq
 
     freq = parse_freq(freq_name)
-    store = RedisWindowStore.from_url(settings.redis_url, freq, settings.state_prefix)
+    store = RedisWindowStore.from_url(
+        settings.redis_url, freq, settings.state_prefix, cluster=settings.redis_cluster
+    )
     try:
         windows = await store.read(list(item_ids))
     finally:

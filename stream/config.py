@@ -23,6 +23,13 @@ class WorkerSettings(BaseSettings):
     Attributes:
         kafka_brokers: Faust broker URL(s), ``kafka://host:port[;kafka://host2:port]``.
         redis_url: Redis holding the window state (``redis://host:port/db``).
+        redis_cluster: ``redis_url`` names a node of a Redis Cluster
+            (``TRENDCAST_REDIS_CLUSTER=true``): the worker then uses redis-py's cluster client,
+            which discovers the other nodes, routes each item's keys to the primary owning
+            their slot and loads the Lua scripts on every primary; a batch costs one round
+            trip per node instead of one. An explicit flag rather than a ``redis+cluster://``
+            scheme, because redis-py knows no such scheme and the URL's only job stays naming
+            a server; the database must be 0 (a cluster has only one).
         bundle: Model bundle directory (see :mod:`trendcast.bundle`).
         sales_topic: Input topic (key = item id, value = JSON sale).
         dlq_topic: Dead-letter topic for invalid and too-late events.
@@ -57,6 +64,7 @@ class WorkerSettings(BaseSettings):
 
     kafka_brokers: str = "kafka://127.0.0.1:9092"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
     bundle: Path = Path("artifacts/bundle")
     sales_topic: str = Field(default="sales", min_length=1)
     dlq_topic: str = Field(default="sales.dlq", min_length=1)

@@ -17,6 +17,17 @@ A batch is one pipeline of EVALSHA calls: one per item (atomic for that item: de
 sums, trim, TTL) and one per partition (monotonic clock merge, recent sellers). The pipeline
 is not a cross-slot transaction — a crash can leave some items applied — but every script is
 idempotent, so the worker simply re-applies the whole batch when it is re-delivered.
+
+Redis Cluster (``TRENDCAST_REDIS_CLUSTER=true``, client from :mod:`stream.windows.clients`)
+needs nothing else from this layout, because no script or command spans two slots:
+
+* redis-py splits the batch pipeline per node and sends the parts concurrently, so a batch
+  costs one round trip *per node* (each node still runs its scripts atomically per item);
+* ``SCRIPT LOAD`` goes to every primary. The script cache is per node and not persisted, so
+  a node may still lack the scripts (restarted, a replica promoted after a failover, a node
+  added by resharding): it answers NOSCRIPT for its share of the batch, and the whole batch is
+  re-run after loading the scripts on every primary again, exactly as after a restart of a
+  single server (tests/integration/test_redis_cluster.py flushes one primary to prove it).
 """
 
 from __future__ import annotations
@@ -26,8 +37,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from stream.watermark import PartitionState
 from stream.windows.base import (
@@ -38,6 +48,7 @@ from stream.windows.base import (
     PartitionId,
     PartitionUpdate,
 )
+from stream.windows.clients import CLIENT_ERRORS, AsyncRedisClient, async_client
 from trendcast.exceptions import StateStoreError
 from trendcast.freq import Freq
 
@@ -175,21 +186,34 @@ class RedisWindowStore:
     """Window store on a real Redis (or Redis Cluster) server.
 
     Args:
-        client: An asyncio Redis client (``decode_responses=False``).
+        client: An asyncio Redis or RedisCluster client (``decode_responses=False``).
         freq: Bucket frequency of the stored sums.
         prefix: Prefix of every key.
     """
 
-    def __init__(self, client: aioredis.Redis, freq: Freq, prefix: str) -> None:
+    def __init__(self, client: AsyncRedisClient, freq: Freq, prefix: str) -> None:
         self._client = client
         self._freq = freq
         self._prefix = prefix
         self._shas: dict[str, str] = {}
 
     @classmethod
-    def from_url(cls, url: str, freq: Freq, prefix: str) -> RedisWindowStore:
-        """Connect lazily to ``url`` (the first command opens the connection)."""
-        return cls(aioredis.Redis.from_url(url), freq, prefix)
+    def from_url(
+        cls, url: str, freq: Freq, prefix: str, *, cluster: bool = False
+    ) -> RedisWindowStore:
+        """Connect lazily to ``url`` (the first command opens the connection).
+
+        Args:
+            url: Redis URL; with ``cluster``, any node of the cluster.
+            freq: Bucket frequency of the stored sums.
+            prefix: Prefix of every key.
+            cluster: ``url`` is a Redis Cluster node (see :mod:`stream.windows.clients`).
+
+        Raises:
+            ConfigError: ``cluster`` with a URL a cluster cannot serve (a database other
+                than 0, a unix socket).
+        """
+        return cls(async_client(url, cluster=cluster), freq, prefix)
 
     @property
     def freq(self) -> Freq:
@@ -203,6 +227,7 @@ class RedisWindowStore:
         return self._freq.origin_ms + idx * self._freq.step_ms
 
     async def _load_scripts(self) -> None:
+        # On a cluster, redis-py sends SCRIPT LOAD to every primary (and returns one sha).
         for name, body in (("item", _APPLY_ITEM), ("partition", _APPLY_PARTITION)):
             self._shas[name] = _decode(await self._client.script_load(body))
 
@@ -215,7 +240,7 @@ class RedisWindowStore:
         try:
             await self._client.ping()
             await self._load_scripts()
-        except RedisError as exc:
+        except CLIENT_ERRORS as exc:
             raise StateStoreError(f"Redis unavailable: {exc}") from exc
 
     async def apply(
@@ -234,7 +259,7 @@ class RedisWindowStore:
                 logger.warning("Redis lost the window scripts; reloading them")
                 await self._load_scripts()
                 results = await self._execute(items, partitions)
-        except RedisError as exc:
+        except CLIENT_ERRORS as exc:
             raise StateStoreError(f"Redis failed applying a batch: {exc}") from exc
         errors = [r for r in results if isinstance(r, Exception)]
         if errors:
@@ -271,7 +296,11 @@ class RedisWindowStore:
                     repr(float(d.price_qty)),
                     repr(float(d.priced_qty)),
                 ]
-            pipe.evalsha(self._shas["item"], 2, *item_keys(self._prefix, u.item_id), *args)
+            # execute_command rather than pipe.evalsha: redis-py's cluster pipeline blocks
+            # the evalsha() helper but routes a raw EVALSHA by its keys like any command.
+            pipe.execute_command(
+                "EVALSHA", self._shas["item"], 2, *item_keys(self._prefix, u.item_id), *args
+            )
         for p in partitions:
             pargs: list[str | int] = [
                 _opt(p.state.max_event_ms),
@@ -281,8 +310,12 @@ class RedisWindowStore:
             ]
             for item_id, last in p.last_sale_ms.items():
                 pargs += [item_id, last]
-            pipe.evalsha(
-                self._shas["partition"], 2, *partition_keys(self._prefix, p.partition), *pargs
+            pipe.execute_command(
+                "EVALSHA",
+                self._shas["partition"],
+                2,
+                *partition_keys(self._prefix, p.partition),
+                *pargs,
             )
         return list(await pipe.execute(raise_on_error=False))
 
@@ -295,7 +328,7 @@ class RedisWindowStore:
             for item_id in item_ids:
                 pipe.hgetall(item_keys(self._prefix, item_id)[0])
             results = await pipe.execute()
-        except RedisError as exc:
+        except CLIENT_ERRORS as exc:
             raise StateStoreError(f"Redis failed reading windows: {exc}") from exc
         out: dict[str, ItemWindow] = {}
         for item_id, raw in zip(item_ids, results, strict=True):
@@ -317,7 +350,7 @@ class RedisWindowStore:
         """See :meth:`stream.windows.base.WindowStore.load_partition`."""
         try:
             raw = await self._client.hgetall(partition_keys(self._prefix, partition)[0])
-        except RedisError as exc:
+        except CLIENT_ERRORS as exc:
             raise StateStoreError(f"Redis failed reading partition state: {exc}") from exc
         fields = {_decode(k): int(_decode(v)) for k, v in raw.items()}
         return PartitionState(max_event_ms=fields.get("m"), emitted_to_ms=fields.get("e"))
