@@ -6,6 +6,13 @@ not JSON must reach our validator, not crash Faust's deserializer), takes batche
 :meth:`~stream.processor.SalesProcessor.process` returned — i.e. after their state is in
 Redis and their dead letters and forecasts were delivered — so Faust commits offsets only
 for events whose effects are stored. A failing batch is retried with backoff, never skipped.
+
+While a batch fails (Redis down, broker or model errors) the worker stays up, commits
+nothing past that batch and reports itself unhealthy through one :class:`~stream.health.Health`
+object: ``GET /health`` answers 503 with the failing components, the ``trendcast_healthy``
+gauge drops to 0, and one log line marks each transition. A timer pings the state store too,
+so an idle worker also reports an outage. When the batch finally succeeds everything clears
+by itself; no operator action is needed.
 """
 
 from __future__ import annotations
@@ -18,10 +25,14 @@ from typing import Any, cast
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from stream import observability
 from stream.config import WorkerSettings
+from stream.health import PROCESSING, STATE_STORE, Health
 from stream.inference.batching import ModelInfo
 from stream.processor import OnLate, RawMessage, SalesProcessor, Sink
+from stream.security import KafkaSecurity
 from stream.windows.base import PartitionId, WindowStore
+from stream.windows.redis import RedisWindowStore
 from trendcast.exceptions import BrokerError, TrendcastError
 from trendcast.forecasting.base import Forecaster
 
@@ -32,6 +43,12 @@ logger = logging.getLogger(__name__)
 #: Longest pause between retries of a failing batch; long enough not to hammer a Redis that
 #: is restarting, short enough that recovery is quick.
 _MAX_BACKOFF_S = 10.0
+#: How often the state store is pinged for ``/health``: an idle worker would otherwise stay
+#: "healthy" through a whole Redis outage, and a failing one would only see the end of the
+#: outage at its next retry (up to ``_MAX_BACKOFF_S`` later).
+_PROBE_INTERVAL_S = 2.0
+#: A ping slower than this counts as a failure (a hung Redis is as bad as a dead one).
+_PROBE_TIMEOUT_S = 5.0
 
 
 #: aiohttp refuses a charset inside content_type; Prometheus text is ASCII anyway.
@@ -97,6 +114,7 @@ def create_app(
     *,
     sink: Sink | None = None,
     on_late: OnLate | None = None,
+    health: Health | None = None,
 ) -> faust.App:
     """Build the worker's Faust app.
 
@@ -107,6 +125,7 @@ def create_app(
         model: Freq, window, horizon and version of the forecaster's model.
         sink: Output override for tests; default sends to the forecasts and DLQ topics.
         on_late: Hook called for each late event.
+        health: Where failures are reported; a new :class:`~stream.health.Health` by default.
 
     Returns:
         The app; ``app.main()`` / ``Worker(app).execute_from_commandline()`` runs it.
@@ -131,7 +150,12 @@ def create_app(
         broker_commit_interval=settings.commit_interval_s,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        broker_credentials=KafkaSecurity.from_settings(settings).faust_credentials(),
     )
+    observability.set_model_info(model, forecaster.name)
+    forecaster = observability.InstrumentedForecaster(forecaster)
+    if isinstance(store, RedisWindowStore):  # trendcast_redis_seconds: Redis round trips only
+        store = observability.TimedWindowStore(store)
     sales = app.topic(
         settings.sales_topic,
         key_type=bytes,
@@ -167,17 +191,21 @@ def create_app(
         on_late=on_late,
     )
 
+    health = health if health is not None else Health()
+
     async def process_with_retry(stream: faust.Stream[Any], events: Sequence[Any]) -> bool:
         backoff = 0.2
         messages = [_raw(e) for e in events]
         while True:
             try:
                 await processor.process(messages)
+                health.recovered(PROCESSING)
                 return True
             except Exception as exc:
                 # Never skip a batch: its offsets must not be committed before its state is
                 # stored. Our errors (Redis, broker, model) are expected to be transient; a
                 # bug retries forever too, loudly, rather than silently losing sales.
+                health.failing(PROCESSING, f"{type(exc).__name__}: {exc}")
                 if stream.should_stop:
                     return False
                 if isinstance(exc, TrendcastError):
@@ -198,6 +226,7 @@ def create_app(
         stream = cast(faust.Stream[Any], source)
         # noack_take yields the events themselves; acking is ours, after the state is stored.
         async for events in stream.noack_take(settings.batch_size, within=settings.batch_timeout_s):
+            observability.observe_batch(len(events))
             if await process_with_retry(stream, events):
                 for event in events:
                     await stream.ack(event)
@@ -213,9 +242,43 @@ def create_app(
         assigned = args[0] if args else kwargs.get("assigned", set())
         processor.forget(PartitionId(tp.topic, tp.partition) for tp in assigned)
 
+    ping = getattr(store, "ping", None)
+    if callable(ping):
+
+        async def probe_state_store() -> None:
+            try:
+                await asyncio.wait_for(ping(), timeout=_PROBE_TIMEOUT_S)
+            except (TrendcastError, TimeoutError) as exc:
+                health.failing(STATE_STORE, f"{type(exc).__name__}: {exc}")
+            else:
+                health.recovered(STATE_STORE)
+
+        app.timer(interval=_PROBE_INTERVAL_S)(probe_state_store)
+
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(), content_type=_METRICS_CONTENT_TYPE)
+        observability.refresh_consumer_lag(app)
+        return web.bytes(
+            generate_latest(observability.METRICS_REGISTRY), content_type=_METRICS_CONTENT_TYPE
+        )
+
+    readiness = observability.Readiness(
+        {"redis": observability.store_probe(store), "broker": observability.broker_probe(app)},
+        details={"bundle": {"model_version": model.model_version}},
+        health=health,
+        timeout_s=settings.ready_timeout_s,
+    )
+
+    @app.page("/ready")
+    async def ready_page(web: Any, request: Any) -> Any:
+        ready, body = await readiness.check()
+        return web.json(body, status=200 if ready else 503)
+
+    @app.page("/health")
+    async def health_page(web: Any, request: Any) -> Any:
+        # 503 lets a load balancer or orchestrator act on it without parsing the body.
+        return web.json(health.snapshot(), status=200 if health.healthy else 503)
 
     app.trendcast_processor = processor  # type: ignore[attr-defined]  # for tests/inspection
+    app.trendcast_health = health  # type: ignore[attr-defined]  # for tests/inspection
     return app

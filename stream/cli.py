@@ -56,24 +56,28 @@ def load_model(settings: WorkerSettings) -> tuple[Forecaster, ModelInfo]:
     return OnnxForecaster(bundle), model_info(bundle)
 
 
-def _check_redis(url: str, fields_per_item: int, *, cluster: bool = False) -> None:
+def _check_redis(
+    url: str, fields_per_item: int, *, cluster: bool = False, **client_kwargs: Any
+) -> None:
     """Fail fast when Redis is down; warn when item hashes would leave the compact encoding.
 
     Redis keeps a hash in a listpack (tens of bytes per bucket) only up to
     ``hash-max-listpack-entries`` fields; a larger window silently switches to a hash table
     several times bigger. On a cluster every primary is asked (items live on all of them) and
-    the smallest limit counts.
+    the smallest limit counts. Wrong credentials get their own message naming the settings,
+    and the URL is shown without its password.
     """
     from redis.cluster import RedisCluster
     from redis.exceptions import RedisClusterException, RedisError
 
+    from stream.security import redact_url
     from stream.windows.clients import CLIENT_ERRORS, sync_client
 
     try:
         # The cluster client connects here already, to discover the slots.
-        client = sync_client(url, cluster=cluster, socket_connect_timeout=5)
+        client = sync_client(url, cluster=cluster, socket_connect_timeout=5, **client_kwargs)
     except CLIENT_ERRORS as exc:
-        raise StateStoreError(f"Redis at {url} is unavailable: {exc}") from exc
+        raise _redis_error(redact_url(url), exc) from exc
     try:
         client.ping()
         try:
@@ -100,9 +104,24 @@ def _check_redis(url: str, fields_per_item: int, *, cluster: bool = False) -> No
                 fields_per_item,
             )
     except CLIENT_ERRORS as exc:
-        raise StateStoreError(f"Redis at {url} is unavailable: {exc}") from exc
+        raise _redis_error(redact_url(url), exc) from exc
     finally:
         client.close()
+
+
+def _redis_error(shown_url: str, exc: Exception) -> StateStoreError:
+    """A StateStoreError telling "refused our credentials" apart from "unreachable"."""
+    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+    text = str(exc)
+    if isinstance(exc, AuthenticationError | NoPermissionError) or (
+        isinstance(exc, ResponseError) and text.startswith(("NOAUTH", "WRONGPASS", "NOPERM"))
+    ):
+        return StateStoreError(
+            f"Redis at {shown_url} refused the credentials ({text}); check the user and "
+            "password in TRENDCAST_REDIS_URL or TRENDCAST_REDIS_USERNAME/TRENDCAST_REDIS_PASSWORD"
+        )
+    return StateStoreError(f"Redis at {shown_url} is unavailable: {text}")
 
 
 def build_worker_app(
@@ -121,6 +140,8 @@ def build_worker_app(
         StateStoreError: Redis is unreachable (when no store is given).
     """
     from stream.app import create_app
+    from stream.security import redis_client_kwargs
+    from stream.windows.clients import async_client
     from stream.windows.redis import RedisWindowStore
 
     if forecaster is None or model is None:
@@ -128,17 +149,15 @@ def build_worker_app(
     if store is None:
         # Kept buckets: the window, the open ones (lateness) and the writable closed ones
         # (grace), a margin for the batch that closes buckets, and the first-sale field.
+        client_kwargs = redis_client_kwargs(settings)
         _check_redis(
             settings.redis_url,
             model.window + settings.lateness_buckets + settings.grace_buckets + 4,
             cluster=settings.redis_cluster,
+            **client_kwargs,
         )
-        store = RedisWindowStore.from_url(
-            settings.redis_url,
-            model.freq,
-            settings.state_prefix,
-            cluster=settings.redis_cluster,
-        )
+        client = async_client(settings.redis_url, cluster=settings.redis_cluster, **client_kwargs)
+        store = RedisWindowStore(client, model.freq, settings.state_prefix)
     return create_app(settings, forecaster, store, model, sink=sink, on_late=on_late)
 
 
@@ -151,9 +170,19 @@ def run_worker(settings: WorkerSettings, *, loglevel: str = "info") -> None:
     """
     import faust
 
+    from stream.observability import logging_config
+
     app = build_worker_app(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    worker = faust.Worker(app, loglevel=loglevel, redirect_stdouts=False)
+    json_logs = settings.log_format == "json"
+    worker = faust.Worker(
+        app,
+        loglevel=loglevel,
+        redirect_stdouts=False,
+        logging_config=logging_config(settings.log_format, loglevel),
+        # The startup banner is a text table on stdout: it would break one-JSON-per-line.
+        quiet=json_logs,
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:  # mode's worker always exits; a clean stop is a return for us
@@ -165,13 +194,16 @@ async def _inspect(
     settings: WorkerSettings, item_ids: Sequence[str], freq_name: str
 ) -> list[dict[str, Any]]:
     from stream.inference.batching import iso_utc
+    from stream.security import redis_client_kwargs
+    from stream.windows.clients import async_client
     from stream.windows.redis import RedisWindowStore
     from trendcast.freq import parse_freq
 
     freq = parse_freq(freq_name)
-    store = RedisWindowStore.from_url(
-        settings.redis_url, freq, settings.state_prefix, cluster=settings.redis_cluster
+    client = async_client(
+        settings.redis_url, cluster=settings.redis_cluster, **redis_client_kwargs(settings)
     )
+    store = RedisWindowStore(client, freq, settings.state_prefix)
     try:
         windows = await store.read(list(item_ids))
     finally:

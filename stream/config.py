@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["WorkerSettings"]
+__all__ = ["KafkaProtocol", "SaslMechanism", "WorkerSettings"]
 
 logger = logging.getLogger(__name__)
+
+#: Kafka ``security.protocol`` values the worker supports.
+KafkaProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+#: SASL mechanisms the worker supports (GSSAPI and OAUTHBEARER need more than settings).
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 class WorkerSettings(BaseSettings):
@@ -58,6 +65,27 @@ class WorkerSettings(BaseSettings):
         broker_session_timeout_s: Consumer session timeout (how fast a dead worker is noticed).
         broker_heartbeat_interval_s: Consumer heartbeat interval.
         commit_interval_s: How often acked offsets are committed.
+        log_format: ``text`` (Faust's colored lines) or ``json`` (one object per line with
+            level, logger, message and topic/partition/offset where known) for log shippers.
+        ready_timeout_s: Longest wait for one ``/ready`` probe (Redis PING, broker
+            metadata); a dependency that does not answer in time counts as down.
+        kafka_security_protocol: How the worker, ``replay`` and ``tail`` talk to Kafka.
+        kafka_sasl_mechanism: SASL mechanism with ``SASL_PLAINTEXT`` / ``SASL_SSL``.
+        kafka_sasl_username: SASL user (required with SASL).
+        kafka_sasl_password: SASL password (required with SASL; never logged).
+        kafka_ssl_cafile: CA bundle verifying the brokers (``SSL`` / ``SASL_SSL``); the
+            system CAs when unset.
+        kafka_ssl_certfile: Client certificate (PEM) for mutual TLS.
+        kafka_ssl_keyfile: Private key of ``kafka_ssl_certfile`` (when not inside it).
+        kafka_ssl_keyfile_password: Password of the encrypted private key.
+        kafka_ssl_check_hostname: Verify that the broker certificate names the host.
+        redis_username: Redis ACL user; alternatively ``redis://user:pass@host`` in the URL.
+        redis_password: Redis password (``requirepass`` or the ACL user's); never logged.
+            Give it here or in the URL, not both.
+        redis_ssl_ca_certs: CA bundle verifying Redis (needs a ``rediss://`` URL).
+        redis_ssl_certfile: Client certificate for Redis with ``tls-auth-clients yes``.
+        redis_ssl_keyfile: Private key of ``redis_ssl_certfile``.
+        redis_ssl_check_hostname: Verify that the Redis certificate names the host.
     """
 
     model_config = SettingsConfigDict(env_prefix="TRENDCAST_", frozen=True, extra="ignore")
@@ -88,12 +116,33 @@ class WorkerSettings(BaseSettings):
     broker_session_timeout_s: float = Field(default=10.0, gt=0)
     broker_heartbeat_interval_s: float = Field(default=1.0, gt=0)
     commit_interval_s: float = Field(default=1.0, gt=0)
+    log_format: Literal["text", "json"] = "text"
+    ready_timeout_s: float = Field(default=2.0, gt=0)
+    kafka_security_protocol: KafkaProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_keyfile_password: SecretStr | None = None
+    kafka_ssl_check_hostname: bool = True
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_ssl_ca_certs: Path | None = None
+    redis_ssl_certfile: Path | None = None
+    redis_ssl_keyfile: Path | None = None
+    redis_ssl_check_hostname: bool = True
 
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+            from stream.security import redact_url
+
+            raise ValueError(
+                f"expected a redis://, rediss:// or unix:// URL, got {redact_url(value)!r}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -110,3 +159,59 @@ class WorkerSettings(BaseSettings):
                 f"{self.broker_heartbeat_interval_s} >= {self.broker_session_timeout_s}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_security(self) -> WorkerSettings:
+        # Settings that the chosen protocol would silently ignore are refused: a CA file
+        # given with PLAINTEXT means the operator believes the traffic is encrypted.
+        protocol = self.kafka_security_protocol
+        sasl = protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+        tls = protocol in ("SSL", "SASL_SSL")
+        if sasl and (not self.kafka_sasl_username or self.kafka_sasl_password is None):
+            raise ValueError(
+                f"expected kafka_sasl_username and kafka_sasl_password with {protocol}, "
+                "got " + ("no password" if self.kafka_sasl_username else "no username")
+            )
+        if not sasl and (self.kafka_sasl_username or self.kafka_sasl_password is not None):
+            raise ValueError(
+                "expected kafka_security_protocol SASL_PLAINTEXT or SASL_SSL with "
+                f"kafka_sasl_username/password, got {protocol}"
+            )
+        kafka_files = (
+            self.kafka_ssl_cafile,
+            self.kafka_ssl_certfile,
+            self.kafka_ssl_keyfile,
+            self.kafka_ssl_keyfile_password,
+        )
+        if not tls and any(f is not None for f in kafka_files):
+            raise ValueError(
+                f"expected kafka_security_protocol SSL or SASL_SSL with kafka_ssl_*, got {protocol}"
+            )
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            raise ValueError("expected kafka_ssl_certfile with kafka_ssl_keyfile, got none")
+        redis_tls = (self.redis_ssl_ca_certs, self.redis_ssl_certfile, self.redis_ssl_keyfile)
+        if any(f is not None for f in redis_tls) and not self.redis_url.startswith("rediss://"):
+            raise ValueError(
+                "expected a rediss:// redis_url with redis_ssl_*, got "
+                f"{self.redis_url.split('://', 1)[0]}://"
+            )
+        if self.redis_ssl_keyfile is not None and self.redis_ssl_certfile is None:
+            raise ValueError("expected redis_ssl_certfile with redis_ssl_keyfile, got none")
+        parts = urlsplit(self.redis_url)
+        if self.redis_password is not None and parts.password:
+            raise ValueError(
+                "expected the Redis password either in redis_url or in redis_password, got both"
+            )
+        if self.redis_username is not None and parts.username:
+            raise ValueError(
+                "expected the Redis user either in redis_url or in redis_username, got both"
+            )
+        return self
+
+    def __repr_args__(self) -> Any:
+        # A password inside redis_url (redis://user:pass@host) must not reach logs or
+        # tracebacks through repr(settings); SecretStr fields are masked by pydantic.
+        from stream.security import redact_url
+
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" else value

@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import redis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -609,14 +609,18 @@ def resolve_redis(
     return server.url, server
 
 
-async def list_topics_async(bootstrap: str, *, timeout_s: float = 10.0) -> set[str]:
+async def list_topics_async(
+    bootstrap: str, *, timeout_s: float = 10.0, **client_kwargs: Any
+) -> set[str]:
     """Names of the topics on the broker, without creating any (see the module's quirks).
+
+    ``client_kwargs`` go to the admin client (SASL/TLS: ``KafkaSecurity.aiokafka_kwargs()``).
 
     Raises:
         BrokerError: The broker is unreachable.
     """
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **client_kwargs
     )
     try:
         await admin.start()
@@ -633,6 +637,7 @@ async def ensure_topics_async(
     *,
     replication_factor: int = 1,
     timeout_s: float = 10.0,
+    **client_kwargs: Any,
 ) -> list[str]:
     """Create the topics that do not exist yet (idempotent, safe under concurrent callers).
 
@@ -645,6 +650,8 @@ async def ensure_topics_async(
         topics: Topic name -> number of partitions.
         replication_factor: Replicas per partition (1 for a single local broker).
         timeout_s: Admin request timeout.
+        **client_kwargs: More admin client arguments (SASL/TLS:
+            ``KafkaSecurity.aiokafka_kwargs()``).
 
     Returns:
         The names of the topics this call created.
@@ -658,7 +665,7 @@ async def ensure_topics_async(
                 f"expected a topic name and >= 1 partitions, got {name!r}: {partitions}"
             )
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **client_kwargs
     )
     try:
         await admin.start()

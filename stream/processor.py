@@ -12,7 +12,11 @@ and a fake sink, and so the Faust app (:mod:`stream.app`) stays pure wiring. Per
    a forecast; items whose already-forecast buckets received late (in-grace) events get a new
    forecast as of the last closed bucket; one ``predict`` per micro-batch;
 4. dead letters and forecasts are sent and their delivery awaited; only then is the
-   partition's "forecast up to" mark stored, and only after :meth:`SalesProcessor.process`
+   partition's clock stored (largest event time, "forecast up to" mark, next offset — all
+   three together, so the stored clock never counts events whose outputs may be missing; a
+   re-delivered message below the stored next offset that now looks late was counted
+   before and is dropped as a duplicate instead of being dead-lettered as ``late``), and
+   only after :meth:`SalesProcessor.process`
    returns does the caller ack the messages, so Kafka offsets are committed only for events
    whose state and outputs are stored.
 
@@ -30,11 +34,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from stream.events import SaleEvent, dead_letter_value, parse_event
 from stream.inference.batching import ForecastRequest, ModelInfo, forecast
-from stream.watermark import PartitionClock
+from stream.observability import (
+    BATCH_SECONDS,
+    DEAD_LETTERS,
+    EVENTS,
+    FORECASTS,
+    LATE_BY,
+    WATERMARK,
+)
+from stream.watermark import PartitionClock, PartitionState
 from stream.windows.base import (
     ApplyResult,
     BucketDelta,
@@ -50,19 +60,6 @@ from trendcast.forecasting.base import Forecaster
 __all__ = ["BatchStats", "RawMessage", "SalesProcessor", "Sink"]
 
 logger = logging.getLogger(__name__)
-
-EVENTS = Counter("trendcast_events_total", "Sale messages by outcome", ["outcome"])
-DEAD_LETTERS = Counter("trendcast_dead_letters_total", "Dead-lettered messages", ["reason"])
-LATE_BY = Histogram(
-    "trendcast_late_by_ms",
-    "How far late events lay behind the watermark",
-    buckets=(1e3, 6e4, 3.6e6, 8.64e7, 6.048e8, float("inf")),
-)
-FORECASTS = Counter("trendcast_forecasts_total", "Forecast records sent", ["kind"])
-BATCH_SECONDS = Histogram("trendcast_batch_seconds", "Time to process one batch")
-WATERMARK = Gauge(
-    "trendcast_watermark_ms", "Event-time watermark per source partition", ["topic", "partition"]
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +99,7 @@ class BatchStats:
     invalid: int = 0
     late: int = 0
     duplicates: int = 0
+    redelivered: int = 0
     forecasts: int = 0
     reforecasts: int = 0
     closed_buckets: dict[PartitionId, list[int]] = field(default_factory=dict)
@@ -197,6 +195,13 @@ class SalesProcessor:
             msg.offset,
             reason,
             detail,
+            # Structured context for JSON logs (stream.observability.JsonFormatter).
+            extra={
+                "topic": msg.topic,
+                "partition": msg.partition,
+                "offset": msg.offset,
+                "reason": reason,
+            },
         )
         DEAD_LETTERS.labels(reason).inc()
         value = dead_letter_value(
@@ -267,7 +272,7 @@ class SalesProcessor:
             stats.forecasts = len(records)
             FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
             FORECASTS.labels("late").inc(stats.reforecasts)
-        marks = []
+        marks: list[PartitionUpdate] = []
         for plan in plans:
             watermark = plan.clock.watermark_ms
             if watermark is not None:
@@ -276,7 +281,8 @@ class SalesProcessor:
                 # Only now, with the forecasts delivered: a crash before this line re-emits
                 # them (at-least-once) instead of losing them.
                 plan.clock.mark_emitted()
-                marks.append(PartitionUpdate(plan.pid, plan.clock.state))
+            plan.clock.mark_processed(plan.next_offset)
+            marks.append(PartitionUpdate(plan.pid, plan.clock.state))
         if marks:
             await self.store.apply([], marks)
         if stats.invalid or stats.late or stats.forecasts:
@@ -312,6 +318,12 @@ class SalesProcessor:
             stats.invalid += 1
             EVENTS.labels("invalid").inc()
             dead.append(self._dead_letter(msg, exc.reason, exc.detail, now_ms))
+            return None
+        if clock.is_late(event.ts_ms) and clock.is_redelivered(msg.offset):
+            # Counted before a crash or rebalance, re-delivered because its offset was not
+            # committed yet; the clock moved past it because it was counted.
+            stats.redelivered += 1
+            EVENTS.labels("duplicate").inc()
             return None
         if clock.is_late(event.ts_ms):
             late_by = clock.late_by_ms(event.ts_ms)
@@ -403,9 +415,11 @@ class SalesProcessor:
                 )
                 for item_id, ds in deltas.items()
             ],
+            next_offset=max(m.offset for m in msgs) + 1,
             partition=PartitionUpdate(
                 pid,
-                clock.state,
+                # The clock itself is stored after the outputs were delivered (step 4).
+                PartitionState(),
                 last_sale_ms=last_sale,
                 forget_before_ms=keep_from,
                 active_from_ms=due[0] - (self.model.window - 1) * step if due else None,
@@ -465,4 +479,5 @@ class _Plan:
     emitted_before: int | None
     due: list[int]
     items: list[ItemUpdate]
+    next_offset: int
     partition: PartitionUpdate

@@ -60,6 +60,7 @@ from rich.progress import (
 
 from stream._sync import run_sync
 from stream.embedded import ensure_topics_async, list_topics_async, to_bootstrap
+from stream.security import KafkaSecurity
 from trendcast.exceptions import BrokerError, ConfigError, DataError
 
 __all__ = [
@@ -305,6 +306,7 @@ async def replay_async(
     max_pause_s: float = DEFAULT_MAX_PAUSE_S,
     console: Console | None = None,
     on_sent: Callable[[int], None] | None = None,
+    security: KafkaSecurity | None = None,
 ) -> ReplayReport:
     """Publish canonical lines to ``topic`` as sale events; see the module docstring.
 
@@ -325,6 +327,8 @@ async def replay_async(
         console: Where the progress bar is drawn (default: stderr).
         on_sent: Called with the number of newly acknowledged events after each chunk
             (``trendcast up`` counts events of a replay that Ctrl-C cuts short).
+        security: SASL/TLS of the cluster (``KafkaSecurity.from_settings(settings)``);
+            PLAINTEXT when None.
 
     Returns:
         What was published.
@@ -348,7 +352,8 @@ async def replay_async(
             f"(the data spans {lines['ts'].min()} .. {lines['ts'].max()})"
         )
     bootstrap = to_bootstrap(bootstrap)
-    await _check_topic(bootstrap, topic, create_partitions)
+    security = security or KafkaSecurity()
+    await _check_topic(bootstrap, topic, create_partitions, security)
     events = encode_events(window, source)
     ts_ns = [ev[2] for ev in events]
     due = None if speed is None and rate is None else _schedule(ts_ns, speed, rate, max_pause_s)
@@ -367,6 +372,7 @@ async def replay_async(
         # Idempotence is off because Tansu rejects InitProducerId; a retried duplicate is
         # harmless since every event carries its event_id.
         enable_idempotence=False,
+        **security.aiokafka_kwargs(),
     )
     bar = _progress_bar(console) if progress else None
     task = bar.add_task(f"replay → {topic}", total=len(events)) if bar is not None else None
@@ -428,6 +434,7 @@ def replay(
     create_partitions: int | None = None,
     max_pause_s: float = DEFAULT_MAX_PAUSE_S,
     console: Console | None = None,
+    security: KafkaSecurity | None = None,
 ) -> ReplayReport:
     """Blocking :func:`replay_async` (same arguments), for the CLI and tests."""
     return run_sync(
@@ -444,15 +451,19 @@ def replay(
             create_partitions=create_partitions,
             max_pause_s=max_pause_s,
             console=console,
+            security=security,
         )
     )
 
 
-async def _check_topic(bootstrap: str, topic: str, create_partitions: int | None) -> None:
+async def _check_topic(
+    bootstrap: str, topic: str, create_partitions: int | None, security: KafkaSecurity
+) -> None:
+    client_kwargs = security.aiokafka_kwargs()
     if create_partitions is not None:
-        await ensure_topics_async(bootstrap, {topic: create_partitions})
+        await ensure_topics_async(bootstrap, {topic: create_partitions}, **client_kwargs)
         return
-    topics = await list_topics_async(bootstrap)
+    topics = await list_topics_async(bootstrap, **client_kwargs)
     if topic not in topics:
         known = ", ".join(sorted(t for t in topics if not t.startswith("__"))) or "none"
         raise BrokerError(

@@ -36,6 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from stream.embedded import to_bootstrap
+from stream.security import KafkaSecurity
 from trendcast.exceptions import BrokerError, ConfigError
 
 __all__ = ["atail", "decode_record", "print_tail", "tail"]
@@ -153,6 +154,7 @@ async def atail(
     follow: bool = False,
     timeout_s: float | None = None,
     idle_timeout_s: float = 2.0,
+    security: KafkaSecurity | None = None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Yield the last ``n`` records of ``topic`` (all when ``n`` is None), then follow.
 
@@ -165,9 +167,11 @@ async def atail(
         timeout_s: Stop following after this many seconds (None: until cancelled).
         idle_timeout_s: Backlog reading ends when nothing arrives for this long even though
             the high watermark says more exists (defensive; see the module docstring).
+        security: SASL/TLS of the cluster (``KafkaSecurity.from_settings(settings)``);
+            PLAINTEXT when None.
 
     Raises:
-        ConfigError: Negative ``n``.
+        ConfigError: Negative ``n``, or unreadable TLS files.
         BrokerError: Unreachable broker or missing topic.
     """
     if n is not None and n < 0:
@@ -179,6 +183,7 @@ async def atail(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=_FETCH_WAIT_MS,
+        **(security or KafkaSecurity()).aiokafka_kwargs(),
     )
     try:
         try:
@@ -215,6 +220,7 @@ def tail(
     follow: bool = False,
     timeout_s: float | None = None,
     idle_timeout_s: float = 2.0,
+    security: KafkaSecurity | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Blocking :func:`atail` (same arguments) for synchronous callers.
 
@@ -224,7 +230,13 @@ def tail(
     """
     loop = asyncio.new_event_loop()
     agen = atail(
-        bootstrap, topic, n=n, follow=follow, timeout_s=timeout_s, idle_timeout_s=idle_timeout_s
+        bootstrap,
+        topic,
+        n=n,
+        follow=follow,
+        timeout_s=timeout_s,
+        idle_timeout_s=idle_timeout_s,
+        security=security,
     )
     try:
         while True:
@@ -255,6 +267,7 @@ def print_tail(
     follow: bool = False,
     timeout_s: float | None = None,
     out: TextIO | None = None,
+    security: KafkaSecurity | None = None,
 ) -> int:
     """Write :func:`tail` records to ``out`` (stdout) as JSON lines; return how many.
 
@@ -262,7 +275,8 @@ def print_tail(
     """
     stream = out or sys.stdout
     count = 0
-    for record in tail(bootstrap, topic, n=n, follow=follow, timeout_s=timeout_s):
+    records = tail(bootstrap, topic, n=n, follow=follow, timeout_s=timeout_s, security=security)
+    for record in records:
         stream.write(orjson.dumps(record).decode("utf-8") + "\n")
         stream.flush()
         count += 1

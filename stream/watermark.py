@@ -7,9 +7,10 @@ bucket is forecast exactly once. Closed buckets stay writable for ``grace`` more
 (the item is re-forecast); events for older buckets are *late* and go to the dead-letter
 topic, because their buckets have been trimmed from the window store or forecast long ago.
 
-Only two numbers are persisted per partition (:class:`PartitionState`): the largest event
-time and the first bucket not yet forecast, so a worker taking the partition over continues
-from them. Both only grow, which makes their updates idempotent.
+Three numbers are persisted per partition (:class:`PartitionState`): the largest event
+time, the first bucket not yet forecast and the first offset not yet fully processed, so a
+worker taking the partition over continues from them. All only grow, which makes their
+updates idempotent.
 """
 
 from __future__ import annotations
@@ -32,10 +33,17 @@ class PartitionState:
         max_event_ms: Largest event time accepted so far (``None``: no event yet).
         emitted_to_ms: Start of the first bucket not yet forecast; every closed bucket before
             it has had its forecasts emitted (``None``: no event yet).
+        next_offset: First source offset not yet fully processed: every message before it
+            had its state stored and its dead letters and forecasts delivered. Offsets are
+            committed to Kafka later (every commit interval), so after a crash or rebalance
+            such messages come again; one that now looks late was in fact counted (the clock
+            moved past it *because* it was counted) and must not be dead-lettered as late.
+            Stored together with ``max_event_ms``, so the clock never runs ahead of it.
     """
 
     max_event_ms: int | None = None
     emitted_to_ms: int | None = None
+    next_offset: int | None = None
 
 
 class PartitionClock:
@@ -132,6 +140,17 @@ class PartitionClock:
         if start is None or end is None:
             return []
         return list(range(start, end, self.freq.step_ms))
+
+    def mark_processed(self, next_offset: int) -> None:
+        """Record that every message before ``next_offset`` was fully processed."""
+        current = self._state.next_offset
+        if current is None or next_offset > current:
+            self._state = replace(self._state, next_offset=next_offset)
+
+    def is_redelivered(self, offset: int) -> bool:
+        """Whether the message at ``offset`` was fully processed before (see ``next_offset``)."""
+        next_offset = self._state.next_offset
+        return next_offset is not None and offset < next_offset
 
     def mark_emitted(self) -> None:
         """Record that the forecasts of every due bucket have been sent."""

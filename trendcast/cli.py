@@ -433,6 +433,7 @@ def replay(
     from stream.embedded import to_bootstrap
     from stream.replay import parse_speed, source_identity
     from stream.replay import replay as run_replay
+    from stream.security import KafkaSecurity
     from trendcast.data import read_lines
 
     if speed is not None and rate is not None:
@@ -456,6 +457,7 @@ def replay(
         source=source_identity(data),
         progress=True,
         create_partitions=settings.topic_partitions,
+        security=KafkaSecurity.from_settings(settings),
     )
     typer.echo(
         f"published {report.events:,} events for {report.items:,} items "
@@ -475,6 +477,7 @@ def tail(
     Example: trendcast tail --topic sales.dlq -n 5
     """
     from stream.embedded import to_bootstrap
+    from stream.security import KafkaSecurity
     from stream.tail import print_tail
 
     settings = _worker_settings()
@@ -483,6 +486,7 @@ def tail(
         topic or settings.forecasts_topic,
         n=n,
         follow=follow,
+        security=KafkaSecurity.from_settings(settings),
     )
 
 

@@ -96,6 +96,7 @@ class MemoryWindowStore:
                 stored,
                 max_event_ms=_merge_max(stored.max_event_ms, p.state.max_event_ms),
                 emitted_to_ms=_merge_max(stored.emitted_to_ms, p.state.emitted_to_ms),
+                next_offset=_merge_max(stored.next_offset, p.state.next_offset),
             )
             sellers = self._sellers.setdefault(p.partition, {})
             for item_id, last in p.last_sale_ms.items():

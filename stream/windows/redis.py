@@ -6,7 +6,8 @@ so every script touches the keys of one slot only)::
     P:{<item_id>}:w        hash   bucket index -> "q", "q,price_qty" (priced_qty == q) or
                                   "q,price_qty,priced_qty"; "f" -> first sale's bucket index
     P:{<item_id>}:d        zset   dedupe key -> bucket index (forgotten once the bucket is late)
-    P:{p:<topic>:<n>}:s    hash   "m" -> max event ms, "e" -> first bucket not yet forecast
+    P:{p:<topic>:<n>}:s    hash   "m" -> max event ms, "e" -> first bucket not yet forecast,
+                                  "o" -> first offset not fully processed
     P:{p:<topic>:<n>}:a    zset   item_id -> start ms of its latest bucket with a sale
 
 Bucket *indices* (``(start - origin) / step``) rather than epoch ms keep hash fields small
@@ -127,8 +128,8 @@ return {dup, refused, changed}
 """
 
 # KEYS: clock hash, sellers zset.
-# ARGV: max_event_ms, emitted_to_ms, forget_before_ms, active_from_ms ('' = none), then
-#       2 per item: item_id, latest sale bucket ms. Returns the active items (or {}).
+# ARGV: max_event_ms, emitted_to_ms, forget_before_ms, active_from_ms, next_offset ('' = none),
+#       then 2 per item: item_id, latest sale bucket ms. Returns the active items (or {}).
 _APPLY_PARTITION = """
 local s, a = KEYS[1], KEYS[2]
 local function merge_max(field, value)
@@ -138,7 +139,8 @@ local function merge_max(field, value)
 end
 merge_max('m', ARGV[1])
 merge_max('e', ARGV[2])
-for i = 5, #ARGV, 2 do redis.call('ZADD', a, 'GT', ARGV[i + 1], ARGV[i]) end
+merge_max('o', ARGV[5])
+for i = 6, #ARGV, 2 do redis.call('ZADD', a, 'GT', ARGV[i + 1], ARGV[i]) end
 if ARGV[3] ~= '' then redis.call('ZREMRANGEBYSCORE', a, '-inf', '(' .. ARGV[3]) end
 if ARGV[4] ~= '' then return redis.call('ZRANGEBYSCORE', a, ARGV[4], '+inf') end
 return {}
@@ -307,6 +309,7 @@ class RedisWindowStore:
                 _opt(p.state.emitted_to_ms),
                 _opt(p.forget_before_ms),
                 _opt(p.active_from_ms),
+                _opt(p.state.next_offset),
             ]
             for item_id, last in p.last_sale_ms.items():
                 pargs += [item_id, last]
@@ -353,7 +356,11 @@ class RedisWindowStore:
         except CLIENT_ERRORS as exc:
             raise StateStoreError(f"Redis failed reading partition state: {exc}") from exc
         fields = {_decode(k): int(_decode(v)) for k, v in raw.items()}
-        return PartitionState(max_event_ms=fields.get("m"), emitted_to_ms=fields.get("e"))
+        return PartitionState(
+            max_event_ms=fields.get("m"),
+            emitted_to_ms=fields.get("e"),
+            next_offset=fields.get("o"),
+        )
 
     async def save_partition(self, partition: PartitionId, state: PartitionState) -> None:
         """See :meth:`stream.windows.base.WindowStore.save_partition`."""

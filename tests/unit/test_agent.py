@@ -348,7 +348,8 @@ def test_partitions_have_independent_clocks() -> None:
     assert asyncio.run(proc.store.load_partition(PartitionId("sales", 0))).max_event_ms == T0 + DAY
 
 
-def test_one_write_round_trip_per_batch() -> None:
+def test_two_write_round_trips_per_batch() -> None:
+    """Sums first, the partition clock last (after the outputs): see SalesProcessor."""
     calls: list[str] = []
 
     class Counting(MemoryWindowStore):
@@ -365,8 +366,8 @@ def test_one_write_round_trip_per_batch() -> None:
     many = [sale(f"i{n}", day / 10) for day in range(20) for n in range(5)]
 
     async def scenario() -> None:
-        await proc.process(feed(*many[:50]))  # no bucket closes
-        assert calls == ["apply"]
+        await proc.process(feed(*many[:50]))  # no bucket closes: sums, then the clock
+        assert calls == ["apply", "apply"]
         calls.clear()
         await proc.process(feed(*many[50:]))  # buckets close: read windows, mark emitted
         assert calls == ["apply", "read", "apply"]

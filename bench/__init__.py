@@ -1,0 +1,1 @@
+"""Benchmarks: offline accuracy (offline.py) and stream reliability (chaos.py)."""

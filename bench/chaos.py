@@ -1,0 +1,492 @@
+"""Chaos bench: crashes, rebalances, a Redis outage and hostile input, with nothing lost.
+
+Run::
+
+    python bench/chaos.py [--events 60000] [--partitions 6] [--kills 5] [--outage-s 10]
+                          [--bad 1000] [--seed 7] [--scenarios crash,scale,outage,hostile]
+
+Each scenario replays its own slice of real sales (UCI Online Retail II, consecutive slices
+of the event-time-sorted lines, ``--events`` each, 240,000 in all by default) through a
+local Tansu broker (``--partitions`` partitions) into ``python -m stream`` workers backed by
+a local ``redis-server`` with an fsynced AOF, while:
+
+* ``crash``: two workers; a random one is SIGKILLed at random points of the stream
+  (``--kills`` times) and a new one started after a random pause;
+* ``scale``: one worker; a second and a third join, one leaves with SIGTERM (it must exit 0:
+  finish its batch, commit, leave the group), another joins — four rebalances;
+* ``outage``: two workers; Redis is SIGKILLed mid-stream and restarted ``--outage-s`` later
+  on the same port and AOF. Workers must stay up, answer 503 on ``/health`` meanwhile, commit
+  no offset while state cannot be stored, and resume alone;
+* ``hostile``: two workers; ``--bad`` hypothesis-generated bad records (random bytes and
+  almost-valid JSON, seeded) are interleaved with the sales;
+* ``combined`` (not in the default list; the slow test runs it): all of the above in one
+  stream — ``--kills`` kills, a join, a leave, an outage and ``--bad`` bad records.
+
+When every partition's committed offset reached its end, the workers get SIGTERM and the
+scenario is checked: every item's kept window (``inspect_items``) equals the offline
+aggregation (:func:`trendcast.data.bucketize`) of the valid events; every bad record is in
+the dead-letter topic with the validator's reason and no valid event is; every (item, closed
+bucket) has a forecast (repeats allowed: forecasts are at-least-once); no worker exited on
+its own and every SIGTERM ended with exit code 0. One table row per scenario; the exit code
+is 1 if any check failed.
+
+"Time to recover" is the longest time, after a disruption (a kill, a join or leave, the
+restart of Redis), until every partition that still had events to process committed again.
+The model is a tiny fake bundle (tests/bundles.py): this bench checks state, not accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench._chaos_harness import (  # noqa: E402
+    Checks,
+    Monitor,
+    Produced,
+    WorkerPool,
+    check_dead_letters,
+    check_forecasts,
+    check_windows,
+    iter_valid,
+    produce_tracked,
+)
+from bench._chaos_hostile import bad_records  # noqa: E402
+from stream.config import WorkerSettings  # noqa: E402
+from stream.embedded import RedisServer, TansuBroker, ensure_topics  # noqa: E402
+from stream.replay import encode_events  # noqa: E402
+from tests.bundles import make_fake_bundle  # noqa: E402
+from trendcast.data import ColumnMap, read_lines  # noqa: E402
+from trendcast.exceptions import TrendcastError  # noqa: E402
+from trendcast.freq import parse_freq  # noqa: E402
+
+__all__ = ["ChaosPlan", "ScenarioResult", "format_table", "load_lines", "main", "run_chaos"]
+
+logger = logging.getLogger(__name__)
+
+DATA = Path("/work/shared/data/online_retail/online_retail_2009-12_2011-08.parquet")
+SCENARIOS = ("crash", "scale", "outage", "hostile")
+ALL_SCENARIOS = (*SCENARIOS, "combined")
+FREQ = parse_freq("1D")
+WINDOW, HORIZON = 14, 7
+#: The busy season: many events per day, so a slice spans few buckets (fewer forecasts to
+#: produce and check per event) while still closing a month of buckets per scenario.
+DEFAULT_START = "2010-09-01"
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    """Sizes of a chaos run (the slow test uses a smaller one)."""
+
+    events: int = 60_000
+    partitions: int = 6
+    kills: int = 5
+    outage_s: float = 10.0
+    bad: int = 1_000
+    seed: int = 7
+    scenarios: tuple[str, ...] = SCENARIOS
+    timeout_s: float = 600.0
+    batch_size: int = 500
+
+
+@dataclass
+class ScenarioResult:
+    """One row of the table."""
+
+    name: str
+    events: int
+    bad: int
+    kills: int = 0
+    rebalances: int = 0
+    checks: Checks = field(default_factory=Checks)
+    recover_s: float | None = 0.0
+    elapsed_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Correct and nothing unexpected happened."""
+        return self.checks.ok and not self.problems
+
+
+def load_lines(path: Path = DATA) -> pd.DataFrame:
+    """The shared data's canonical lines, sorted by event time (stable)."""
+    lines, _ = read_lines(
+        path,
+        columns=ColumnMap(
+            item="StockCode", time="InvoiceDate", quantity="Quantity", price="UnitPrice"
+        ),
+        item_pattern=r"^\d{5}[A-Z]?$",
+    )
+    return lines.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+class _Scenario:
+    """One scenario's topics, workers and disruptions; :meth:`run` returns its row."""
+
+    def __init__(
+        self,
+        name: str,
+        lines: pd.DataFrame,
+        plan: ChaosPlan,
+        broker: TansuBroker,
+        redis: RedisServer,
+        bundle: Path,
+        tmp: Path,
+    ) -> None:
+        self.name = name
+        self.lines = lines
+        self.plan = plan
+        self.broker = broker
+        self.redis = redis
+        self.rng = random.Random(f"{plan.seed}-{name}")
+        suffix = f"{name}-{uuid.uuid4().hex[:6]}"
+        self.dir = tmp / suffix
+        self.dir.mkdir(parents=True)
+        self.settings = WorkerSettings(
+            kafka_brokers=f"kafka://{broker.bootstrap}",
+            redis_url=redis.url,
+            bundle=bundle,
+            sales_topic=f"sales-{suffix}",
+            dlq_topic=f"dlq-{suffix}",
+            forecasts_topic=f"fc-{suffix}",
+            consumer_group=f"chaos-{suffix}",
+            state_prefix=f"chaos-{suffix}",
+            topic_partitions=plan.partitions,
+            batch_size=plan.batch_size,
+            batch_timeout_s=0.2,
+            broker_rebalance_timeout_s=4,
+            broker_session_timeout_s=6,
+            broker_heartbeat_interval_s=1,
+            commit_interval_s=0.5,
+            web_enabled=True,
+            data_dir=self.dir,
+        )
+        self.pool = WorkerPool(self.settings, self.dir)
+        self.disruptions: list[float] = []
+        self.result = ScenarioResult(
+            name, len(lines), plan.bad if name in ("hostile", "combined") else 0
+        )
+
+    # -- the stream ------------------------------------------------------------------------
+    def _produce(self) -> tuple[list[Produced], dict[Produced, str]]:
+        """Produce the slice (and the bad records, interleaved); where each landed."""
+        s = self.settings
+        ensure_topics(
+            self.broker.bootstrap,
+            {s.sales_topic: self.plan.partitions, s.dlq_topic: 1, s.forecasts_topic: 2},
+        )
+        records: list[tuple[bytes | None, bytes | None]] = [
+            (k, v) for k, v, _ in encode_events(self.lines, "chaos")
+        ]
+        is_bad = [False] * len(records)
+        reasons: list[str] = []
+        if self.result.bad:
+            bad = bad_records(self.result.bad, seed=self.plan.seed)
+            positions = sorted(self.rng.sample(range(len(records) + len(bad)), len(bad)))
+            merged: list[tuple[bytes | None, bytes | None]] = []
+            flags: list[bool] = []
+            good = iter(records)
+            bad_it = iter(bad)
+            wanted = set(positions)
+            for i in range(len(records) + len(bad)):
+                if i in wanted:
+                    b = next(bad_it)
+                    merged.append((b.key, b.value))
+                    reasons.append(b.reason)
+                    flags.append(True)
+                else:
+                    merged.append(next(good))
+                    flags.append(False)
+            records, is_bad = merged, flags
+        placed = produce_tracked(self.broker.bootstrap, s.sales_topic, records)
+        valid = [p for p, bad_flag in zip(placed, is_bad, strict=True) if not bad_flag]
+        bad_placed = [p for p, bad_flag in zip(placed, is_bad, strict=True) if bad_flag]
+        return valid, dict(zip(bad_placed, reasons, strict=True))
+
+    def _actions(self) -> list[tuple[float, Callable[[], None]]]:
+        """(progress share, action) of this scenario, in order."""
+        p = self.plan
+        if self.name == "crash":
+            points = sorted(self.rng.uniform(0.05, 0.85) for _ in range(p.kills))
+            return [(x, self._kill_and_replace) for x in points]
+        if self.name == "scale":
+            return [
+                (0.12, self._join),
+                (0.30, self._join),
+                (0.50, self._leave),
+                (0.70, self._join),
+            ]
+        if self.name == "outage":
+            return [(self.rng.uniform(0.3, 0.5), self._redis_outage)]
+        if self.name == "combined":
+            kills = [(self.rng.uniform(0.05, 0.9), self._kill_and_replace) for _ in range(p.kills)]
+            others = [(0.25, self._join), (0.45, self._redis_outage), (0.65, self._leave)]
+            return sorted(kills + others, key=lambda a: a[0])
+        return []
+
+    def _initial_workers(self) -> int:
+        return 1 if self.name == "scale" else 2
+
+    # -- disruptions -----------------------------------------------------------------------
+    def _kill_and_replace(self) -> None:
+        victim = self.rng.choice(self.pool.alive)
+        self.pool.kill(victim)
+        self.disruptions.append(time.monotonic())
+        self.result.kills += 1
+        self.result.rebalances += 1
+        time.sleep(self.rng.uniform(0.0, 1.5))
+        self.pool.start()
+        self.result.rebalances += 1
+
+    def _join(self) -> None:
+        self.pool.start()
+        self.disruptions.append(time.monotonic())
+        self.result.rebalances += 1
+
+    def _leave(self) -> None:
+        victim = self.pool.alive[0]
+        t0 = time.monotonic()
+        code = self.pool.terminate(victim)
+        self.disruptions.append(time.monotonic())
+        self.result.rebalances += 1
+        logger.info("%s left with exit code %d in %.1fs", victim, code, time.monotonic() - t0)
+        if code != 0:
+            self.result.problems.append(f"SIGTERM of {victim} ended with exit code {code}")
+
+    def _redis_outage(self) -> None:
+        monitor = self._monitor
+        workers = self.pool.alive
+        self.redis.kill()
+        killed_at = time.monotonic()
+        seen_503: set[str] = set()
+        committed_during: dict[int, int] | None = None
+        while time.monotonic() - killed_at < self.plan.outage_s:
+            for name in workers:
+                if self.pool.health(name) == 503:
+                    seen_503.add(name)
+            if committed_during is None and time.monotonic() - killed_at >= 2.0:
+                # Batches acked just before the kill may still be committed for one commit
+                # interval; from here on nothing may move.
+                committed_during = monitor.latest()
+            time.sleep(0.5)
+        before_restart = monitor.latest()
+        self.redis.restart()
+        restarted_at = time.monotonic()
+        self.disruptions.append(restarted_at)
+        if committed_during is not None and before_restart != committed_during:
+            moved = sum(before_restart[p] - committed_during.get(p, 0) for p in before_restart)
+            self.result.problems.append(f"{moved} offsets committed while Redis was down")
+        missing = set(workers) - seen_503
+        if missing:
+            self.result.problems.append(f"/health never said 503 during the outage: {missing}")
+        deadline = restarted_at + 60
+        while time.monotonic() < deadline:
+            if all(self.pool.health(n) == 200 for n in workers):
+                logger.info(
+                    "healthy again %.1fs after Redis restarted", time.monotonic() - restarted_at
+                )
+                break
+            time.sleep(0.25)
+        else:
+            self.result.problems.append("workers still unhealthy 60s after Redis restarted")
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> ScenarioResult:
+        started = time.monotonic()
+        valid, bad = self._produce()
+        ends: dict[int, int] = {}
+        for where in [*valid, *bad]:
+            ends[where.partition] = max(ends.get(where.partition, 0), where.offset + 1)
+        logger.info("%s: produced %d events + %d bad records", self.name, len(valid), len(bad))
+        actions = self._actions()
+        try:
+            for _ in range(self._initial_workers()):
+                self.pool.start()
+            with Monitor(
+                self.broker.bootstrap, self.settings.consumer_group, self.settings.sales_topic, ends
+            ) as self._monitor:
+                deadline = time.monotonic() + self.plan.timeout_s
+                while not self._monitor.done():
+                    self.pool.check_unexpected_exits()
+                    if actions and self._monitor.progress() >= actions[0][0]:
+                        actions.pop(0)[1]()
+                        continue
+                    if time.monotonic() > deadline:
+                        self.result.problems.append(
+                            f"not done after {self.plan.timeout_s:.0f}s "
+                            f"(progress {self._monitor.progress():.0%})"
+                        )
+                        break
+                    time.sleep(0.3)
+                if actions:
+                    self.result.problems.append(
+                        f"the stream ended before {len(actions)} planned disruption(s)"
+                    )
+                recoveries = [self._monitor.recovery_s(t) for t in self.disruptions]
+        finally:
+            self.pool.stop_all()
+        if any(r is None for r in recoveries):
+            self.result.problems.append("some partition never committed again after a disruption")
+        self.result.recover_s = max((r for r in recoveries if r is not None), default=0.0)
+        self.result.problems += [f"worker {e} on its own" for e in self.pool.unexpected_exits]
+        self.result.problems += [
+            f"a SIGTERM ended with exit code {c}" for c in self.pool.graceful_exit_codes if c != 0
+        ]
+        self._check(valid, bad)
+        self.result.elapsed_s = time.monotonic() - started
+        if not self.result.ok:
+            logger.error("%s failed: %s\n%s", self.name, self.result.problems, self.result.checks)
+            logger.error("worker logs:\n%s", self.pool.log_tail())
+        return self.result
+
+    def _check(self, valid: list[Produced], bad: dict[Produced, str]) -> None:
+        checks = self.result.checks
+        check_windows(self.settings, self.lines, FREQ, checks)
+        check_dead_letters(self.broker.bootstrap, self.settings, bad, checks)
+        events = list(iter_valid(self.lines, valid))
+        check_forecasts(self.broker.bootstrap, self.settings, events, FREQ, WINDOW, checks)
+
+
+def run_chaos(
+    lines: pd.DataFrame, plan: ChaosPlan, *, console: Console | None = None
+) -> list[ScenarioResult]:
+    """Run ``plan.scenarios`` on consecutive slices of ``lines``; one result per scenario."""
+    console = console or Console(stderr=True)
+    results: list[ScenarioResult] = []
+    with tempfile.TemporaryDirectory(prefix="trendcast-chaos-") as tmp_name:
+        tmp = Path(tmp_name)
+        bundle = make_fake_bundle(tmp / "bundle", window=WINDOW, horizon=HORIZON)
+        with (
+            TansuBroker(log_dir=tmp / "logs") as broker,
+            RedisServer(appendonly=True, data_dir=tmp / "redis", log_dir=tmp / "logs") as redis,
+        ):
+            for i, name in enumerate(plan.scenarios):
+                chunk = lines.iloc[i * plan.events : (i + 1) * plan.events]
+                if len(chunk) < plan.events:
+                    raise TrendcastError(
+                        f"expected {plan.events} lines for scenario {name}, got {len(chunk)}"
+                    )
+                console.print(
+                    f"[bold]{name}[/]: {len(chunk):,} events "
+                    f"({chunk['ts'].iloc[0]:%Y-%m-%d} .. {chunk['ts'].iloc[-1]:%Y-%m-%d})"
+                )
+                scenario = _Scenario(name, chunk, plan, broker, redis, bundle, tmp)
+                result = scenario.run()
+                results.append(result)
+                console.print(format_table([result]), highlight=False)
+    return results
+
+
+_COLUMNS = (
+    "scenario",
+    "events",
+    "kills/rebalances",
+    "mismatching items",
+    "lost",
+    "double-counted",
+    "DLQ (bad)",
+    "forecasts missing (repeats)",
+    "recover",
+    "ok",
+)
+
+
+def format_table(results: Sequence[ScenarioResult]) -> str:
+    """The results as a fixed-width text table (readable in CI logs and reports)."""
+    rows = [list(_COLUMNS)]
+    notes = []
+    for r in results:
+        c = r.checks
+        rows.append(
+            [
+                r.name,
+                f"{r.events:,}" + (f"+{r.bad:,} bad" if r.bad else ""),
+                f"{r.kills}/{r.rebalances}",
+                f"{c.mismatching_items} of {c.items:,}",
+                f"{c.lost_units:g}",
+                f"{c.double_units:g}",
+                f"{c.dead_lettered:,} ({c.bad_records:,})"
+                + (f" +{c.dlq_unexpected} valid!" if c.dlq_unexpected else ""),
+                f"{c.forecasts_missing} of {c.forecasts_expected:,} ({c.forecasts_repeated:,})",
+                "-" if r.recover_s is None else f"{r.recover_s:.1f}s",
+                "yes" if r.ok else "NO",
+            ]
+        )
+        notes += [f"{r.name}: {p}" for p in r.problems + c.examples]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i in (0, 9) else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines + notes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench; 0 when every scenario is correct."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--start", default=DEFAULT_START, help="first event time used")
+    parser.add_argument("--events", type=int, default=ChaosPlan.events, help="per scenario")
+    parser.add_argument("--partitions", type=int, default=ChaosPlan.partitions)
+    parser.add_argument("--kills", type=int, default=ChaosPlan.kills)
+    parser.add_argument("--outage-s", type=float, default=ChaosPlan.outage_s)
+    parser.add_argument("--bad", type=int, default=ChaosPlan.bad)
+    parser.add_argument("--seed", type=int, default=ChaosPlan.seed)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    scenarios = tuple(s.strip() for s in args.scenarios.split(",") if s.strip())
+    unknown = set(scenarios) - set(ALL_SCENARIOS)
+    if unknown:
+        print(
+            f"error: unknown scenario(s) {sorted(unknown)}; expected {ALL_SCENARIOS}",
+            file=sys.stderr,
+        )
+        return 2
+    plan = ChaosPlan(
+        events=args.events,
+        partitions=args.partitions,
+        kills=args.kills,
+        outage_s=args.outage_s,
+        bad=args.bad,
+        seed=args.seed,
+        scenarios=scenarios,
+    )
+    started = time.monotonic()
+    try:
+        lines = load_lines(args.data)
+        lines = lines[lines["ts"] >= pd.Timestamp(args.start)].reset_index(drop=True)
+        results = run_chaos(lines, plan, console=Console(stderr=True))
+    except TrendcastError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(results))
+    total = sum(r.events for r in results)
+    print(f"{total:,} events in {time.monotonic() - started:.0f}s")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

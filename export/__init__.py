@@ -1,0 +1,25 @@
+"""Export of a trained model into a verified ONNX bundle, and its INT8 variant.
+
+``export_bundle(result, dir)`` after :func:`training.train`; ``export_from_training_dir(dir)``
+re-exports from the Keras model kept in ``dir/training``; ``quantize_bundle(dir)`` adds
+``model.int8.onnx`` and reports accuracy change and speed-up.
+"""
+
+from export.onnx_export import (
+    DEFAULT_TOLERANCE,
+    check_lstm_op,
+    convert_to_onnx,
+    export_bundle,
+    export_from_training_dir,
+)
+from export.quantize import QuantizeReport, quantize_bundle
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "QuantizeReport",
+    "check_lstm_op",
+    "convert_to_onnx",
+    "export_bundle",
+    "export_from_training_dir",
+    "quantize_bundle",
+]

@@ -1,0 +1,201 @@
+"""The LSTM served from ONNX Runtime: the production :class:`Forecaster` (name ``lstm``).
+
+This module must stay TensorFlow-free (the stream worker imports it): onnxruntime and numpy
+only, plus trendcast's own :mod:`trendcast.features`, the single definition of the model inputs
+shared with training, so what the worker feeds the model is what it was trained on.
+
+One ``session.run`` per :meth:`OnnxForecaster.predict` call: the caller micro-batches windows
+(the stream worker collects many items per batch), which amortises ONNX Runtime's per-call
+overhead. Items with less than ``window`` buckets of history were never seen in that form
+during training (training windows lie fully inside history), so they get the seasonal-naive
+fallback instead, flagged with ``fallback=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from trendcast.bundle import Bundle
+from trendcast.exceptions import BundleError, ForecastError
+from trendcast.features import build_inputs
+from trendcast.forecasting.base import ForecastBatch, WindowBatch
+from trendcast.forecasting.baselines import SeasonalNaiveForecaster
+
+__all__ = ["FALLBACK_SEASON", "OnnxForecaster", "default_threads", "unscale_outputs"]
+
+logger = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+FALLBACK_SEASON = 7
+# Beyond a few threads a small LSTM gains nothing and starves the rest of the worker.
+_MAX_DEFAULT_THREADS = 4
+
+
+def default_threads() -> int:
+    """Intra-op threads when none are given: the CPUs available to us, at most 4.
+
+    >>> 1 <= default_threads() <= 4
+    True
+    """
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(available, _MAX_DEFAULT_THREADS))
+
+
+def unscale_outputs(mean: F32, quantiles: F32, scale: F32) -> ForecastBatch:
+    """Turn scaled model outputs into quantities.
+
+    Multiplies by the item scale, clips at zero (demand is never negative; the p10 head may
+    dip below) and sorts the quantiles so p10 <= p50 <= p90 holds even if numerical noise or a
+    quantized model crossed them.
+
+    >>> fb = unscale_outputs(np.ones((1, 2), np.float32),
+    ...     np.array([[[-1, 1, 2], [3, 2, 4]]], np.float32), np.array([2], np.float32))
+    >>> fb.mean.tolist(), fb.p10.tolist(), fb.p50.tolist(), fb.p90.tolist()
+    ([[2.0, 2.0]], [[0.0, 4.0]], [[2.0, 6.0]], [[4.0, 8.0]])
+    """
+    s = scale.astype(np.float32)
+    q = np.sort(np.maximum(quantiles * s[:, None, None], 0.0), axis=-1).astype(np.float32)
+    return ForecastBatch(
+        mean=np.maximum(mean * s[:, None], 0.0).astype(np.float32),
+        p10=np.ascontiguousarray(q[..., 0]),
+        p50=np.ascontiguousarray(q[..., 1]),
+        p90=np.ascontiguousarray(q[..., 2]),
+        fallback=np.zeros(len(s), dtype=bool),
+    )
+
+
+def _subset(batch: WindowBatch, rows: npt.NDArray[np.int64]) -> WindowBatch:
+    return WindowBatch(
+        item_ids=[batch.item_ids[i] for i in rows],
+        quantities=batch.quantities[rows],
+        prices=None if batch.prices is None else batch.prices[rows],
+        last_start_ms=batch.last_start_ms[rows],
+        history_len=batch.history_len[rows],
+    )
+
+
+class OnnxForecaster:
+    """Forecasts with a bundle's ONNX model; seasonal-naive for items with short history.
+
+    Args:
+        bundle: A bundle verified by :func:`trendcast.bundle.load_bundle`.
+        quantized: Use the INT8 model (``export --quantize``) instead of the float one.
+        threads: ONNX Runtime intra-op threads (default: :func:`default_threads`).
+
+    Raises:
+        BundleError: The model file cannot be opened by ONNX Runtime, or ``quantized`` was
+            asked for but the bundle has no quantized model.
+    """
+
+    def __init__(
+        self, bundle: Bundle, *, quantized: bool = False, threads: int | None = None
+    ) -> None:
+        self.bundle = bundle
+        self.quantized = quantized
+        meta = bundle.meta
+        path = bundle.model_path(quantized)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads if threads is not None else default_threads()
+        # One model, one request at a time: parallel branches do not exist in this graph.
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own (untyped) exception classes
+            raise BundleError(f"{path}: ONNX Runtime cannot load the model ({exc})") from exc
+        self._input = meta.input_name
+        self._outputs = [meta.output_names["mean"], meta.output_names["quantiles"]]
+        self._features = list(meta.features)
+        self._epsilon = meta.scaling.epsilon
+        self._freq = bundle.freq
+        self._fallback = SeasonalNaiveForecaster(meta.horizon, FALLBACK_SEASON)
+        logger.info(
+            "ONNX forecaster %s (%s, %d threads)",
+            meta.model_version,
+            "int8" if quantized else "float32",
+            options.intra_op_num_threads,
+        )
+
+    @property
+    def name(self) -> str:
+        """``lstm``."""
+        return "lstm"
+
+    @property
+    def horizon(self) -> int:
+        """Buckets forecast."""
+        return self.bundle.meta.horizon
+
+    @property
+    def window(self) -> int:
+        """Buckets of history the model reads."""
+        return self.bundle.meta.window
+
+    @property
+    def model_version(self) -> str:
+        """The bundle's model version (``<UTC timestamp>-<sha8 of model.onnx>``)."""
+        return self.bundle.meta.model_version
+
+    def predict(self, batch: WindowBatch) -> ForecastBatch:
+        """Forecast every window of ``batch`` with one ONNX Runtime call.
+
+        Raises:
+            ForecastError: The batch's window length differs from the model's, or ONNX
+                Runtime failed.
+        """
+        if batch.window != self.window:
+            raise ForecastError(f"expected windows of {self.window} buckets, got {batch.window}")
+        n, h = len(batch), self.horizon
+        mean = np.zeros((n, h), dtype=np.float32)
+        p10, p50, p90 = mean.copy(), mean.copy(), mean.copy()
+        fallback = batch.history_len < self.window
+        model_rows = np.flatnonzero(~fallback)
+        if model_rows.size:
+            sub = batch if model_rows.size == n else _subset(batch, model_rows)
+            x, scale = build_inputs(
+                sub,
+                self._features,
+                self.bundle.scales,
+                self.bundle.prices,
+                self._freq,
+                self._epsilon,
+            )
+            try:
+                raw_mean, raw_q = self._session.run(self._outputs, {self._input: x})
+            except Exception as exc:  # onnxruntime's exception classes are not exported
+                raise ForecastError(f"ONNX Runtime failed on {len(sub)} windows: {exc}") from exc
+            out = unscale_outputs(
+                np.asarray(raw_mean, np.float32), np.asarray(raw_q, np.float32), scale
+            )
+            finite = np.isfinite(out.mean).all(axis=1) & np.isfinite(out.p90).all(axis=1)
+            if not finite.all():
+                # A non-finite forecast would poison every consumer downstream; the fallback
+                # is always finite.
+                logger.warning(
+                    "%d non-finite model forecasts replaced by the fallback", int((~finite).sum())
+                )
+                fallback[model_rows[~finite]] = True
+            ok = model_rows[finite]
+            mean[ok], p10[ok], p50[ok], p90[ok] = (
+                out.mean[finite],
+                out.p10[finite],
+                out.p50[finite],
+                out.p90[finite],
+            )
+        fallback_rows = np.flatnonzero(fallback)
+        if fallback_rows.size:
+            fb = self._fallback.predict(_subset(batch, fallback_rows))
+            mean[fallback_rows], p10[fallback_rows] = fb.mean, fb.p10
+            p50[fallback_rows], p90[fallback_rows] = fb.p50, fb.p90
+        return ForecastBatch(mean=mean, p10=p10, p50=p50, p90=p90, fallback=fallback)
