@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= train,embedded,bench,dev
 
-.PHONY: install test test-all lint format up bench bench-offline clean
+.PHONY: install test test-all lint format up bench bench-offline bench-chaos clean
 
 install: $(STAMP)  ## Create ./.venv with everything (idempotent; fast when done)
 
@@ -34,10 +34,13 @@ format: install
 up: install  ## Embedded default: Tansu + Redis, small bundle, worker, replay, live forecasts
 	$(VENV)/bin/trendcast up
 
-bench: bench-offline  ## All benchmarks (need ../shared/data)
+bench: bench-offline bench-chaos  ## All benchmarks (need ../shared/data)
 
-bench-offline: install
+bench-offline: install  ## LSTM vs baselines, AutoETS, LightGBM on the full data (~20 min)
 	$(PY) bench/offline.py
+
+bench-chaos: install  ## Crash, rebalance, Redis outage, hostile input (~6 min)
+	$(PY) bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts

@@ -253,6 +253,17 @@ class WorkerPool:
                 w.proc.wait()
             w.log.close()
 
+    def ready(self, name: str) -> bool:
+        """Whether Faust finished starting (its timers, the health probe among them, run).
+
+        Read from the worker's log ("[^Worker]: Ready"): a bench-only signal, so the
+        product does not grow an endpoint for it; its ``/health`` is served earlier, while
+        the worker is still joining the group.
+        """
+        with contextlib.suppress(OSError):
+            return "[^Worker]: Ready" in (self.log_dir / f"{name}.log").read_text(errors="replace")
+        return False
+
     def health(self, name: str) -> int | None:
         """HTTP status of the worker's ``/health`` (None: not answering)."""
         url = f"http://127.0.0.1:{self.web_port(name)}/health"

@@ -77,7 +77,11 @@ __all__ = ["ChaosPlan", "ScenarioResult", "format_table", "load_lines", "main", 
 
 logger = logging.getLogger(__name__)
 
-DATA = Path("/work/shared/data/online_retail/online_retail_2009-12_2011-08.parquet")
+# The shared data lives beside the checkout (../shared), never in the repository.
+DATA = (
+    Path(__file__).resolve().parents[2]
+    / "shared/data/online_retail/online_retail_2009-12_2011-08.parquet"
+)
 SCENARIOS = ("crash", "scale", "outage", "hostile")
 ALL_SCENARIOS = (*SCENARIOS, "combined")
 FREQ = parse_freq("1D")
@@ -115,6 +119,7 @@ class ScenarioResult:
     recover_s: float | None = 0.0
     elapsed_s: float = 0.0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -244,6 +249,7 @@ class _Scenario:
     # -- disruptions -----------------------------------------------------------------------
     def _kill_and_replace(self) -> None:
         victim = self.rng.choice(self.pool.alive)
+        self.result.notes.append(f"SIGKILL {victim} at {self._monitor.progress():.0%}")
         self.pool.kill(victim)
         self.disruptions.append(time.monotonic())
         self.result.kills += 1
@@ -263,13 +269,23 @@ class _Scenario:
         code = self.pool.terminate(victim)
         self.disruptions.append(time.monotonic())
         self.result.rebalances += 1
-        logger.info("%s left with exit code %d in %.1fs", victim, code, time.monotonic() - t0)
+        self.result.notes.append(
+            f"SIGTERM {victim}: exit {code} after {time.monotonic() - t0:.1f}s"
+        )
         if code != 0:
             self.result.problems.append(f"SIGTERM of {victim} ended with exit code {code}")
 
     def _redis_outage(self) -> None:
         monitor = self._monitor
         workers = self.pool.alive
+        # Running workers, not starting ones: a worker checks Redis once at start and exits
+        # with one error line if it is down (fail fast), which is not what is tested here.
+        deadline = time.monotonic() + 60
+        while not all(self.pool.ready(n) and self.pool.health(n) == 200 for n in workers):
+            if time.monotonic() > deadline:
+                self.result.problems.append("workers not serving /health before the outage")
+                break
+            time.sleep(0.25)
         self.redis.kill()
         killed_at = time.monotonic()
         seen_503: set[str] = set()
@@ -287,22 +303,32 @@ class _Scenario:
         self.redis.restart()
         restarted_at = time.monotonic()
         self.disruptions.append(restarted_at)
-        if committed_during is not None and before_restart != committed_during:
+        moved = 0
+        if committed_during is not None:
             moved = sum(before_restart[p] - committed_during.get(p, 0) for p in before_restart)
+        if moved:
             self.result.problems.append(f"{moved} offsets committed while Redis was down")
-        missing = set(workers) - seen_503
-        if missing:
-            self.result.problems.append(f"/health never said 503 during the outage: {missing}")
         deadline = restarted_at + 60
         while time.monotonic() < deadline:
-            if all(self.pool.health(n) == 200 for n in workers):
-                logger.info(
-                    "healthy again %.1fs after Redis restarted", time.monotonic() - restarted_at
-                )
+            statuses = {n: self.pool.health(n) for n in workers}
+            # Detection takes up to a probe interval plus its timeout: a short outage may
+            # show as 503 only just after Redis is back.
+            seen_503.update(n for n, code in statuses.items() if code == 503)
+            if all(code == 200 for code in statuses.values()):
+                healthy_after = time.monotonic() - restarted_at
                 break
             time.sleep(0.25)
         else:
+            healthy_after = float("nan")
             self.result.problems.append("workers still unhealthy 60s after Redis restarted")
+        missing = set(workers) - seen_503
+        self.result.notes.append(
+            f"Redis down {restarted_at - killed_at:.1f}s at {self._monitor.progress():.0%}: "
+            f"/health 503 on {len(seen_503)}/{len(workers)} workers, 200 again "
+            f"{healthy_after:.1f}s after the restart, {moved} offsets committed meanwhile"
+        )
+        if missing:
+            self.result.problems.append(f"/health never said 503 for the outage: {missing}")
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> ScenarioResult:
@@ -362,13 +388,26 @@ class _Scenario:
 
 
 def run_chaos(
-    lines: pd.DataFrame, plan: ChaosPlan, *, console: Console | None = None
+    lines: pd.DataFrame,
+    plan: ChaosPlan,
+    *,
+    console: Console | None = None,
+    keep_dir: Path | None = None,
 ) -> list[ScenarioResult]:
-    """Run ``plan.scenarios`` on consecutive slices of ``lines``; one result per scenario."""
+    """Run ``plan.scenarios`` on consecutive slices of ``lines``; one result per scenario.
+
+    Args:
+        lines: Canonical lines in event-time order.
+        plan: Sizes.
+        console: Where progress goes (stderr by default).
+        keep_dir: Keep worker, broker and Redis logs there (default: a temporary directory,
+            removed at the end).
+    """
     console = console or Console(stderr=True)
     results: list[ScenarioResult] = []
     with tempfile.TemporaryDirectory(prefix="trendcast-chaos-") as tmp_name:
-        tmp = Path(tmp_name)
+        tmp = Path(tmp_name) if keep_dir is None else keep_dir
+        tmp.mkdir(parents=True, exist_ok=True)
         bundle = make_fake_bundle(tmp / "bundle", window=WINDOW, horizon=HORIZON)
         with (
             TansuBroker(log_dir=tmp / "logs") as broker,
@@ -426,7 +465,7 @@ def format_table(results: Sequence[ScenarioResult]) -> str:
                 "yes" if r.ok else "NO",
             ]
         )
-        notes += [f"{r.name}: {p}" for p in r.problems + c.examples]
+        notes += [f"{r.name}: {p}" for p in r.notes + r.problems + c.examples]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     lines = [
         "  ".join(
@@ -451,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bad", type=int, default=ChaosPlan.bad)
     parser.add_argument("--seed", type=int, default=ChaosPlan.seed)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--keep-logs", type=Path, help="keep every log in this directory")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -478,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         lines = load_lines(args.data)
         lines = lines[lines["ts"] >= pd.Timestamp(args.start)].reset_index(drop=True)
-        results = run_chaos(lines, plan, console=Console(stderr=True))
+        results = run_chaos(lines, plan, console=Console(stderr=True), keep_dir=args.keep_logs)
     except TrendcastError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

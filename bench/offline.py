@@ -70,7 +70,11 @@ from trendcast.freq import parse_freq
 
 logger = logging.getLogger("bench.offline")
 
-DATA = Path("/work/shared/data/online_retail/online_retail_2009-12_2011-08.parquet")
+# The shared data lives beside the checkout (../shared), never in the repository.
+DATA = (
+    Path(__file__).resolve().parents[2]
+    / "shared/data/online_retail/online_retail_2009-12_2011-08.parquet"
+)
 COLUMNS = ColumnMap(item="StockCode", time="InvoiceDate", quantity="Quantity", price="UnitPrice")
 ITEM_PATTERN = r"^\d{5}[A-Z]?$"
 MIN_ACTIVE = 100

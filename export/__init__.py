@@ -5,6 +5,8 @@ re-exports from the Keras model kept in ``dir/training``; ``quantize_bundle(dir)
 ``model.int8.onnx`` and reports accuracy change and speed-up.
 """
 
+import logging
+
 from export.onnx_export import (
     DEFAULT_TOLERANCE,
     check_lstm_op,
@@ -13,6 +15,10 @@ from export.onnx_export import (
     export_from_training_dir,
 )
 from export.quantize import QuantizeReport, quantize_bundle
+
+# tf2onnx logs a harmless "TF freezing failed … Removed MatMul …" warning on every Keras 3
+# export; real conversion problems surface as exceptions, which export turns into ModelError.
+logging.getLogger("tf2onnx").setLevel(logging.ERROR)
 
 __all__ = [
     "DEFAULT_TOLERANCE",

@@ -47,8 +47,10 @@ _MAX_BACKOFF_S = 10.0
 #: "healthy" through a whole Redis outage, and a failing one would only see the end of the
 #: outage at its next retry (up to ``_MAX_BACKOFF_S`` later).
 _PROBE_INTERVAL_S = 2.0
-#: A ping slower than this counts as a failure (a hung Redis is as bad as a dead one).
-_PROBE_TIMEOUT_S = 5.0
+#: A ping slower than this counts as a failure: a hung Redis is as bad as a dead one, and
+#: redis-py retries a refused connection with backoff inside ``ping()``, which would hide a
+#: short outage from the probe altogether.
+_PROBE_TIMEOUT_S = 2.0
 
 
 #: aiohttp refuses a charset inside content_type; Prometheus text is ASCII anyway.

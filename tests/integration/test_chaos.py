@@ -79,12 +79,12 @@ def test_combined_chaos() -> None:
 def _partition_state(url: str, prefix: str, topic: str, partition: int) -> PartitionState:
     from stream.windows.redis import partition_keys
 
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, decode_responses=True)
     try:
         raw = client.hgetall(partition_keys(prefix, PartitionId(topic, partition))[0])
     finally:
         client.close()
-    fields = {k.decode(): int(v) for k, v in raw.items()}
+    fields = {str(k): int(v) for k, v in raw.items()}
     return PartitionState(fields.get("m"), fields.get("e"), fields.get("o"))
 
 

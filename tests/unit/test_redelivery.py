@@ -69,7 +69,7 @@ def test_the_clock_is_stored_only_after_the_outputs() -> None:
     class FailingMarks(MemoryWindowStore):
         fail = 1
 
-        async def apply(self, items, partitions):  # type: ignore[no-untyped-def]
+        async def apply(self, items, partitions):
             if not items and partitions and self.fail:
                 self.fail -= 1
                 raise StateStoreError("Redis down")
