@@ -17,6 +17,10 @@ weights are non-negative functions of the LSTM state: the network starts from th
 "recent mean" forecast and learns corrections (measured: better validation RMSSE and WAPE than
 the same LSTM without it).
 
+Both the mean and the p50 pass through a frozen combination with level28,
+``w * network + (1 - w) * level28``, identity (``w = 1``) during training; the trainer sets ``w``
+afterwards (:func:`set_blend`), so the exported model carries the forecast combination.
+
 Only standard Keras layers are used, so ``model.keras`` loads without custom objects or
 ``safe_mode=False``, and tf2onnx maps the recurrent part onto one ONNX ``LSTM`` op
 (``recurrent_dropout`` stays 0 for that reason).
@@ -41,6 +45,7 @@ __all__ = [
     "mean_calibration",
     "mean_loss",
     "pinball_loss",
+    "set_blend",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,6 +139,41 @@ def _head(
     return layers.Add(name=name)(terms)
 
 
+def _blend(model_out: Any, level: Any, horizon: int, name: str) -> Any:
+    """``w * model_out + (1 - w) * level`` with frozen weights, identity (w = 1) until
+    :func:`set_blend` sets ``w`` after training: a forecast combination with the recent-mean
+    forecast, in-graph so the exported model carries it (two MatMuls and an Add in ONNX)."""
+    layers = keras.layers
+    own = layers.Dense(
+        horizon,
+        use_bias=False,
+        trainable=False,
+        kernel_initializer=keras.initializers.Identity(),
+        name=f"{name}_own",
+    )(model_out)
+    lvl = layers.Dense(
+        horizon,
+        use_bias=False,
+        trainable=False,
+        kernel_initializer=keras.initializers.Zeros(),
+        name=f"{name}_level",
+    )(level)
+    return layers.Add(name=name)([own, lvl])
+
+
+def set_blend(model: keras.Model, name: str, weight: float) -> None:
+    """Set the combination ``name`` (``mean_blend`` or ``p50``) to ``weight * model + (1 -
+    weight) * level28``."""
+    import numpy as np
+
+    own = model.get_layer(f"{name}_own")
+    horizon = int(own.units)
+    own.set_weights([np.eye(horizon, dtype=np.float32) * np.float32(weight)])
+    model.get_layer(f"{name}_level").set_weights(
+        [np.full((1, horizon), 1.0 - weight, dtype=np.float32)]
+    )
+
+
 def build_model(
     *,
     window: int,
@@ -180,8 +220,11 @@ def build_model(
     h = layers.LSTM(units, dropout=dropout, recurrent_dropout=0.0, name="lstm")(x)
     h = layers.Dropout(dropout, name="dropout")(h)
     h = layers.Dense(units, activation="relu", name="hidden")(h)
-    levels = _recent_levels(x, window, n_features) if level_skip else None
+    recent = _recent_levels(x, window, n_features)
+    levels = recent if level_skip else None
+    level28 = recent[-1]
     raw_mean = _head(h, levels, horizon, "raw_mean", base_activation="softplus")
+    raw_mean = _blend(raw_mean, level28, horizon, "mean_blend")
     # Frozen diagonal calibration, identity until :func:`calibrate_mean` sets it (a standard
     # layer, so the calibrated model saves, loads and converts like the rest: one MatMul).
     mean = layers.Dense(
@@ -194,7 +237,9 @@ def build_model(
     # Linear base, not softplus: most scaled targets are 0, and a softplus median pushed
     # towards 0 early in training saturates (zero gradient) and never recovers. Inference
     # clips at 0.
-    p50 = _head(h, levels, horizon, "p50", base_activation=None)
+    p50 = _blend(
+        _head(h, levels, horizon, "p50_raw", base_activation=None), level28, horizon, "p50"
+    )
     down = layers.Dense(horizon, activation="softplus", name="p10_offset")(h)
     up = layers.Dense(horizon, activation="softplus", name="p90_offset")(h)
     p10 = layers.Subtract(name="p10")([p50, down])

