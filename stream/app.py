@@ -30,6 +30,7 @@ from stream.config import WorkerSettings
 from stream.health import PROCESSING, STATE_STORE, Health
 from stream.inference.batching import ModelInfo
 from stream.processor import OnLate, RawMessage, SalesProcessor, Sink
+from stream.reload import BundleWatcher, LoadedModel
 from stream.security import KafkaSecurity
 from stream.windows.base import PartitionId, WindowStore
 from stream.windows.redis import RedisWindowStore
@@ -117,6 +118,7 @@ def create_app(
     sink: Sink | None = None,
     on_late: OnLate | None = None,
     health: Health | None = None,
+    watcher: BundleWatcher | None = None,
 ) -> faust.App:
     """Build the worker's Faust app.
 
@@ -128,6 +130,8 @@ def create_app(
         sink: Output override for tests; default sends to the forecasts and DLQ topics.
         on_late: Hook called for each late event.
         health: Where failures are reported; a new :class:`~stream.health.Health` by default.
+        watcher: Follows the bundle location for hot reload (every
+            ``settings.bundle_poll_s``; 0 or ``None`` = the model never changes).
 
     Returns:
         The app; ``app.main()`` / ``Worker(app).execute_from_commandline()`` runs it.
@@ -280,6 +284,23 @@ def create_app(
     async def health_page(web: Any, request: Any) -> Any:
         # 503 lets a load balancer or orchestrator act on it without parsing the body.
         return web.json(health.snapshot(), status=200 if health.healthy else 503)
+
+    if watcher is not None and settings.bundle_poll_s > 0:
+
+        def swap(loaded: LoadedModel) -> None:
+            # Raises BundleError for a model the stored windows cannot feed: the watcher
+            # counts and logs the refusal, and nothing below runs.
+            processor.swap_model(
+                observability.InstrumentedForecaster(loaded.forecaster), loaded.model
+            )
+            observability.set_model_info(loaded.model, loaded.forecaster.name)
+            readiness.set_details("bundle", {"model_version": loaded.model.model_version})
+
+        async def reload_bundle() -> None:
+            await watcher.poll(swap)
+
+        app.timer(interval=settings.bundle_poll_s)(reload_bundle)
+        app.trendcast_reload = reload_bundle  # type: ignore[attr-defined]  # for tests
 
     app.trendcast_processor = processor  # type: ignore[attr-defined]  # for tests/inspection
     app.trendcast_health = health  # type: ignore[attr-defined]  # for tests/inspection

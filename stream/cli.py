@@ -30,30 +30,22 @@ logger = logging.getLogger(__name__)
 
 def model_info(bundle: Bundle) -> ModelInfo:
     """What the worker needs from a bundle besides the forecaster."""
-    from stream.inference.batching import ModelInfo
+    from stream import reload
 
-    meta = bundle.meta
-    return ModelInfo(
-        freq=bundle.freq,
-        window=meta.window,
-        horizon=meta.horizon,
-        model_version=meta.model_version,
-        uses_prices="price" in meta.features,
-    )
+    return reload.model_info(bundle)
 
 
 def load_model(settings: WorkerSettings) -> tuple[Forecaster, ModelInfo]:
-    """Load and verify the bundle and open its ONNX model.
+    """Load and verify the live bundle (following ``current``) and open its ONNX model.
 
     Raises:
         BundleError: The bundle is missing, corrupt or inconsistent; the worker must not
             start on a model it cannot verify.
     """
-    from trendcast.bundle import load_bundle
-    from trendcast.forecasting.onnx import OnnxForecaster
+    from stream import reload
 
-    bundle = load_bundle(settings.bundle)
-    return OnnxForecaster(bundle), model_info(bundle)
+    loaded = reload.load_model(settings.bundle)
+    return loaded.forecaster, loaded.model
 
 
 def _check_redis(
@@ -139,13 +131,19 @@ def build_worker_app(
         BundleError: The bundle cannot be verified (when no forecaster is given).
         StateStoreError: Redis is unreachable (when no store is given).
     """
+    from stream import reload
     from stream.app import create_app
     from stream.security import redis_client_kwargs
     from stream.windows.clients import async_client
     from stream.windows.redis import RedisWindowStore
 
+    watcher: reload.BundleWatcher | None = None
     if forecaster is None or model is None:
-        forecaster, model = load_model(settings)
+        loaded = reload.load_model(settings.bundle)
+        forecaster, model = loaded.forecaster, loaded.model
+        # Hot reload follows the bundle location the worker loaded from; a caller that
+        # hands in its own forecaster owns the model.
+        watcher = reload.BundleWatcher(settings.bundle, loaded)
     if store is None:
         # Kept buckets: the window, the open ones (lateness) and the writable closed ones
         # (grace), a margin for the batch that closes buckets, and the first-sale field.
@@ -158,7 +156,9 @@ def build_worker_app(
         )
         client = async_client(settings.redis_url, cluster=settings.redis_cluster, **client_kwargs)
         store = RedisWindowStore(client, model.freq, settings.state_prefix)
-    return create_app(settings, forecaster, store, model, sink=sink, on_late=on_late)
+    return create_app(
+        settings, forecaster, store, model, sink=sink, on_late=on_late, watcher=watcher
+    )
 
 
 def run_worker(settings: WorkerSettings, *, loglevel: str = "info") -> None:
@@ -252,7 +252,9 @@ def inspect_items(
         StateStoreError: Redis unreachable.
     """
     if freq is None:
+        from stream.reload import resolve_bundle
         from trendcast.bundle import load_bundle
 
-        freq = load_bundle(settings.bundle, check_model=False).meta.freq
+        bundle = resolve_bundle(settings.bundle)
+        freq = load_bundle(bundle, check_model=False).meta.freq
     yield from run_sync(_inspect(settings, item_ids, freq))

@@ -37,7 +37,10 @@ class WorkerSettings(BaseSettings):
             trip per node instead of one. An explicit flag rather than a ``redis+cluster://``
             scheme, because redis-py knows no such scheme and the URL's only job stays naming
             a server; the database must be 0 (a cluster has only one).
-        bundle: Model bundle directory (see :mod:`trendcast.bundle`).
+        bundle: Model bundle directory (see :mod:`trendcast.bundle`), or a directory of
+            bundles whose file ``current`` names the live one (see :mod:`stream.reload`).
+        bundle_poll_s: How often the worker checks ``bundle`` for a new model and swaps it
+            in without a restart; 0 disables hot reload.
         sales_topic: Input topic (key = item id, value = JSON sale).
         dlq_topic: Dead-letter topic for invalid and too-late events.
         forecasts_topic: Output topic (key = item id, value = JSON forecast).
@@ -94,6 +97,7 @@ class WorkerSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False
     bundle: Path = Path("artifacts/bundle")
+    bundle_poll_s: float = Field(default=10.0, ge=0)
     sales_topic: str = Field(default="sales", min_length=1)
     dlq_topic: str = Field(default="sales.dlq", min_length=1)
     forecasts_topic: str = Field(default="forecasts", min_length=1)

@@ -24,7 +24,8 @@ Metrics (``{labels}``)::
     trendcast_redis_seconds{operation}            window store round trips (histogram)
     trendcast_consumer_lag{topic,partition}       high watermark - committed offset
     trendcast_watermark_ms{topic,partition}       event-time watermark
-    trendcast_model_info{version,freq,...}        the loaded bundle (always 1)
+    trendcast_model_info{version,freq,...}        the serving bundle (always 1)
+    trendcast_bundle_reload_failures_total        new bundles refused (see stream.reload)
 
 Consumer lag is refreshed when ``/metrics`` is scraped, from the Faust consumer's own view:
 the high watermark carried by the last Fetch response (right on Tansu too, whose
@@ -69,6 +70,7 @@ from trendcast.freq import Freq
 __all__ = [
     "BATCH_SECONDS",
     "BATCH_SIZE",
+    "BUNDLE_RELOAD_FAILURES",
     "CONSUMER_LAG",
     "DEAD_LETTERS",
     "EVENTS",
@@ -146,6 +148,10 @@ WATERMARK = Gauge(
     "trendcast_watermark_ms", "Event-time watermark per source partition", ["topic", "partition"]
 )
 MODEL_INFO = Info("trendcast_model", "The model bundle the worker serves")
+BUNDLE_RELOAD_FAILURES = Counter(
+    "trendcast_bundle_reload_failures_total",
+    "New bundles refused by hot reload (unverifiable or incompatible); the old one serves on",
+)
 
 # Known label values start at 0, so dashboards and alerts see a series before the first
 # event of its kind (an absent series makes `rate()` silently empty, not zero).
@@ -376,6 +382,11 @@ class Readiness:
         except Exception as exc:  # any failure means "not ready"; the reason is the body
             return {"ok": False, "error": " ".join(f"{type(exc).__name__}: {exc}".split())[:500]}
         return {"ok": True, **self._details.get(name, {})}
+
+    def set_details(self, name: str, facts: Mapping[str, Any]) -> None:
+        """Replace the facts shown for check ``name`` (e.g. the version after a reload)."""
+        self._details[name] = dict(facts)
+        self._cached = None
 
     async def check(self) -> tuple[bool, dict[str, Any]]:
         """``(ready, JSON-ready body)``; see the class docstring."""

@@ -54,7 +54,7 @@ from stream.windows.base import (
     PartitionUpdate,
     WindowStore,
 )
-from trendcast.exceptions import EventError
+from trendcast.exceptions import BundleError, EventError
 from trendcast.forecasting.base import Forecaster
 
 __all__ = ["BatchStats", "RawMessage", "SalesProcessor", "Sink"]
@@ -112,6 +112,10 @@ OnLate = Callable[[SaleEvent, RawMessage, int], None]
 class SalesProcessor:
     """The worker's batch logic.
 
+    The model can be replaced while the worker runs (:meth:`swap_model`); the window state
+    keeps the layout of the model given here (its window, whether it has prices), which is
+    what bounds the models that can be swapped in.
+
     Args:
         store: Window state.
         forecaster: Turns windows into forecasts.
@@ -159,6 +163,46 @@ class SalesProcessor:
         self.on_late = on_late
         self.clock_ms = clock_ms
         self._clocks: dict[PartitionId, PartitionClock] = {}
+        # What the stored windows hold, fixed for the life of the processor: a swapped-in
+        # model with a smaller window must not trim history a rollback would need again.
+        self.state_window = model.window
+        self.state_uses_prices = model.uses_prices
+        self._busy = False
+        self._pending: tuple[Forecaster, ModelInfo] | None = None
+
+    def swap_model(self, forecaster: Forecaster, model: ModelInfo) -> None:
+        """Serve ``model`` from the next batch on (now, when no batch is in progress).
+
+        A batch reads the forecaster and model from start to end, so a swap requested while
+        one runs (e.g. by a timer while the batch awaits Redis) waits for it to finish: one
+        batch never mixes two models. Offsets and window state are untouched, so no event is
+        lost or counted twice; a batch that failed and is retried after a swap is forecast
+        with the new model (forecasts are at-least-once anyway).
+
+        Raises:
+            BundleError: The window state cannot feed ``model``: another freq, a window
+                longer than the kept one, or prices the state does not keep.
+        """
+        if model.freq != self.model.freq:
+            raise BundleError(
+                f"model {model.model_version}: expected freq {self.model.freq.name} "
+                f"(the stored windows'), got {model.freq.name}"
+            )
+        if model.window > self.state_window:
+            raise BundleError(
+                f"model {model.model_version}: expected a window of at most "
+                f"{self.state_window} buckets (what the stored windows keep), got {model.window}"
+            )
+        if model.uses_prices and not self.state_uses_prices:
+            raise BundleError(
+                f"model {model.model_version}: expected a model without a price feature "
+                "(the stored windows keep no prices), got one with prices"
+            )
+        if self._busy:
+            self._pending = (forecaster, model)
+        else:
+            self._pending = None
+            self.forecaster, self.model = forecaster, model
 
     def forget(self, partitions: Iterable[PartitionId] | None = None) -> None:
         """Drop cached clocks (all, or of ``partitions``), e.g. on revoke or after a failure.
@@ -227,6 +271,7 @@ class SalesProcessor:
             ForecastError: The forecaster failed; retry the same batch.
         """
         started = time.perf_counter()
+        self._busy = True
         try:
             return await self._process(messages)
         except BaseException:
@@ -234,6 +279,9 @@ class SalesProcessor:
             self.forget({m.source for m in messages})
             raise
         finally:
+            self._busy = False
+            if self._pending is not None:  # swapped while this batch ran: serve it from now
+                (self.forecaster, self.model), self._pending = self._pending, None
             BATCH_SECONDS.observe(time.perf_counter() - started)
 
     async def _process(self, messages: Sequence[RawMessage]) -> BatchStats:
@@ -398,7 +446,7 @@ class SalesProcessor:
         # closed one (re-forecasts after late events) or the oldest still writable one.
         candidates = (clock.state.emitted_to_ms, open_from - step, late_before, late_before_start)
         oldest_end = min(x for x in candidates if x is not None)
-        keep_from = oldest_end - (self.model.window - 1) * step
+        keep_from = oldest_end - (self.state_window - 1) * step
         dedupe_from = keep_from if late_before_start is None else late_before_start
         return _Plan(
             pid=pid,
