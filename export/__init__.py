@@ -6,6 +6,11 @@ re-exports from the Keras model kept in ``dir/training``; ``quantize_bundle(dir)
 """
 
 import logging
+import os
+
+# Quiet TensorFlow's C++ start-up chatter; must happen before the first TensorFlow import,
+# which the next import does when export is imported before training.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from export.onnx_export import (
     DEFAULT_TOLERANCE,
