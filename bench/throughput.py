@@ -1,0 +1,699 @@
+"""Throughput bench: raw Kafka ceiling, Faust floor and the trendcast worker, one topic.
+
+Run::
+
+    python bench/throughput.py [--events 500000] [--partitions 4] [--quick] [--bundle DIR]
+
+One pre-filled topic (``--partitions`` partitions on a local Tansu broker) holds ``--events``
+sale events built from UCI Online Retail II (items, quantities and prices real; the data is
+repeated with event times shifted forward by its span, rounded up to whole weeks, and distinct
+``event_id`` values when more events are asked for than it has lines). The same topic is read
+three ways:
+
+* ``a``: aiokafka ``getmany`` + ``orjson.loads`` of every value, no group: the ceiling (the
+  median of three reads);
+* ``b``: a plain Faust agent (``bench/_throughput_faust.py``) that only decodes: the
+  framework's floor, measured from the agent's own counter;
+* ``c``: the trendcast worker (``python -m stream``, a fresh consumer group and Redis key
+  prefix): events validated, windows in Redis, forecasts emitted; measured from its
+  ``/metrics`` counter ``trendcast_events_in_total`` and, as a cross-check, from the group's
+  committed offsets.
+
+Every rate is the steady-state one: events between 20% and 80% of the topic divided by the
+time between those points, so start-up, group joins and the tail are left out. After the
+worker: Redis round trips per batch (``trendcast_redis_seconds`` counts over
+``trendcast_batch_size`` count), where the worker's batch time went (Redis, inference, the
+rest), ``MEMORY USAGE`` of a sample of item keys, and ONNX Runtime windows/s at the worker's
+inference batch size. The model is the TF-free fake bundle of ``tests/bundles.py`` (window 56,
+horizon 28) unless ``--bundle`` names a real one.
+
+The exit code is 1 on any error (a service that does not start, a reader that does not reach
+the end in time, a worker that dead-letters valid events or exits non-zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/throughput.py` puts bench/, not the repo, first
+    sys.path.insert(0, str(REPO))
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+import redis  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+from aiokafka.partitioner import DefaultPartitioner  # noqa: E402
+
+from stream.config import WorkerSettings  # noqa: E402
+from stream.embedded import (  # noqa: E402
+    RedisServer,
+    TansuBroker,
+    ensure_topics,
+    free_port,
+    resolve_redis,
+)
+from stream.windows.redis import item_keys  # noqa: E402
+from trendcast.data import ColumnMap, read_lines  # noqa: E402
+from trendcast.exceptions import TrendcastError  # noqa: E402
+
+__all__ = ["Rate", "build_events", "main", "steady_rate"]
+
+logger = logging.getLogger(__name__)
+
+DATA = (
+    Path(__file__).resolve().parents[2]
+    / "shared/data/online_retail/online_retail_2009-12_2011-08.parquet"
+)
+COLUMNS = ColumnMap(item="StockCode", time="InvoiceDate", quantity="Quantity", price="UnitPrice")
+ITEM_PATTERN = r"^\d{5}[A-Z]?$"
+WEEK_MS = 7 * 86_400_000
+#: Steady state: the rate between these fractions of the topic.
+LOW, HIGH = 0.2, 0.8
+#: Items whose keys get a ``MEMORY USAGE``.
+MEMORY_SAMPLE = 20
+INFERENCE_BATCH = 256
+
+T = TypeVar("T")
+
+
+class BenchError(TrendcastError):
+    """A measurement could not be taken (timeout, wrong count, failed process)."""
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a fresh event loop."""
+    return asyncio.run(coro)
+
+
+# -- rates -----------------------------------------------------------------------------------
+@dataclass
+class Rate:
+    """Events/s in steady state, with the progress it came from."""
+
+    events_per_s: float
+    seconds: float  # wall time from the first to the last sample
+    samples: int
+
+
+def _crossing(progress: Sequence[tuple[float, int]], target: float) -> float:
+    """Time at which the count reached ``target``, interpolated between samples.
+
+    >>> _crossing([(0.0, 0), (1.0, 100), (2.0, 300)], 200)
+    1.5
+    """
+    prev_t, prev_n = progress[0]
+    for t, n in progress:
+        if n >= target:
+            if n == prev_n:
+                return t
+            return prev_t + (t - prev_t) * (target - prev_n) / (n - prev_n)
+        prev_t, prev_n = t, n
+    raise BenchError(f"expected progress to reach {target:.0f}, got {progress[-1][1]}")
+
+
+def steady_rate(progress: Sequence[tuple[float, int]], total: int) -> Rate:
+    """Events/s between ``LOW`` and ``HIGH`` of ``total``.
+
+    >>> round(steady_rate([(0.0, 0), (5.0, 0), (6.0, 50), (7.0, 100)], 100).events_per_s, 6)
+    50.0
+    """
+    t_low = _crossing(progress, LOW * total)
+    t_high = _crossing(progress, HIGH * total)
+    if t_high <= t_low:
+        raise BenchError(f"expected progress over time, got {len(progress)} samples")
+    return Rate(
+        (HIGH - LOW) * total / (t_high - t_low), progress[-1][0] - progress[0][0], len(progress)
+    )
+
+
+# -- data ------------------------------------------------------------------------------------
+def build_events(path: Path, n: int) -> list[tuple[bytes, bytes]]:
+    """``n`` sale events ``(key, JSON value)`` from the data file, in event-time order.
+
+    The lines are repeated as often as needed, each repetition shifted forward by the data's
+    span rounded up to whole weeks (so weekday and bucket alignment stay real), with
+    ``event_id`` values distinct across repetitions.
+    """
+    lines, _ = read_lines(path, columns=COLUMNS, item_pattern=ITEM_PATTERN)
+    lines = lines.sort_values("ts", kind="stable").reset_index(drop=True)
+    if lines.empty:
+        raise BenchError(f"expected sales lines in {path}, got none")
+    ts_ms = lines["ts"].to_numpy(dtype="datetime64[ms]").astype(np.int64)
+    span_ms = int(math.ceil((int(ts_ms.max()) - int(ts_ms.min()) + 1) / WEEK_MS)) * WEEK_MS
+    items = lines["item_id"].astype(str).tolist()
+    quantities = lines["quantity"].to_numpy(dtype="float64").tolist()
+    prices = (
+        lines["price"].to_numpy(dtype="float64").tolist()
+        if "price" in lines.columns
+        else [math.nan] * len(lines)
+    )
+    events: list[tuple[bytes, bytes]] = []
+    rep = 0
+    while len(events) < n:
+        shifted = (ts_ms + rep * span_ms).astype("datetime64[ms]")
+        iso = np.datetime_as_string(shifted, unit="s").tolist()
+        for i in range(min(len(lines), n - len(events))):
+            value: dict[str, Any] = {
+                "event_id": f"tp{rep}-{i}",
+                "item_id": items[i],
+                "ts": iso[i] + "Z",
+                "quantity": quantities[i],
+            }
+            if math.isfinite(prices[i]):
+                value["price"] = prices[i]
+            events.append((items[i].encode(), orjson.dumps(value)))
+        rep += 1
+    logger.info("%d events from %d lines (%d repetitions)", len(events), len(lines), rep)
+    return events
+
+
+async def _produce(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> list[int]:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_batch_size=256 * 1024, linger_ms=20
+    )
+    await producer.start()
+    try:
+        partitions = sorted(await producer.partitions_for(topic))
+        partitioner = DefaultPartitioner()
+        by_partition: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in partitions}
+        for key, value in events:  # the default (murmur2) partitioner, as replay uses
+            by_partition[partitioner(key, partitions, partitions)].append((key, value))
+        futures = []
+        for p, records in by_partition.items():
+            batch = producer.create_batch()
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    futures.append(await producer.send_batch(batch, topic, partition=p))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None)
+            if batch.record_count():
+                futures.append(await producer.send_batch(batch, topic, partition=p))
+        await asyncio.gather(*futures)
+        return [len(by_partition[p]) for p in partitions]
+    finally:
+        await producer.stop()
+
+
+# -- a: raw aiokafka -------------------------------------------------------------------------
+async def _raw_consume(bootstrap: str, topic: str, ends: list[int], timeout_s: float) -> Rate:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(len(ends))]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        total = sum(ends)
+        count = 0
+        started = time.perf_counter()
+        progress = [(started, 0)]
+        while count < total:
+            batch = await consumer.getmany(timeout_ms=500, max_records=20_000)
+            for messages in batch.values():
+                for message in messages:
+                    orjson.loads(message.value)
+                count += len(messages)
+            progress.append((time.perf_counter(), count))
+            if time.perf_counter() - started > timeout_s:
+                raise BenchError(f"raw consumer read {count} of {total} in {timeout_s:.0f}s")
+        # Tansu's ListOffsets(latest) under-reports; the fetch high watermark is the truth.
+        highs = [consumer.highwater(tp) for tp in tps]
+        if highs != ends:
+            raise BenchError(f"expected high watermarks {ends}, got {highs}")
+        return steady_rate(progress, total)
+    finally:
+        await consumer.stop()
+
+
+# -- b: plain Faust agent --------------------------------------------------------------------
+def faust_floor(bootstrap: str, topic: str, total: int, tmp: Path, timeout_s: float) -> Rate:
+    """Run ``bench/_throughput_faust.py`` until it counted ``total`` events."""
+    group = f"bench-faust-{uuid.uuid4().hex[:8]}"
+    out = tmp / f"{group}.json"
+    log_path = tmp / f"{group}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(  # noqa: S603 - argv built here
+            [
+                sys.executable,
+                "-m",
+                "bench._throughput_faust",
+                bootstrap,
+                topic,
+                group,
+                str(total),
+                str(out),
+                str(tmp / group),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+        )
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not out.exists():
+                if proc.poll() is not None:
+                    raise BenchError(f"faust agent exited {proc.returncode}: {_tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"faust agent did not finish in {timeout_s:.0f}s")
+                time.sleep(0.2)
+            time.sleep(0.1)  # the file is written in one call; let it land
+            progress = [(float(t), int(n)) for t, n in orjson.loads(out.read_bytes())]
+        finally:
+            _stop(proc)
+    return steady_rate(progress, total)
+
+
+# -- c: the worker ---------------------------------------------------------------------------
+@dataclass
+class WorkerResult:
+    """What the worker run measured."""
+
+    by_metric: Rate
+    by_commit: Rate
+    metrics: dict[str, float]
+    wall_s: float
+    exit_code: int
+    memory: dict[str, float] = field(default_factory=dict)
+
+
+def _worker_env(settings: WorkerSettings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRENDCAST_")}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            env[f"TRENDCAST_{name.upper()}"] = text
+    return env
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text samples as ``{'name{labels}': value}``.
+
+    >>> parse_metrics('# HELP x\\nx_total 3.0\\ny{a="b"} 1\\n')
+    {'x_total': 3.0, 'y{a="b"}': 1.0}
+    """
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match:
+            with contextlib.suppress(ValueError):
+                out[match.group(1)] = float(match.group(2))
+    return out
+
+
+async def _watch_worker(
+    settings: WorkerSettings,
+    bootstrap: str,
+    ends: list[int],
+    proc: subprocess.Popen[bytes],
+    timeout_s: float,
+) -> tuple[list[tuple[float, int]], list[tuple[float, int]], dict[str, float], float]:
+    url = f"http://127.0.0.1:{settings.web_port}/metrics"
+    total = sum(ends)
+    tps = [TopicPartition(settings.sales_topic, p) for p in range(len(ends))]
+    committer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=settings.consumer_group, enable_auto_commit=False
+    )
+    await committer.start()
+    by_metric: list[tuple[float, int]] = []
+    by_commit: list[tuple[float, int]] = []
+    metrics: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while True:
+                now = time.perf_counter()
+                if proc.poll() is not None:
+                    raise BenchError(f"worker exited {proc.returncode} before the end")
+                if now - started > timeout_s:
+                    raise BenchError(
+                        f"worker did not commit {total} events in {timeout_s:.0f}s "
+                        f"(last: {by_commit[-1] if by_commit else None})"
+                    )
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(url) as response:
+                        metrics = parse_metrics(await response.text())
+                    seen = int(metrics.get("trendcast_events_in_total", 0))
+                    by_metric.append((now, seen))
+                # committed() is an OffsetFetch: it does not join the group nor rebalance it.
+                committed = [await committer.committed(tp) or 0 for tp in tps]
+                by_commit.append((now, sum(committed)))
+                if committed == ends and by_metric and by_metric[-1][1] >= total:
+                    return by_metric, by_commit, metrics, now - started
+                await asyncio.sleep(0.25)
+    finally:
+        await committer.stop()
+
+
+def worker_run(
+    settings: WorkerSettings, bootstrap: str, ends: list[int], tmp: Path, timeout_s: float
+) -> WorkerResult:
+    """Run ``python -m stream`` over the whole topic; stop it with SIGTERM at the end."""
+    log_path = tmp / f"{settings.consumer_group}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(  # noqa: S603 - argv built here
+            [sys.executable, "-m", "stream"],
+            env=_worker_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+        )
+        try:
+            by_metric, by_commit, metrics, wall_s = run(
+                _watch_worker(settings, bootstrap, ends, proc, timeout_s)
+            )
+        except BaseException:
+            _stop(proc)
+            logger.error("worker log tail:\n%s", _tail(log_path))
+            raise
+        code = _stop(proc)
+    total = sum(ends)
+    return WorkerResult(
+        steady_rate(by_metric, total), steady_rate(by_commit, total), metrics, wall_s, code
+    )
+
+
+def item_memory(url: str, prefix: str, items: Sequence[str]) -> dict[str, float]:
+    """Median ``MEMORY USAGE`` (bytes) of the window hash and dedupe zset of ``items``."""
+    client = redis.Redis.from_url(url)
+    try:
+        windows, dedupes = [], []
+        for item in items:
+            window_key, dedupe_key = item_keys(prefix, item)
+            windows.append(int(client.memory_usage(window_key) or 0))
+            dedupes.append(int(client.memory_usage(dedupe_key) or 0))
+        n_windows = sum(1 for _ in client.scan_iter(match=f"{prefix}:*:w", count=1000))
+        return {
+            "window": statistics.median(windows),
+            "dedupe": statistics.median(dedupes),
+            "items": float(n_windows),
+        }
+    finally:
+        client.close()
+
+
+def clear_prefix(url: str, prefix: str) -> None:
+    """Delete every key the worker wrote."""
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+    finally:
+        client.close()
+
+
+# -- ONNX ------------------------------------------------------------------------------------
+def onnx_rate(bundle_dir: Path) -> float:
+    """ONNX Runtime windows/s of the bundle at the worker's inference batch size."""
+    from bench.offline import onnx_throughput
+    from trendcast.bundle import load_bundle
+    from trendcast.forecasting.base import WindowBatch
+    from trendcast.forecasting.onnx import OnnxForecaster
+
+    bundle = load_bundle(bundle_dir)
+    window = bundle.meta.window
+    rng = np.random.default_rng(7)
+    n = INFERENCE_BATCH
+    batch = WindowBatch(
+        item_ids=[f"item{i}" for i in range(n)],
+        quantities=rng.gamma(0.5, 8.0, size=(n, window)).astype(np.float32),
+        prices=np.full((n, window), 2.5, dtype=np.float32),
+        last_start_ms=np.full(n, 1_309_392_000_000, dtype=np.int64),
+        history_len=np.full(n, window, dtype=np.int64),
+    )
+    return onnx_throughput(OnnxForecaster(bundle), batch, sizes=(n,))[n]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> int:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return -9
+    return proc.returncode
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _timed(what: str, fn: Callable[[], T]) -> T:
+    started = time.perf_counter()
+    result = fn()
+    logger.info("%s: %.1fs", what, time.perf_counter() - started)
+    return result
+
+
+def _sum(metrics: dict[str, float], name: str) -> float:
+    """Sum of every sample of ``name`` (all label sets)."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def _labelled(metrics: dict[str, float], name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith(name + "{"):
+            out[key[len(name) + 1 : -1]] = value
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=500_000, help="events in the topic")
+    parser.add_argument("--partitions", type=int, default=4, help="partitions of the topic")
+    parser.add_argument("--quick", action="store_true", help="50,000 events (smoke run)")
+    parser.add_argument("--bundle", type=Path, default=None, help="real bundle (default: fake)")
+    parser.add_argument("--raw-runs", type=int, default=3, help="raw reads (median)")
+    parser.add_argument("--data", type=Path, default=DATA, help="sales parquet")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.events = 50_000
+    if args.events < 1000 or args.partitions < 1 or args.raw_runs < 1:
+        parser.error("expected --events >= 1000, --partitions >= 1, --raw-runs >= 1")
+    return args
+
+
+def bench(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """Set up, measure a, b and c, and return the markdown report lines."""
+    events = _timed("build events", lambda: build_events(args.data, args.events))
+    item_counts = Counter(key.decode() for key, _ in events)
+    total = len(events)
+    timeout_s = max(180.0, total / 1000)  # generous: 1k events/s would be a failure anyway
+    suffix = uuid.uuid4().hex[:8]
+    topics = {"sales": f"tp-sales-{suffix}", "dlq": f"tp-dlq-{suffix}", "fc": f"tp-fc-{suffix}"}
+    with TansuBroker(log_dir=tmp / "tansu") as broker:
+        redis_url, redis_server = resolve_redis(None)
+        try:
+            return _bench_on(args, tmp, broker, redis_url, events, item_counts, topics, timeout_s)
+        finally:
+            if isinstance(redis_server, RedisServer):
+                redis_server.stop()
+
+
+def _bench_on(
+    args: argparse.Namespace,
+    tmp: Path,
+    broker: TansuBroker,
+    redis_url: str,
+    events: list[tuple[bytes, bytes]],
+    item_counts: Counter[str],
+    topics: dict[str, str],
+    timeout_s: float,
+) -> list[str]:
+    bootstrap = broker.bootstrap
+    total = len(events)
+    parts = args.partitions
+    ensure_topics(bootstrap, {topics["sales"]: parts, topics["dlq"]: 1, topics["fc"]: parts})
+    ends = _timed("produce", lambda: run(_produce(bootstrap, topics["sales"], events)))
+    events.clear()  # the topic holds them now; free the memory for the readers
+    logger.info("topic %s: %s events per partition", topics["sales"], ends)
+
+    raw = [
+        _timed("a: raw read", lambda: run(_raw_consume(bootstrap, topics["sales"], ends, 300)))
+        for _ in range(args.raw_runs)
+    ]
+    a = statistics.median(r.events_per_s for r in raw)
+    b_rate = _timed(
+        "b: faust agent", lambda: faust_floor(bootstrap, topics["sales"], total, tmp, timeout_s)
+    )
+    b = b_rate.events_per_s
+
+    if args.bundle is not None:
+        bundle = args.bundle
+    else:
+        from tests.bundles import make_fake_bundle
+
+        bundle = make_fake_bundle(tmp / "bundle", window=56, horizon=28)
+    suffix = topics["sales"].rsplit("-", 1)[-1]
+    settings = WorkerSettings(
+        kafka_brokers=f"kafka://{bootstrap}",
+        redis_url=redis_url,
+        bundle=bundle,
+        bundle_poll_s=0,
+        sales_topic=topics["sales"],
+        dlq_topic=topics["dlq"],
+        forecasts_topic=topics["fc"],
+        consumer_group=f"tp-worker-{suffix}",
+        state_prefix=f"tpw-{suffix}",
+        web_enabled=True,
+        web_port=free_port(),
+        data_dir=tmp / "worker",
+        topic_partitions=parts,
+    )
+    try:
+        result = _timed(
+            "c: worker", lambda: worker_run(settings, bootstrap, ends, tmp, timeout_s * 3)
+        )
+        top = [item for item, _ in item_counts.most_common(MEMORY_SAMPLE)]
+        result.memory = item_memory(redis_url, settings.state_prefix, top)
+    finally:
+        clear_prefix(redis_url, settings.state_prefix)
+    onnx = _timed("onnx", lambda: onnx_rate(bundle))
+    return report(args, total, ends, raw, a, b_rate, b, result, onnx)
+
+
+def report(
+    args: argparse.Namespace,
+    total: int,
+    ends: list[int],
+    raw: list[Rate],
+    a: float,
+    b_rate: Rate,
+    b: float,
+    result: WorkerResult,
+    onnx: float,
+) -> list[str]:
+    """The markdown tables; raises if the worker did not process every event as valid."""
+    m = result.metrics
+    c = result.by_metric.events_per_s
+    outcomes = _labelled(m, "trendcast_events_total")
+    valid = outcomes.get('outcome="valid"', 0.0)
+    if result.exit_code != 0:
+        raise BenchError(f"worker exited {result.exit_code} after SIGTERM")
+    if valid < total:
+        raise BenchError(f"expected {total} valid events, got outcomes {outcomes}")
+    batches = m.get("trendcast_batch_size_count", 0.0)
+    redis_calls = _labelled(m, "trendcast_redis_seconds_count")
+    redis_total = sum(redis_calls.values())
+    batch_s = m.get("trendcast_batch_seconds_sum", 0.0)
+    redis_s = _sum(m, "trendcast_redis_seconds_sum")
+    infer_s = m.get("trendcast_inference_seconds_sum", 0.0)
+    infer_n = m.get("trendcast_inference_seconds_count", 0.0)
+    forecasts = _sum(m, "trendcast_forecasts_total")
+    raw_runs = ", ".join(f"{r.events_per_s:,.0f}" for r in raw)
+    model = str(args.bundle) if args.bundle is not None else "fake bundle (window 56, horizon 28)"
+    lines = [
+        f"## Throughput: {total:,} events, {len(ends)} partitions, {os.cpu_count()} cores",
+        "",
+        f"Topic per partition: {', '.join(f'{e:,}' for e in ends)}; model: {model}; "
+        f"steady state = events between {LOW:.0%} and {HIGH:.0%} of the topic.",
+        "",
+        "| reader | events/s | wall s | notes |",
+        "| --- | ---: | ---: | --- |",
+        f"| a. aiokafka + orjson (ceiling) | {a:,.0f} | "
+        f"{statistics.median(r.seconds for r in raw):.1f} | median of {len(raw)}: {raw_runs} |",
+        f"| b. plain Faust agent, decode only (floor) | {b:,.0f} | {b_rate.seconds:.1f} | "
+        "stream.take(500), agent's own counter |",
+        f"| c. trendcast worker (events_in) | {c:,.0f} | {result.wall_s:.1f} | "
+        "validate, Redis windows, forecasts |",
+        f"| c. trendcast worker (committed offsets) | {result.by_commit.events_per_s:,.0f} | "
+        f"{result.wall_s:.1f} | cross-check, commit every 1 s |",
+        "",
+        "| ratio | value |",
+        "| --- | ---: |",
+        f"| c/a | {c / a:.3f} |",
+        f"| c/b | {c / b:.3f} |",
+        f"| b/a | {b / a:.3f} |",
+        f"| cores (os.cpu_count) | {os.cpu_count()} |",
+        "",
+        "## Worker internals (from /metrics at the end)",
+        "",
+        "| what | value |",
+        "| --- | ---: |",
+        f"| batches | {batches:,.0f} (mean {total / batches if batches else 0:,.0f} events) |",
+        f"| Redis round trips per batch | {redis_total / batches if batches else 0:.2f} "
+        f"({', '.join(f'{k} {v:,.0f}' for k, v in sorted(redis_calls.items()))}) |",
+        f"| batch time, total s | {batch_s:.1f} ({batch_s / result.wall_s:.0%} of wall) |",
+        f"| of it in Redis round trips | {redis_s:.1f} s ({_share(redis_s, batch_s)}) |",
+        f"| of it in inference | {infer_s:.1f} s ({_share(infer_s, batch_s)}), "
+        f"{infer_n:,.0f} predict calls |",
+        f"| of it elsewhere (parse, validate, encode, send) | "
+        f"{batch_s - redis_s - infer_s:.1f} s |",
+        f"| forecasts emitted | {forecasts:,.0f} ({forecasts / total:.2f} per event, "
+        f"{forecasts / batch_s if batch_s else 0:,.0f} per batch-second) |",
+        f"| outcomes | {', '.join(f'{k} {v:,.0f}' for k, v in sorted(outcomes.items()))} |",
+        f"| items with a window in Redis | {result.memory.get('items', 0):,.0f} |",
+        f"| MEMORY USAGE window hash, median of top {MEMORY_SAMPLE} items | "
+        f"{result.memory.get('window', 0):,.0f} B |",
+        f"| MEMORY USAGE dedupe zset, median of top {MEMORY_SAMPLE} items | "
+        f"{result.memory.get('dedupe', 0):,.0f} B |",
+        f"| ONNX Runtime windows/s at batch {INFERENCE_BATCH} | {onnx:,.0f} |",
+    ]
+    return lines
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{part / whole:.0%}" if whole > 0 else "n/a"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench; print the tables; 1 on any error."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    for noisy in ("aiokafka", "stream.embedded"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        with tempfile.TemporaryDirectory(prefix="trendcast-throughput-") as tmp:
+            lines = bench(args, Path(tmp))
+    except (TrendcastError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
