@@ -162,27 +162,17 @@ def create_app(
     forecaster = observability.InstrumentedForecaster(forecaster)
     if isinstance(store, RedisWindowStore):  # trendcast_redis_seconds: Redis round trips only
         store = observability.TimedWindowStore(store)
-    sales = app.topic(
-        settings.sales_topic,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    forecasts = app.topic(
-        settings.forecasts_topic,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    dead_letters = app.topic(
-        settings.dlq_topic,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+
+    def raw_topic(name: str) -> faust.types.TopicT:
+        # Raw bytes both ways: we decode ourselves, so bad bytes become dead letters
+        # instead of crashing Faust's deserializer.
+        return app.topic(
+            name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        )
+
+    sales = raw_topic(settings.sales_topic)
+    forecasts = raw_topic(settings.forecasts_topic)
+    dead_letters = raw_topic(settings.dlq_topic)
     processor = SalesProcessor(
         store,
         forecaster,
