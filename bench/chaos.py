@@ -173,6 +173,7 @@ class _Scenario:
             topic_partitions=plan.partitions,
             batch_size=plan.batch_size,
             batch_timeout_s=0.2,
+            fetch_max_wait_ms=50,  # Tansu holds a fetch for the full wait
             broker_rebalance_timeout_s=4,
             broker_session_timeout_s=6,
             broker_heartbeat_interval_s=1,

@@ -86,7 +86,9 @@ DATA = (
 )
 COLUMNS = ColumnMap(item="StockCode", time="InvoiceDate", quantity="Quantity", price="UnitPrice")
 ITEM_PATTERN = r"^\d{5}[A-Z]?$"
-WEEK_MS = 7 * 86_400_000
+DAY_MS = 86_400_000
+#: 2023-11-13, a Monday: event times of the bench start here.
+START_MONDAY_MS = 1_699_833_600_000
 #: Steady state: the rate between these fractions of the topic.
 LOW, HIGH = 0.2, 0.8
 #: Items whose keys get a ``MEMORY USAGE``.
@@ -147,44 +149,54 @@ def steady_rate(progress: Sequence[tuple[float, int]], total: int) -> Rate:
 
 
 # -- data ------------------------------------------------------------------------------------
-def build_events(path: Path, n: int) -> list[tuple[bytes, bytes]]:
+def build_events(path: Path, n: int, days: int) -> tuple[list[tuple[bytes, bytes]], int]:
     """``n`` sale events ``(key, JSON value)`` from the data file, in event-time order.
 
-    The lines are repeated as often as needed, each repetition shifted forward by the data's
-    span rounded up to whole weeks (so weekday and bucket alignment stay real), with
-    ``event_id`` values distinct across repetitions.
+    Items, quantities, prices and the order of sales are the data's; event times keep the
+    data's order and relative spacing but are spread over ``days`` days (starting on a
+    Monday), like a platform with the data's catalogue and ``n / days`` sales a day; lines
+    are repeated (distinct ``event_id`` values) when more events are asked for than it has.
+    ``days`` sets how many daily buckets close during the run, i.e. how much forecasting
+    there is per event (printed by the bench as forecasts per event).
+
+    Returns:
+        The events and the start of the day after the last one (epoch ms).
     """
     lines, _ = read_lines(path, columns=COLUMNS, item_pattern=ITEM_PATTERN)
     lines = lines.sort_values("ts", kind="stable").reset_index(drop=True)
     if lines.empty:
         raise BenchError(f"expected sales lines in {path}, got none")
+    reps = math.ceil(n / len(lines))
+    index = np.arange(n) % len(lines)
+    rep_of = np.arange(n) // len(lines)
     ts_ms = lines["ts"].to_numpy(dtype="datetime64[ms]").astype(np.int64)
-    span_ms = int(math.ceil((int(ts_ms.max()) - int(ts_ms.min()) + 1) / WEEK_MS)) * WEEK_MS
-    items = lines["item_id"].astype(str).tolist()
-    quantities = lines["quantity"].to_numpy(dtype="float64").tolist()
+    used = ts_ms[: min(n, len(ts_ms))]  # fewer events than lines: spread the part used
+    t0, span = int(used.min()), int(used.max() - used.min()) + 1
+    # Position of each event on the compressed timeline: repetition r follows r-1.
+    position = (rep_of + (ts_ms[index] - t0) / span) / reps
+    start_ms = START_MONDAY_MS
+    event_ms = start_ms + (position * days * DAY_MS).astype(np.int64)
+    iso = np.datetime_as_string(event_ms.astype("datetime64[ms]"), unit="ms").tolist()
+    items = lines["item_id"].astype(str).to_numpy()[index].tolist()
+    quantities = lines["quantity"].to_numpy(dtype="float64")[index].tolist()
     prices = (
-        lines["price"].to_numpy(dtype="float64").tolist()
+        lines["price"].to_numpy(dtype="float64")[index].tolist()
         if "price" in lines.columns
-        else [math.nan] * len(lines)
+        else [math.nan] * n
     )
     events: list[tuple[bytes, bytes]] = []
-    rep = 0
-    while len(events) < n:
-        shifted = (ts_ms + rep * span_ms).astype("datetime64[ms]")
-        iso = np.datetime_as_string(shifted, unit="s").tolist()
-        for i in range(min(len(lines), n - len(events))):
-            value: dict[str, Any] = {
-                "event_id": f"tp{rep}-{i}",
-                "item_id": items[i],
-                "ts": iso[i] + "Z",
-                "quantity": quantities[i],
-            }
-            if math.isfinite(prices[i]):
-                value["price"] = prices[i]
-            events.append((items[i].encode(), orjson.dumps(value)))
-        rep += 1
-    logger.info("%d events from %d lines (%d repetitions)", len(events), len(lines), rep)
-    return events
+    for i in range(n):
+        value: dict[str, Any] = {
+            "event_id": f"tp{i}",
+            "item_id": items[i],
+            "ts": iso[i] + "Z",
+            "quantity": quantities[i],
+        }
+        if math.isfinite(prices[i]):
+            value["price"] = prices[i]
+        events.append((items[i].encode(), orjson.dumps(value)))
+    logger.info("%d events from %d lines over %d days", n, len(lines), days)
+    return events, start_ms + days * DAY_MS
 
 
 async def _produce(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> list[int]:
@@ -373,14 +385,191 @@ async def _watch_worker(
         await committer.stop()
 
 
+@dataclass
+class Phases:
+    """What the worker did after the main run, with the worker still up."""
+
+    latency_ms: list[float] = field(default_factory=list)
+    latency_rate: float = 0.0
+    close_s: float = 0.0
+    close_items: int = 0
+    close_forecasts: int = 0
+    close_built_s: float = 0.0
+
+
+async def _committed(committer: AIOKafkaConsumer, tps: Sequence[TopicPartition]) -> list[int]:
+    return [await committer.committed(tp) or 0 for tp in tps]
+
+
+async def _wait_committed(
+    committer: AIOKafkaConsumer,
+    tps: Sequence[TopicPartition],
+    ends: Sequence[int],
+    timeout_s: float,
+) -> None:
+    deadline = time.perf_counter() + timeout_s
+    while (committed := await _committed(committer, tps)) < list(ends):
+        if time.perf_counter() > deadline:
+            raise BenchError(f"worker committed {committed}, expected {list(ends)}")
+        await asyncio.sleep(0.05)
+
+
+def _sale(item: str, ts_ms: int, n: int) -> bytes:
+    iso = np.datetime_as_string(np.datetime64(ts_ms, "ms"), unit="ms")
+    return orjson.dumps({"event_id": f"ph{n}", "item_id": item, "ts": f"{iso}Z", "quantity": 1})
+
+
+async def _phases(
+    settings: WorkerSettings,
+    bootstrap: str,
+    ends: list[int],
+    day_ms: int,
+    items: Sequence[str],
+    rate: float,
+    seconds: float,
+    close_items: int,
+) -> Phases:
+    """Latency at ``rate`` events/s, then one bucket close with ``close_items`` new items.
+
+    Latency is produce -> committed offset, and the worker commits a batch only after its
+    state is in Redis, so it bounds the produce -> Redis time from above (commit polled every
+    10 ms). The close is timed from producing the closing events to receiving the last
+    forecast of the ``close_items`` items on the forecasts topic.
+    """
+    topic = settings.sales_topic
+    tps = [TopicPartition(topic, p) for p in range(len(ends))]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=2)
+    committer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=settings.consumer_group, enable_auto_commit=False
+    )
+    await producer.start()
+    await committer.start()
+    out = Phases(latency_rate=rate)
+    n = 0
+    try:
+        # Warm-up: one event per partition in the new day, so the phase starts settled.
+        futures = []
+        for p in range(len(ends)):
+            futures.append(await producer.send(topic, _sale(items[0], day_ms, n), partition=p))
+            n += 1
+        await asyncio.gather(*futures)
+        ends = [e + 1 for e in ends]
+        await _wait_committed(committer, tps, ends, 60)
+
+        # Latency at a steady rate.
+        sent: list[tuple[float, Any]] = []
+        polls: list[tuple[float, list[int]]] = []
+        stop = asyncio.Event()
+
+        async def poll() -> None:
+            while not stop.is_set():
+                polls.append((time.perf_counter(), await _committed(committer, tps)))
+                await asyncio.sleep(0.01)
+
+        poller = asyncio.ensure_future(poll())
+        started = time.perf_counter()
+        tick, k = 0.01, 0
+        while (now := time.perf_counter()) - started < seconds:
+            due = int((now - started) * rate) - k
+            for _ in range(due):
+                item = items[k % len(items)]
+                value = _sale(item, day_ms + 1000 + k, n)
+                sent.append(
+                    (time.perf_counter(), await producer.send(topic, value, key=item.encode()))
+                )
+                k += 1
+                n += 1
+            await asyncio.sleep(tick)
+        metas = [(t, await f) for t, f in sent]
+        for meta in (m for _, m in metas):
+            ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
+        await _wait_committed(committer, tps, ends, 120)
+        polls.append((time.perf_counter(), await _committed(committer, tps)))
+        stop.set()
+        await poller
+        for t_sent, meta in metas:
+            p, offset = meta.partition, meta.offset
+            t_done = next(t for t, c in polls if t >= t_sent and c[p] > offset)
+            out.latency_ms.append((t_done - t_sent) * 1000)
+
+        # One bucket close with close_items more items active.
+        close_ids = [f"CL{i:05d}" for i in range(close_items)]
+        futures = []
+        for i, item in enumerate(close_ids):
+            # In the still-open bucket before the latency phase's day: the closing events
+            # below close exactly that one bucket.
+            value = _sale(item, day_ms - DAY_MS + 43_200_000 + i, n)
+            futures.append(await producer.send(topic, value, key=item.encode()))
+            n += 1
+        for meta in await asyncio.gather(*futures):
+            ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
+        await _wait_committed(committer, tps, ends, 120)
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            auto_offset_reset="latest",
+            fetch_max_wait_ms=20,  # Tansu holds a fetch for the full wait
+        )
+        await reader.start()
+        try:
+            # The bench creates the forecasts topic with as many partitions as the sales one.
+            fc_tps = [TopicPartition(settings.forecasts_topic, p) for p in range(len(ends))]
+            reader.assign(fc_tps)
+            await reader.seek_to_end(*fc_tps)
+            for tp in fc_tps:
+                await reader.position(tp)
+            as_of = np.datetime_as_string(np.datetime64(day_ms, "ms"), unit="s") + "Z"
+            t0, t0_wall_ms = time.perf_counter(), time.time() * 1000
+            futures = []
+            for p in range(len(ends)):
+                value = _sale(items[0], day_ms + DAY_MS, n)  # watermark -> day_ms
+                futures.append(await producer.send(topic, value, partition=p))
+                n += 1
+            await asyncio.gather(*futures)
+            waiting, last, seen, emitted_ms = set(close_ids), t0, 0, 0
+            while waiting:
+                if time.perf_counter() - t0 > 120:
+                    raise BenchError(f"{len(waiting)} close forecasts missing after 120 s")
+                batch = await reader.getmany(timeout_ms=200)
+                for records in batch.values():
+                    for record in records:
+                        value = orjson.loads(record.value)
+                        if value["as_of"] == as_of:
+                            seen += 1
+                            emitted_ms = max(emitted_ms, value["emitted_at_ms"])
+                            waiting.discard(value["item_id"])
+                            last = time.perf_counter()
+            out.close_s, out.close_items, out.close_forecasts = last - t0, close_items, seen
+            out.close_built_s = (emitted_ms - t0_wall_ms) / 1000
+        finally:
+            await reader.stop()
+    finally:
+        await producer.stop()
+        await committer.stop()
+    return out
+
+
 def worker_run(
-    settings: WorkerSettings, bootstrap: str, ends: list[int], tmp: Path, timeout_s: float
-) -> WorkerResult:
-    """Run ``python -m stream`` over the whole topic; stop it with SIGTERM at the end."""
+    settings: WorkerSettings,
+    bootstrap: str,
+    ends: list[int],
+    tmp: Path,
+    timeout_s: float,
+    *,
+    day_ms: int,
+    items: Sequence[str],
+    latency_s: float,
+    close_items: int,
+    profile: Path | None = None,
+) -> tuple[WorkerResult, Phases]:
+    """Run ``python -m stream`` over the whole topic, then the latency and close phases."""
     log_path = tmp / f"{settings.consumer_group}.log"
     with log_path.open("wb") as log:
+        argv = [sys.executable, "-m", "stream"]
+        if profile is not None:  # the whole worker under pyinstrument's sampling profiler
+            argv[1:1] = ["-m", "pyinstrument", "-o", str(profile), "-r", "text"]
         proc = subprocess.Popen(  # noqa: S603 - argv built here
-            [sys.executable, "-m", "stream"],
+            argv,
             env=_worker_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -390,15 +579,32 @@ def worker_run(
             by_metric, by_commit, metrics, wall_s = run(
                 _watch_worker(settings, bootstrap, ends, proc, timeout_s)
             )
+            total = sum(ends)
+            result = WorkerResult(
+                steady_rate(by_metric, total), steady_rate(by_commit, total), metrics, wall_s, 0
+            )
+            rate = result.by_metric.events_per_s / 2
+            phases = _timed(
+                "c: latency and close",
+                lambda: run(
+                    _phases(
+                        settings,
+                        bootstrap,
+                        list(ends),
+                        day_ms,
+                        items,
+                        rate,
+                        latency_s,
+                        close_items,
+                    )
+                ),
+            )
         except BaseException:
             _stop(proc)
             logger.error("worker log tail:\n%s", _tail(log_path))
             raise
-        code = _stop(proc)
-    total = sum(ends)
-    return WorkerResult(
-        steady_rate(by_metric, total), steady_rate(by_commit, total), metrics, wall_s, code
-    )
+        result.exit_code = _stop(proc)
+    return result, phases
 
 
 def item_memory(url: str, prefix: str, items: Sequence[str]) -> dict[str, float]:
@@ -420,6 +626,49 @@ def item_memory(url: str, prefix: str, items: Sequence[str]) -> dict[str, float]
         client.close()
 
 
+def window_memory(url: str, path: Path, items: Sequence[str], window: int) -> dict[str, float]:
+    """``MEMORY USAGE`` of full windows: each item's last ``window`` selling days, priced.
+
+    The worker's windows in this bench span only ``--days`` buckets, so the bytes of a full
+    window (what capacity planning needs) are measured here: the same store and scripts,
+    one update per day with the item's real daily quantity and price sums.
+    """
+    from stream.windows.base import BucketDelta, ItemUpdate
+    from stream.windows.redis import RedisWindowStore
+    from trendcast.freq import parse_freq
+
+    lines, _ = read_lines(path, columns=COLUMNS, item_pattern=ITEM_PATTERN)
+    lines = lines[lines["item_id"].isin(set(items))].copy()
+    lines["day"] = lines["ts"].dt.floor("D")
+    lines["pq"] = lines["price"].fillna(0.0) * lines["quantity"].clip(lower=0)
+    daily = lines.groupby(["item_id", "day"], as_index=False)[["quantity", "pq"]].sum()
+    freq = parse_freq("1D")
+    prefix = f"tpmem-{uuid.uuid4().hex[:8]}"
+    updates = []
+    for item, group in daily.groupby("item_id"):
+        days = group.sort_values("day").tail(window)
+        starts = days["day"].to_numpy(dtype="datetime64[ms]").astype(np.int64).tolist()
+        deltas = [
+            BucketDelta(start, f"m{start}", float(q), float(pq), float(max(q, 0.0)))
+            for start, q, pq in zip(starts, days["quantity"], days["pq"], strict=True)
+        ]
+        updates.append(ItemUpdate(str(item), deltas, starts[0], starts[0], ttl_ms=3_600_000))
+
+    async def measure() -> list[int]:
+        store = RedisWindowStore.from_url(url, freq, prefix)
+        try:
+            await store.apply(updates, [])
+            return [(await store.memory_usage(u.item_id))["window"] for u in updates]
+        finally:
+            await store.aclose()
+
+    try:
+        sizes = run(measure())
+    finally:
+        clear_prefix(url, prefix)
+    return {"window56": statistics.median(sizes), "items": float(len(sizes))}
+
+
 def clear_prefix(url: str, prefix: str) -> None:
     """Delete every key the worker wrote."""
     client = redis.Redis.from_url(url)
@@ -432,8 +681,8 @@ def clear_prefix(url: str, prefix: str) -> None:
 
 
 # -- ONNX ------------------------------------------------------------------------------------
-def onnx_rate(bundle_dir: Path) -> float:
-    """ONNX Runtime windows/s of the bundle at the worker's inference batch size."""
+def onnx_rate(bundle_dir: Path, sizes: Sequence[int]) -> dict[int, float]:
+    """ONNX Runtime windows/s of the bundle at each batch size in ``sizes``."""
     from bench.offline import onnx_throughput
     from trendcast.bundle import load_bundle
     from trendcast.forecasting.base import WindowBatch
@@ -442,7 +691,7 @@ def onnx_rate(bundle_dir: Path) -> float:
     bundle = load_bundle(bundle_dir)
     window = bundle.meta.window
     rng = np.random.default_rng(7)
-    n = INFERENCE_BATCH
+    n = max(sizes)
     batch = WindowBatch(
         item_ids=[f"item{i}" for i in range(n)],
         quantities=rng.gamma(0.5, 8.0, size=(n, window)).astype(np.float32),
@@ -450,7 +699,7 @@ def onnx_rate(bundle_dir: Path) -> float:
         last_start_ms=np.full(n, 1_309_392_000_000, dtype=np.int64),
         history_len=np.full(n, window, dtype=np.int64),
     )
-    return onnx_throughput(OnnxForecaster(bundle), batch, sizes=(n,))[n]
+    return onnx_throughput(OnnxForecaster(bundle), batch, sizes=tuple(sizes))
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -504,9 +753,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path, default=None, help="real bundle (default: fake)")
     parser.add_argument("--raw-runs", type=int, default=3, help="raw reads (median)")
     parser.add_argument("--data", type=Path, default=DATA, help="sales parquet")
+    parser.add_argument("--days", type=int, default=14, help="days of event time in the topic")
+    parser.add_argument("--latency-s", type=float, default=15.0, help="latency phase length")
+    parser.add_argument("--close-items", type=int, default=5000, help="new items at the close")
+    parser.add_argument(
+        "--profile", type=Path, default=None, help="write a pyinstrument profile of the worker"
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.events = 50_000
+        args.events, args.latency_s, args.close_items = 50_000, 5.0, 500
     if args.events < 1000 or args.partitions < 1 or args.raw_runs < 1:
         parser.error("expected --events >= 1000, --partitions >= 1, --raw-runs >= 1")
     return args
@@ -514,7 +769,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def bench(args: argparse.Namespace, tmp: Path) -> list[str]:
     """Set up, measure a, b and c, and return the markdown report lines."""
-    events = _timed("build events", lambda: build_events(args.data, args.events))
+    events, day_ms = _timed("build events", lambda: build_events(args.data, args.events, args.days))
     item_counts = Counter(key.decode() for key, _ in events)
     total = len(events)
     timeout_s = max(180.0, total / 1000)  # generous: 1k events/s would be a failure anyway
@@ -523,7 +778,9 @@ def bench(args: argparse.Namespace, tmp: Path) -> list[str]:
     with TansuBroker(log_dir=tmp / "tansu") as broker:
         redis_url, redis_server = resolve_redis(None)
         try:
-            return _bench_on(args, tmp, broker, redis_url, events, item_counts, topics, timeout_s)
+            return _bench_on(
+                args, tmp, broker, redis_url, events, item_counts, topics, timeout_s, day_ms
+            )
         finally:
             if isinstance(redis_server, RedisServer):
                 redis_server.stop()
@@ -538,6 +795,7 @@ def _bench_on(
     item_counts: Counter[str],
     topics: dict[str, str],
     timeout_s: float,
+    day_ms: int,
 ) -> list[str]:
     bootstrap = broker.bootstrap
     total = len(events)
@@ -578,17 +836,32 @@ def _bench_on(
         web_port=free_port(),
         data_dir=tmp / "worker",
         topic_partitions=parts,
+        fetch_max_wait_ms=50,  # Tansu holds a fetch for the full wait (Kafka answers at once)
     )
+    top = [item for item, _ in item_counts.most_common(MEMORY_SAMPLE)]
     try:
-        result = _timed(
-            "c: worker", lambda: worker_run(settings, bootstrap, ends, tmp, timeout_s * 3)
+        result, phases = _timed(
+            "c: worker",
+            lambda: worker_run(
+                settings,
+                bootstrap,
+                ends,
+                tmp,
+                timeout_s * 3,
+                day_ms=day_ms,
+                items=[item for item, _ in item_counts.most_common(500)],
+                latency_s=args.latency_s,
+                close_items=args.close_items,
+                profile=args.profile,
+            ),
         )
-        top = [item for item, _ in item_counts.most_common(MEMORY_SAMPLE)]
         result.memory = item_memory(redis_url, settings.state_prefix, top)
+        result.memory |= window_memory(redis_url, args.data, top, 56)
     finally:
         clear_prefix(redis_url, settings.state_prefix)
-    onnx = _timed("onnx", lambda: onnx_rate(bundle))
-    return report(args, total, ends, raw, a, b_rate, b, result, onnx)
+    sizes = (1, 32, settings.inference_batch_size)
+    onnx = _timed("onnx", lambda: onnx_rate(bundle, sizes))
+    return report(args, total, ends, raw, a, b_rate, b, result, phases, onnx)
 
 
 def report(
@@ -600,7 +873,8 @@ def report(
     b_rate: Rate,
     b: float,
     result: WorkerResult,
-    onnx: float,
+    phases: Phases,
+    onnx: dict[int, float],
 ) -> list[str]:
     """The markdown tables; raises if the worker did not process every event as valid."""
     m = result.metrics
@@ -609,7 +883,7 @@ def report(
     valid = outcomes.get('outcome="valid"', 0.0)
     if result.exit_code != 0:
         raise BenchError(f"worker exited {result.exit_code} after SIGTERM")
-    if valid < total:
+    if valid < total:  # the phases after the main run add their own events
         raise BenchError(f"expected {total} valid events, got outcomes {outcomes}")
     batches = m.get("trendcast_batch_size_count", 0.0)
     redis_calls = _labelled(m, "trendcast_redis_seconds_count")
@@ -665,10 +939,30 @@ def report(
         f"| MEMORY USAGE window hash, median of top {MEMORY_SAMPLE} items | "
         f"{result.memory.get('window', 0):,.0f} B |",
         f"| MEMORY USAGE dedupe zset, median of top {MEMORY_SAMPLE} items | "
-        f"{result.memory.get('dedupe', 0):,.0f} B |",
-        f"| ONNX Runtime windows/s at batch {INFERENCE_BATCH} | {onnx:,.0f} |",
+        f"{result.memory.get('dedupe', 0):,.0f} B (event ids of the writable buckets) |",
+        f"| MEMORY USAGE of a full 56-day priced window, median of the same items | "
+        f"{result.memory.get('window56', 0):,.0f} B |",
+        f"| ONNX Runtime windows/s by batch size | "
+        f"{', '.join(f'{k}: {v:,.0f}' for k, v in onnx.items())} |",
+        f"| inference batch sizes used | chunks of {INFERENCE_BATCH} windows, "
+        f"mean {forecasts / infer_n if infer_n else 0:,.0f} per predict call |",
+        "",
+        "## Latency and bucket close (worker still running)",
+        "",
+        "| what | value |",
+        "| --- | ---: |",
+        f"| produce -> committed (state in Redis), at {phases.latency_rate:,.0f} events/s "
+        f"(50% of c), {len(phases.latency_ms):,} events | "
+        f"p50 {_pct(phases.latency_ms, 50):,.0f} ms, p99 {_pct(phases.latency_ms, 99):,.0f} ms |",
+        f"| bucket close -> last forecast of {phases.close_items:,} new items | "
+        f"{phases.close_s:.2f} s ({phases.close_forecasts:,} forecasts as of that bucket; "
+        f"the last record was built {phases.close_built_s:.2f} s after the close) |",
     ]
     return lines
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def _share(part: float, whole: float) -> str:

@@ -1,11 +1,11 @@
 """The Faust app of the worker: wiring only (logic lives in :mod:`stream.processor`).
 
-One agent reads the sales topic as raw bytes (``value_serializer="raw"``: a message that is
-not JSON must reach our validator, not crash Faust's deserializer), takes batches of up to
-``batch_size`` events with ``noack_take`` and acks them only after
-:meth:`~stream.processor.SalesProcessor.process` returned — i.e. after their state is in
-Redis and their dead letters and forecasts were delivered — so Faust commits offsets only
-for events whose effects are stored. A failing batch is retried with backoff, never skipped.
+The sales topic is read as raw bytes (a message that is not JSON must reach our validator,
+not crash Faust's deserializer) through the fast path of :mod:`stream.fastpath`: every
+fetch, per partition, goes to :meth:`~stream.processor.SalesProcessor.process_partitions`
+as one batch, and its offsets are committed (through Faust) only after that returned —
+i.e. after the batch's state is in Redis and its dead letters and forecasts were delivered.
+A failing batch is retried with backoff, never skipped.
 
 While a batch fails (Redis down, broker or model errors) the worker stays up, commits
 nothing past that batch and reports itself unhealthy through one :class:`~stream.health.Health`
@@ -19,25 +19,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from stream import observability
+from stream import fastpath, observability
+from stream.accuracy import AccuracyTracker
 from stream.config import WorkerSettings
 from stream.health import PROCESSING, STATE_STORE, Health
 from stream.inference.batching import ModelInfo
-from stream.processor import OnLate, RawMessage, SalesProcessor, Sink
+from stream.processor import OnLate, Record, SalesProcessor, Sink
 from stream.reload import BundleWatcher, LoadedModel
 from stream.security import KafkaSecurity
+from stream.trends import TrendTracker
 from stream.windows.base import PartitionId, WindowStore
 from stream.windows.redis import RedisWindowStore
 from trendcast.exceptions import BrokerError, TrendcastError
 from trendcast.forecasting.base import Forecaster
 
-__all__ = ["TopicSink", "create_app"]
+__all__ = ["Publish", "TopicSink", "create_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +59,15 @@ _PROBE_INTERVAL_S = 2.0
 _PROBE_TIMEOUT_S = 2.0
 
 
+#: Keys whose partition the sink remembers per topic (item ids: the catalogue).
+_PARTITION_CACHE_MAX = 1_000_000
+#: Producer record batches: large enough that a bucket close with thousands of forecasts
+#: goes out in a few requests (aiokafka's default is 16 KiB), below Kafka's 1 MB limits.
+_PRODUCER_BATCH_BYTES = 512 * 1024
+
+#: Sends records to a named topic (accuracy, trends) and returns once they are delivered.
+Publish = Callable[[str, Sequence[tuple[bytes | None, bytes]]], Awaitable[None]]
+
 #: aiohttp refuses a charset inside content_type; Prometheus text is ASCII anyway.
 _METRICS_CONTENT_TYPE = "; ".join(
     part.strip() for part in CONTENT_TYPE_LATEST.split(";") if "charset" not in part
@@ -61,31 +75,85 @@ _METRICS_CONTENT_TYPE = "; ".join(
 
 
 class TopicSink:
-    """Sends to Faust topics immediately (``force=True``: not attached to the current event,
-    which would delay them until the ack) and awaits each record's delivery."""
+    """Sends through the app's producer, one record batch per partition, and awaits delivery.
 
-    def __init__(self, forecasts: faust.types.TopicT, dead_letters: faust.types.TopicT) -> None:
+    A bucket close emits thousands of forecasts at once. Sending them one by one
+    (``Topic.send`` or ``Producer.send``) cost tens of microseconds each in per-record
+    Python (Faust message objects, aiokafka's per-record accumulator path); appending them
+    to one aiokafka ``BatchBuilder`` per partition costs a few. Partitions come from
+    Faust's ``Producer.key_partition`` (aiokafka's default partitioner, the one every
+    Kafka client uses for keyed records), so an item's forecasts always land in the same
+    partition. Topics are declared once.
+    """
+
+    def __init__(
+        self,
+        app: faust.App,
+        forecasts: faust.types.TopicT,
+        dead_letters: faust.types.TopicT,
+        *others: faust.types.TopicT,
+    ) -> None:
+        self._app = app
         self._forecasts = forecasts
         self._dead_letters = dead_letters
+        self._topics = {t.get_topic_name(): t for t in (forecasts, dead_letters, *others)}
         self._declared = False
+        # key -> partition per topic, valid while the topic's partition count is: the
+        # default partitioner is murmur2 in pure Python, and items repeat at every close.
+        self._partitions: dict[str, tuple[int, dict[bytes | None, int]]] = {}
+
+    def _partition_of(self, name: str, producer: Any) -> Callable[[bytes | None], int]:
+        count = len(producer.client.cluster.partitions_for_topic(name) or ())
+        known, cache = self._partitions.get(name, (-1, {}))
+        if known != count or len(cache) > _PARTITION_CACHE_MAX:
+            cache = {}
+            self._partitions[name] = (count, cache)
+        key_partition = self._app.producer.key_partition
+
+        def partition_of(key: bytes | None) -> int:
+            partition = cache.get(key)
+            if partition is None:
+                # Unkeyed records (dead letters of keyless messages) share one partition.
+                partition = cache[key] = key_partition(name, key or b"").partition
+            return partition
+
+        return partition_of
 
     async def _declare(self) -> None:
         if not self._declared:
-            await self._forecasts.maybe_declare()
-            await self._dead_letters.maybe_declare()
+            for topic in self._topics.values():
+                await topic.maybe_declare()
             self._declared = True
+
+    async def send(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """Send records to one of the sink's topics (accuracy, trends) and await delivery."""
+        await self._send(self._topics[topic], records)
 
     async def _send(
         self, topic: faust.types.TopicT, records: Sequence[tuple[bytes | None, bytes]]
     ) -> None:
         await self._declare()
+        name, faust_producer = topic.get_topic_name(), self._app.producer
         try:
-            futures = [await topic.send(key=key, value=value, force=True) for key, value in records]
+            # Faust's Producer wraps an aiokafka producer; its batch API has no Faust
+            # counterpart (tests/unit/test_fastpath.py pins this private accessor).
+            producer = cast(Any, faust_producer)._ensure_producer()
+            partition_of = self._partition_of(name, producer)
+            by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
+            for key, value in records:
+                by_partition.setdefault(partition_of(key), []).append((key, value))
+            futures = []
+            for partition, items in by_partition.items():
+                batch = producer.create_batch()
+                for key, value in items:
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        futures.append(await producer.send_batch(batch, name, partition=partition))
+                        batch = producer.create_batch()
+                        batch.append(key=key, value=value, timestamp=None)
+                futures.append(await producer.send_batch(batch, name, partition=partition))
             await asyncio.gather(*futures)
         except Exception as exc:  # aiokafka raises many types; all mean "not delivered"
-            raise BrokerError(
-                f"could not deliver {len(records)} records to {topic.get_topic_name()}: {exc}"
-            ) from exc
+            raise BrokerError(f"could not deliver {len(records)} records to {name}: {exc}") from exc
 
     async def send_forecasts(self, records: Sequence[tuple[str, bytes]]) -> None:
         """See :class:`stream.processor.Sink`."""
@@ -94,19 +162,6 @@ class TopicSink:
     async def send_dead_letters(self, records: Sequence[tuple[bytes | None, bytes]]) -> None:
         """See :class:`stream.processor.Sink`."""
         await self._send(self._dead_letters, records)
-
-
-def _raw(event: Any) -> RawMessage:
-    message = event.message
-    timestamp = message.timestamp
-    return RawMessage(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value,
-        timestamp_ms=None if timestamp is None else int(timestamp * 1000),
-    )
 
 
 def create_app(
@@ -119,6 +174,8 @@ def create_app(
     on_late: OnLate | None = None,
     health: Health | None = None,
     watcher: BundleWatcher | None = None,
+    shadow: tuple[Forecaster, ModelInfo] | None = None,
+    publish: Publish | None = None,
 ) -> faust.App:
     """Build the worker's Faust app.
 
@@ -132,6 +189,9 @@ def create_app(
         health: Where failures are reported; a new :class:`~stream.health.Health` by default.
         watcher: Follows the bundle location for hot reload (every
             ``settings.bundle_poll_s``; 0 or ``None`` = the model never changes).
+        shadow: A second model scored on the live windows, never emitted.
+        publish: Output override for accuracy and trends records (tests); default sends
+            to ``settings.accuracy_topic`` / ``settings.trends_topic``.
 
     Returns:
         The app; ``app.main()`` / ``Worker(app).execute_from_commandline()`` runs it.
@@ -154,8 +214,10 @@ def create_app(
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
         broker_commit_interval=settings.commit_interval_s,
+        broker_max_poll_records=settings.batch_size,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_max_batch_size=_PRODUCER_BATCH_BYTES,
         broker_credentials=KafkaSecurity.from_settings(settings).faust_credentials(),
     )
     observability.set_model_info(model, forecaster.name)
@@ -173,11 +235,24 @@ def create_app(
     sales = raw_topic(settings.sales_topic)
     forecasts = raw_topic(settings.forecasts_topic)
     dead_letters = raw_topic(settings.dlq_topic)
+    topic_sink = TopicSink(
+        app,
+        forecasts,
+        dead_letters,
+        raw_topic(settings.accuracy_topic),
+        raw_topic(settings.trends_topic),
+    )
+    accuracy = AccuracyTracker(
+        rolling_buckets=settings.accuracy_rolling_buckets, max_items=settings.accuracy_max_items
+    )
+    trends = TrendTracker()
     processor = SalesProcessor(
         store,
         forecaster,
         model,
-        sink or TopicSink(forecasts, dead_letters),
+        sink or topic_sink,
+        observers=[accuracy, trends],
+        shadow=shadow,
         lateness_buckets=settings.lateness_buckets,
         grace_buckets=settings.grace_buckets,
         inference_batch_size=settings.inference_batch_size,
@@ -189,12 +264,12 @@ def create_app(
 
     health = health if health is not None else Health()
 
-    async def process_with_retry(stream: faust.Stream[Any], events: Sequence[Any]) -> bool:
+    async def process_with_retry(batch: Mapping[PartitionId, Sequence[Record]]) -> bool:
         backoff = 0.2
-        messages = [_raw(e) for e in events]
+        size = sum(len(records) for records in batch.values())
         while True:
             try:
-                await processor.process(messages)
+                await processor.process_partitions(batch)
                 health.recovered(PROCESSING)
                 return True
             except Exception as exc:
@@ -202,34 +277,54 @@ def create_app(
                 # stored. Our errors (Redis, broker, model) are expected to be transient; a
                 # bug retries forever too, loudly, rather than silently losing sales.
                 health.failing(PROCESSING, f"{type(exc).__name__}: {exc}")
-                if stream.should_stop:
-                    return False
+                if app.should_stop:
+                    return False  # uncommitted: re-delivered to whoever runs next
                 if isinstance(exc, TrendcastError):
-                    logger.error(
-                        "batch of %d failed (%s); retrying in %.1fs", len(messages), exc, backoff
-                    )
+                    logger.error("batch of %d failed (%s); retrying in %.1fs", size, exc, backoff)
                 else:
                     logger.exception(
-                        "batch of %d failed unexpectedly; retrying in %.1fs",
-                        len(messages),
-                        backoff,
+                        "batch of %d failed unexpectedly; retrying in %.1fs", size, backoff
                     )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
-    @app.agent(sales, name="trendcast.sales")
-    async def process_sales(source: faust.types.StreamT[Any]) -> None:
-        stream = cast(faust.Stream[Any], source)
-        # noack_take yields the events themselves; acking is ours, after the state is stored.
-        async for events in stream.noack_take(settings.batch_size, within=settings.batch_timeout_s):
-            observability.observe_batch(len(events))
-            if await process_with_retry(stream, events):
-                for event in events:
-                    await stream.ack(event)
+    async def handle_fetch(records: Mapping[Any, Sequence[Any]]) -> bool:
+        batch = {PartitionId(tp.topic, tp.partition): recs for tp, recs in records.items()}
+        observability.observe_batch(sum(len(recs) for recs in batch.values()))
+        return await process_with_retry(batch)
+
+    async def flush_clocks() -> None:
+        try:
+            await processor.flush()
+        except TrendcastError as exc:  # a lagging stored clock is safe; say so and go on
+            logger.warning("could not store partition clocks (%s); they lag until next time", exc)
+
+    # Clocks of delivered batches ride along with the next batch; store them when idle too.
+    app.timer(interval=1.0)(flush_clocks)
+
+    @app.on_before_shutdown.connect
+    async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await flush_clocks()
+
+    # The sales topic is subscribed through the conductor, but no agent reads it: fetched
+    # batches go straight to handle_fetch (see stream.fastpath for why and what it keeps).
+    app.topics.add(sales)
+    fastpath.install(
+        app,
+        handle_fetch,
+        fetch_timeout_s=settings.batch_timeout_s,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+    )
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         revoked = args[0] if args else kwargs.get("revoked", set())
+        # Let the batch in flight store its effects first, so partitions change hands
+        # between batches (bounded: a stuck batch must not hold up the whole group).
+        wait_idle = getattr(app.consumer, "wait_idle", None)
+        if wait_idle is not None:
+            await wait_idle(settings.broker_session_timeout_s / 2)
+        await flush_clocks()
         processor.forget(PartitionId(tp.topic, tp.partition) for tp in revoked)
 
     @app.on_partitions_assigned.connect
@@ -292,6 +387,30 @@ def create_app(
         app.timer(interval=settings.bundle_poll_s)(reload_bundle)
         app.trendcast_reload = reload_bundle  # type: ignore[attr-defined]  # for tests
 
+    publish_to = publish or topic_sink.send
+    instance = f"{socket.gethostname()}:{os.getpid()}".encode()
+
+    async def publish_insights() -> None:
+        # Accuracy and trends are derived data: a failed send is logged and the next
+        # interval publishes the then-current figures; it never stops the worker.
+        now_ms = int(time.time() * 1000)
+        try:
+            records = accuracy.drain_records(now_ms)
+            if records:
+                await publish_to(settings.accuracy_topic, [(k.encode(), v) for k, v in records])
+            snapshot = trends.snapshot(settings.trends_top_k, now_ms)
+            if snapshot is not None:
+                await publish_to(settings.trends_topic, [(instance, snapshot)])
+        except TrendcastError as exc:
+            logger.warning("could not publish accuracy/trends (%s); next time", exc)
+
+    if settings.publish_interval_s > 0:
+        app.timer(interval=settings.publish_interval_s)(publish_insights)
+
+    app.trendcast_publish = publish_insights  # type: ignore[attr-defined]  # for tests
+    app.trendcast_accuracy = accuracy  # type: ignore[attr-defined]  # for tests/inspection
+    app.trendcast_trends = trends  # type: ignore[attr-defined]  # for tests/inspection
     app.trendcast_processor = processor  # type: ignore[attr-defined]  # for tests/inspection
+    app.trendcast_handle_fetch = handle_fetch  # type: ignore[attr-defined]  # for tests
     app.trendcast_health = health  # type: ignore[attr-defined]  # for tests/inspection
     return app

@@ -36,15 +36,18 @@ def model_info(bundle: Bundle) -> ModelInfo:
 
 
 def load_model(settings: WorkerSettings) -> tuple[Forecaster, ModelInfo]:
-    """Load and verify the live bundle (following ``current``) and open its ONNX model.
+    """Load and verify the live bundle (following the Redis key or ``current``) and open its
+    ONNX model.
 
     Raises:
         BundleError: The bundle is missing, corrupt or inconsistent; the worker must not
             start on a model it cannot verify.
+        StateStoreError: ``bundle_redis_key`` is set and Redis cannot be read.
     """
-    from stream import reload
+    from stream import reload, versions
 
-    loaded = reload.load_model(settings.bundle)
+    source = versions.version_source(settings)
+    loaded = reload.load_model(versions.resolve_now(settings.bundle, source))
     return loaded.forecaster, loaded.model
 
 
@@ -129,9 +132,10 @@ def build_worker_app(
 
     Raises:
         BundleError: The bundle cannot be verified (when no forecaster is given).
-        StateStoreError: Redis is unreachable (when no store is given).
+        StateStoreError: Redis is unreachable (when no store is given, or the bundle's Redis
+            key cannot be read).
     """
-    from stream import reload
+    from stream import reload, versions
     from stream.app import create_app
     from stream.security import redis_client_kwargs
     from stream.windows.clients import async_client
@@ -139,11 +143,15 @@ def build_worker_app(
 
     watcher: reload.BundleWatcher | None = None
     if forecaster is None or model is None:
-        loaded = reload.load_model(settings.bundle)
+        # The Redis key (if configured) or ``current`` decides the first model as it decides
+        # every later one; the same source object goes on to the watcher, so "key absent,
+        # following current" is logged once, not once at start and again at the first poll.
+        source = versions.version_source(settings)
+        loaded = reload.load_model(versions.resolve_now(settings.bundle, source))
         forecaster, model = loaded.forecaster, loaded.model
         # Hot reload follows the bundle location the worker loaded from; a caller that
         # hands in its own forecaster owns the model.
-        watcher = reload.BundleWatcher(settings.bundle, loaded)
+        watcher = reload.BundleWatcher(settings.bundle, loaded, source=source)
     if store is None:
         # Kept buckets: the window, the open ones (lateness) and the writable closed ones
         # (grace), a margin for the batch that closes buckets, and the first-sale field.
@@ -156,8 +164,21 @@ def build_worker_app(
         )
         client = async_client(settings.redis_url, cluster=settings.redis_cluster, **client_kwargs)
         store = RedisWindowStore(client, model.freq, settings.state_prefix)
+    shadow = None
+    if settings.shadow_bundle is not None:
+        # Verified like the live bundle; refused here (one line, no start) if it is broken
+        # or if the live windows cannot feed it (checked by the processor).
+        shadow_model = reload.load_model(settings.shadow_bundle)
+        shadow = (shadow_model.forecaster, shadow_model.model)
     return create_app(
-        settings, forecaster, store, model, sink=sink, on_late=on_late, watcher=watcher
+        settings,
+        forecaster,
+        store,
+        model,
+        sink=sink,
+        on_late=on_late,
+        watcher=watcher,
+        shadow=shadow,
     )
 
 
@@ -245,16 +266,17 @@ def inspect_items(
     Args:
         settings: Worker settings (Redis URL and key prefix).
         item_ids: Items to show.
-        freq: Bucket frequency; default: the bundle's (``settings.bundle``).
+        freq: Bucket frequency; default: the live bundle's (``settings.bundle``, followed
+            like the worker follows it).
 
     Raises:
         BundleError: ``freq`` not given and the bundle cannot be read.
         StateStoreError: Redis unreachable.
     """
     if freq is None:
-        from stream.reload import resolve_bundle
+        from stream.versions import resolve_now, version_source
         from trendcast.bundle import load_bundle
 
-        bundle = resolve_bundle(settings.bundle)
+        bundle = resolve_now(settings.bundle, version_source(settings))
         freq = load_bundle(bundle, check_model=False).meta.freq
     yield from run_sync(_inspect(settings, item_ids, freq))

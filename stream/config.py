@@ -41,8 +41,21 @@ class WorkerSettings(BaseSettings):
             bundles whose file ``current`` names the live one (see :mod:`stream.reload`).
         bundle_poll_s: How often the worker checks ``bundle`` for a new model and swaps it
             in without a restart; 0 disables hot reload.
+        bundle_redis_key: Redis key whose value names the live bundle, a directory under
+            ``bundle`` (e.g. ``v3``); read from ``redis_url`` with the same credentials, at
+            start and every ``bundle_poll_s``. While the key is absent the ``current`` file
+            decides. ``None``: only the ``current`` file (see :mod:`stream.versions`).
         sales_topic: Input topic (key = item id, value = JSON sale).
         dlq_topic: Dead-letter topic for invalid and too-late events.
+        accuracy_topic: Where online accuracy records go (rolling RMSSE, WAPE, coverage per
+            model version and role; see :mod:`stream.accuracy`).
+        trends_topic: Where the top rising and falling items go (:mod:`stream.trends`).
+        publish_interval_s: How often accuracy and trends are published (0 = never).
+        trends_top_k: Items in each of the rising and falling lists.
+        accuracy_rolling_buckets: Target buckets in the rolling accuracy window.
+        accuracy_max_items: Items whose pending forecasts are kept for scoring (memory cap).
+        shadow_bundle: A second bundle scored on the same windows as the live one; its
+            forecasts feed accuracy (role ``shadow``) and never reach the forecasts topic.
         forecasts_topic: Output topic (key = item id, value = JSON forecast).
         consumer_group: Kafka consumer group, also the Faust app id.
         state_prefix: Prefix of every Redis key the worker writes.
@@ -50,8 +63,13 @@ class WorkerSettings(BaseSettings):
             buckets; a bucket closes (and is forecast) once the watermark passes its end.
         grace_buckets: Closed buckets still accepting late events; an event for an older
             bucket goes to the dead-letter topic with reason ``late``.
-        batch_size: Events taken from the stream per batch (one Redis round trip per batch).
-        batch_timeout_s: Longest wait to fill a batch before processing what arrived.
+        batch_size: Most records one fetch hands to the processor (Kafka
+            ``max_poll_records``); a fetch is one batch: one Redis round trip, then one commit.
+        batch_timeout_s: Longest wait of one fetch when nothing arrives.
+        fetch_max_wait_ms: Kafka consumer ``fetch_max_wait_ms`` (Faust fixes 1500). Apache
+            Kafka answers a fetch as soon as records arrive, so there it only bounds idle
+            long polls; the embedded Tansu broker holds every fetch for the full wait, so
+            ``trendcast up``, the tests and the benches set 50 ms.
         inference_batch_size: Windows per ``Forecaster.predict`` call.
         state_ttl_s: TTL of an item's keys, refreshed on every write, so items that stop
             selling fade away; ``None`` = twice the time span of the kept buckets.
@@ -98,15 +116,29 @@ class WorkerSettings(BaseSettings):
     redis_cluster: bool = False
     bundle: Path = Path("artifacts/bundle")
     bundle_poll_s: float = Field(default=10.0, ge=0)
+    bundle_redis_key: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Redis key naming the live bundle under `bundle` (deploy = SET, rollback = "
+        "SET the old name); the `current` file decides while it is absent.",
+    )
     sales_topic: str = Field(default="sales", min_length=1)
     dlq_topic: str = Field(default="sales.dlq", min_length=1)
     forecasts_topic: str = Field(default="forecasts", min_length=1)
+    accuracy_topic: str = Field(default="forecast-accuracy", min_length=1)
+    trends_topic: str = Field(default="trends", min_length=1)
+    publish_interval_s: float = Field(default=10.0, ge=0)
+    trends_top_k: int = Field(default=20, gt=0, le=1000)
+    accuracy_rolling_buckets: int = Field(default=28, gt=0)
+    accuracy_max_items: int = Field(default=10_000, gt=0)
+    shadow_bundle: Path | None = None
     consumer_group: str = Field(default="trendcast-worker", min_length=1)
     state_prefix: str = Field(default="trendcast", min_length=1, pattern=r"^[^{}\s]+$")
     lateness_buckets: int = Field(default=1, ge=0)
     grace_buckets: int = Field(default=1, ge=0)
-    batch_size: int = Field(default=500, gt=0)
+    batch_size: int = Field(default=5000, gt=0)
     batch_timeout_s: float = Field(default=0.5, gt=0)
+    fetch_max_wait_ms: int = Field(default=500, ge=1, le=30_000)
     inference_batch_size: int = Field(default=256, gt=0)
     state_ttl_s: int | None = Field(default=None, gt=0)
     max_message_bytes: int = Field(default=64 * 1024, gt=0)

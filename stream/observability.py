@@ -71,6 +71,7 @@ __all__ = [
     "BATCH_SECONDS",
     "BATCH_SIZE",
     "BUNDLE_RELOAD_FAILURES",
+    "SHADOW_FAILURES",
     "CONSUMER_LAG",
     "DEAD_LETTERS",
     "EVENTS",
@@ -151,6 +152,10 @@ MODEL_INFO = Info("trendcast_model", "The model bundle the worker serves")
 BUNDLE_RELOAD_FAILURES = Counter(
     "trendcast_bundle_reload_failures_total",
     "New bundles refused by hot reload (unverifiable or incompatible); the old one serves on",
+)
+SHADOW_FAILURES = Counter(
+    "trendcast_shadow_failures_total",
+    "Micro-batches the shadow model failed on (live forecasts are unaffected)",
 )
 
 # Known label values start at 0, so dashboards and alerts see a series before the first

@@ -12,13 +12,16 @@ and a fake sink, and so the Faust app (:mod:`stream.app`) stays pure wiring. Per
    a forecast; items whose already-forecast buckets received late (in-grace) events get a new
    forecast as of the last closed bucket; one ``predict`` per micro-batch;
 4. dead letters and forecasts are sent and their delivery awaited; only then is the
-   partition's clock stored (largest event time, "forecast up to" mark, next offset — all
+   partition's clock advanced (largest event time, "forecast up to" mark, next offset — all
    three together, so the stored clock never counts events whose outputs may be missing; a
    re-delivered message below the stored next offset that now looks late was counted
-   before and is dropped as a duplicate instead of being dead-lettered as ``late``), and
-   only after :meth:`SalesProcessor.process`
-   returns does the caller ack the messages, so Kafka offsets are committed only for events
-   whose state and outputs are stored.
+   before and is dropped as a duplicate instead of being dead-lettered as ``late``). The
+   advanced clock is stored with the *next* batch's round trip (or by :meth:`flush` at
+   revoke, at stop and every second), so a batch costs one round trip, plus one window
+   read when buckets close. Only after :meth:`SalesProcessor.process` returns does the
+   caller commit the offsets, so Kafka offsets are committed only for events whose state
+   and outputs are stored; a stored clock that lags (a crash before the flush) only makes
+   a restarted worker re-emit the last forecasts, never skip one.
 
 A failure anywhere leaves the batch un-acked and the cached clocks dropped; re-processing it
 is safe because every store write is idempotent and clocks only move forward. Forecasts are
@@ -30,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,8 +45,10 @@ from stream.observability import (
     EVENTS,
     FORECASTS,
     LATE_BY,
+    SHADOW_FAILURES,
     WATERMARK,
 )
+from stream.observers import ForecastObserver
 from stream.watermark import PartitionClock, PartitionState
 from stream.windows.base import (
     ApplyResult,
@@ -57,9 +62,32 @@ from stream.windows.base import (
 from trendcast.exceptions import BundleError, EventError
 from trendcast.forecasting.base import Forecaster
 
-__all__ = ["BatchStats", "RawMessage", "SalesProcessor", "Sink"]
+__all__ = ["BatchStats", "RawMessage", "Record", "SalesProcessor", "Sink"]
 
 logger = logging.getLogger(__name__)
+
+
+class Record(Protocol):
+    """What the processor reads of one Kafka record of a known partition.
+
+    aiokafka's ``ConsumerRecord`` has exactly these attributes, so the worker's fast path
+    (:mod:`stream.fastpath`) hands fetched records over as they are, without building a
+    Python object per event; tests use :class:`RawMessage`.
+    """
+
+    @property
+    def offset(self) -> int: ...  # noqa: D102
+
+    @property
+    def key(self) -> bytes | None: ...  # noqa: D102
+
+    @property
+    def value(self) -> bytes | None: ...  # noqa: D102
+
+    @property
+    def timestamp(self) -> int | None:  # noqa: D102
+        """Broker or producer timestamp, epoch ms."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +105,11 @@ class RawMessage:
     def source(self) -> PartitionId:
         """The partition the record came from."""
         return PartitionId(self.topic, self.partition)
+
+    @property
+    def timestamp(self) -> int | None:
+        """:class:`Record`'s name for ``timestamp_ms``."""
+        return self.timestamp_ms
 
 
 class Sink(Protocol):
@@ -128,6 +161,8 @@ class SalesProcessor:
         max_future_ms: How far ahead of the wall clock an event may be.
         state_ttl_ms: TTL of item keys; ``None`` derives it from the kept span.
         on_late: Hook called for every late event (after counting it).
+        observers: Shown every forecast micro-batch (online accuracy, trends).
+        shadow: A second model scored on the same windows, never emitted.
         clock_ms: Wall clock (injectable for tests).
     """
 
@@ -145,6 +180,8 @@ class SalesProcessor:
         max_future_ms: int | None = 86_400_000,
         state_ttl_ms: int | None = None,
         on_late: OnLate | None = None,
+        observers: Sequence[ForecastObserver] = (),
+        shadow: tuple[Forecaster, ModelInfo] | None = None,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         if store.freq != model.freq:
@@ -169,6 +206,13 @@ class SalesProcessor:
         self.state_uses_prices = model.uses_prices
         self._busy = False
         self._pending: tuple[Forecaster, ModelInfo] | None = None
+        self.observers = list(observers)
+        self.shadow: tuple[Forecaster, ModelInfo] | None = None
+        if shadow is not None:
+            self.set_shadow(*shadow)
+        # Clocks whose outputs were delivered but which are not stored yet: they ride along
+        # with the next batch's round trip (or :meth:`flush`), see step 4.
+        self._unsaved: dict[PartitionId, PartitionState] = {}
 
     def swap_model(self, forecaster: Forecaster, model: ModelInfo) -> None:
         """Serve ``model`` from the next batch on (now, when no batch is in progress).
@@ -183,6 +227,14 @@ class SalesProcessor:
             BundleError: The window state cannot feed ``model``: another freq, a window
                 longer than the kept one, or prices the state does not keep.
         """
+        self._check_feedable(model)
+        if self._busy:
+            self._pending = (forecaster, model)
+        else:
+            self._pending = None
+            self.forecaster, self.model = forecaster, model
+
+    def _check_feedable(self, model: ModelInfo) -> None:
         if model.freq != self.model.freq:
             raise BundleError(
                 f"model {model.model_version}: expected freq {self.model.freq.name} "
@@ -198,11 +250,56 @@ class SalesProcessor:
                 f"model {model.model_version}: expected a model without a price feature "
                 "(the stored windows keep no prices), got one with prices"
             )
-        if self._busy:
-            self._pending = (forecaster, model)
-        else:
-            self._pending = None
-            self.forecaster, self.model = forecaster, model
+
+    def set_shadow(self, forecaster: Forecaster | None, model: ModelInfo | None = None) -> None:
+        """Score ``forecaster`` on the live model's windows from the next batch on (None: stop).
+
+        A shadow model's forecasts only reach the observers (role ``shadow``): it is how a
+        candidate is compared with the live model on the same traffic before promoting it.
+
+        Raises:
+            BundleError: The window state cannot feed ``model`` (see :meth:`swap_model`).
+        """
+        if forecaster is None or model is None:
+            self.shadow = None
+            return
+        self._check_feedable(model)
+        self.shadow = (forecaster, model)
+
+    async def _score_shadow(
+        self, requests: Sequence[ForecastRequest], windows: Mapping[str, ItemWindow]
+    ) -> None:
+        if self.shadow is None:
+            return
+        forecaster, model = self.shadow
+        try:
+            await forecast(
+                forecaster,
+                requests,
+                windows,
+                model,
+                self.inference_batch_size,
+                observers=self.observers,
+                role="shadow",
+                emit=False,
+            )
+        except Exception as exc:  # a broken candidate must never hold up live forecasts
+            SHADOW_FAILURES.inc()
+            logger.warning("shadow model %s failed: %s", model.model_version, exc)
+
+    async def flush(self) -> None:
+        """Store the clocks of delivered batches now (at revoke, at stop, on a timer).
+
+        Raises:
+            StateStoreError: The store failed; the clocks stay pending.
+        """
+        if self._busy or not self._unsaved:
+            return  # a running batch stores them with its own round trip
+        unsaved = dict(self._unsaved)
+        await self.store.apply([], [PartitionUpdate(pid, st) for pid, st in unsaved.items()])
+        for pid, state in unsaved.items():
+            if self._unsaved.get(pid) is state:
+                del self._unsaved[pid]
 
     def forget(self, partitions: Iterable[PartitionId] | None = None) -> None:
         """Drop cached clocks (all, or of ``partitions``), e.g. on revoke or after a failure.
@@ -230,19 +327,25 @@ class SalesProcessor:
         return clock
 
     def _dead_letter(
-        self, msg: RawMessage, reason: str, detail: str, now_ms: int, **extra: object
+        self,
+        pid: PartitionId,
+        msg: Record,
+        reason: str,
+        detail: str,
+        now_ms: int,
+        **extra: object,
     ) -> tuple[bytes | None, bytes]:
         logger.warning(
             "dead-lettering %s[%d]@%d: %s (%s)",
-            msg.topic,
-            msg.partition,
+            pid.topic,
+            pid.partition,
             msg.offset,
             reason,
             detail,
             # Structured context for JSON logs (stream.observability.JsonFormatter).
             extra={
-                "topic": msg.topic,
-                "partition": msg.partition,
+                "topic": pid.topic,
+                "partition": pid.partition,
                 "offset": msg.offset,
                 "reason": reason,
             },
@@ -252,11 +355,11 @@ class SalesProcessor:
             msg.value,
             reason=reason,
             detail=detail,
-            topic=msg.topic,
-            partition=msg.partition,
+            topic=pid.topic,
+            partition=pid.partition,
             offset=msg.offset,
             key=msg.key,
-            timestamp_ms=msg.timestamp_ms,
+            timestamp_ms=msg.timestamp,
             dead_lettered_at_ms=now_ms,
             extra=dict(extra) or None,
         )
@@ -270,13 +373,31 @@ class SalesProcessor:
             BrokerError: Sending output failed; retry the same batch.
             ForecastError: The forecaster failed; retry the same batch.
         """
+        by_partition: dict[PartitionId, list[RawMessage]] = {}
+        for msg in messages:
+            by_partition.setdefault(msg.source, []).append(msg)
+        return await self.process_partitions(by_partition)
+
+    async def process_partitions(
+        self, batches: Mapping[PartitionId, Sequence[Record]]
+    ) -> BatchStats:
+        """Process one batch given as records per partition, each in offset order.
+
+        This is what the worker calls with the records of one fetch; :meth:`process` is the
+        same for a flat list of :class:`RawMessage`.
+
+        Raises:
+            StateStoreError: The store failed; nothing was acked, retry the same batch.
+            BrokerError: Sending output failed; retry the same batch.
+            ForecastError: The forecaster failed; retry the same batch.
+        """
         started = time.perf_counter()
         self._busy = True
         try:
-            return await self._process(messages)
+            return await self._process(batches)
         except BaseException:
             # The cached clocks may be ahead of what was stored: reload them next time.
-            self.forget({m.source for m in messages})
+            self.forget(batches.keys())
             raise
         finally:
             self._busy = False
@@ -284,17 +405,16 @@ class SalesProcessor:
                 (self.forecaster, self.model), self._pending = self._pending, None
             BATCH_SECONDS.observe(time.perf_counter() - started)
 
-    async def _process(self, messages: Sequence[RawMessage]) -> BatchStats:
+    async def _process(self, by_partition: Mapping[PartitionId, Sequence[Record]]) -> BatchStats:
         stats = BatchStats()
         now_ms = self.clock_ms()
-        by_partition: dict[PartitionId, list[RawMessage]] = {}
-        for msg in messages:
-            by_partition.setdefault(msg.source, []).append(msg)
 
         # 1. Validate and classify; plan the store writes of each partition.
         dead: list[tuple[bytes | None, bytes]] = []
         plans: list[_Plan] = []
         for pid, msgs in by_partition.items():
+            if not msgs:
+                continue
             plan = await self._ingest(pid, msgs, now_ms, stats, dead)
             if plan is not None:
                 plans.append(plan)
@@ -303,9 +423,10 @@ class SalesProcessor:
             await self.sink.send_dead_letters(dead)
 
         # 2. One round trip: sums, dedupe, clocks, recent sellers.
-        result = await self.store.apply(
-            [u for plan in plans for u in plan.items], [plan.partition for plan in plans]
-        )
+        updates = [plan.partition for plan in plans]
+        updates += [PartitionUpdate(pid, state) for pid, state in self._unsaved.items()]
+        self._unsaved = {}
+        result = await self.store.apply([u for plan in plans for u in plan.items], updates)
         stats.duplicates = result.duplicates
         EVENTS.labels("valid").inc(stats.valid - result.duplicates - result.refused)
         EVENTS.labels("duplicate").inc(result.duplicates)
@@ -314,13 +435,18 @@ class SalesProcessor:
         requests, windows = await self._forecast_requests(plans, result, stats)
         if requests:
             records = await forecast(
-                self.forecaster, requests, windows, self.model, self.inference_batch_size
+                self.forecaster,
+                requests,
+                windows,
+                self.model,
+                self.inference_batch_size,
+                observers=self.observers,
             )
             await self.sink.send_forecasts(records)
+            await self._score_shadow(requests, windows)
             stats.forecasts = len(records)
             FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
             FORECASTS.labels("late").inc(stats.reforecasts)
-        marks: list[PartitionUpdate] = []
         for plan in plans:
             watermark = plan.clock.watermark_ms
             if watermark is not None:
@@ -330,9 +456,10 @@ class SalesProcessor:
                 # them (at-least-once) instead of losing them.
                 plan.clock.mark_emitted()
             plan.clock.mark_processed(plan.next_offset)
-            marks.append(PartitionUpdate(plan.pid, plan.clock.state))
-        if marks:
-            await self.store.apply([], marks)
+            # Stored with the next batch's round trip, not in a second one now: until then
+            # the stored clock lags, which is safe (it may re-emit a forecast after a crash,
+            # never skip one); flush() stores it at revoke, at stop and every second.
+            self._unsaved[plan.pid] = plan.clock.state
         if stats.invalid or stats.late or stats.forecasts:
             logger.info(
                 "batch: %d valid, %d invalid, %d late, %d duplicate, %d forecasts "
@@ -346,97 +473,112 @@ class SalesProcessor:
             )
         return stats
 
-    def _validate(
+    def _reject(
         self,
-        msg: RawMessage,
+        pid: PartitionId,
+        msg: Record,
+        event: SaleEvent,
         clock: PartitionClock,
         now_ms: int,
         stats: BatchStats,
         dead: list[tuple[bytes | None, bytes]],
-    ) -> SaleEvent | None:
-        """The message's event if it counts; otherwise dead-letter it and return None."""
-        try:
-            event = parse_event(
-                msg.value,
-                max_bytes=self.max_message_bytes,
-                now_ms=now_ms,
-                max_future_ms=self.max_future_ms,
-            )
-        except EventError as exc:
-            stats.invalid += 1
-            EVENTS.labels("invalid").inc()
-            dead.append(self._dead_letter(msg, exc.reason, exc.detail, now_ms))
-            return None
-        if clock.is_late(event.ts_ms) and clock.is_redelivered(msg.offset):
+    ) -> None:
+        """Count a valid event that falls before its partition's late bound."""
+        if clock.is_redelivered(msg.offset):
             # Counted before a crash or rebalance, re-delivered because its offset was not
             # committed yet; the clock moved past it because it was counted.
             stats.redelivered += 1
             EVENTS.labels("duplicate").inc()
-            return None
-        if clock.is_late(event.ts_ms):
-            late_by = clock.late_by_ms(event.ts_ms)
-            stats.late += 1
-            EVENTS.labels("late").inc()
-            LATE_BY.observe(late_by)
-            detail = (
-                f"event at {event.ts_ms} is {late_by} ms behind the watermark of "
-                f"{msg.topic}[{msg.partition}]"
+            return
+        late_by = clock.late_by_ms(event.ts_ms)
+        stats.late += 1
+        EVENTS.labels("late").inc()
+        LATE_BY.observe(late_by)
+        detail = (
+            f"event at {event.ts_ms} is {late_by} ms behind the watermark of "
+            f"{pid.topic}[{pid.partition}]"
+        )
+        dead.append(
+            self._dead_letter(
+                pid,
+                msg,
+                "late",
+                detail,
+                now_ms,
+                item_id=event.item_id,
+                event_ts_ms=event.ts_ms,
+                late_by_ms=late_by,
             )
-            dead.append(
-                self._dead_letter(
-                    msg,
-                    "late",
-                    detail,
-                    now_ms,
-                    item_id=event.item_id,
-                    event_ts_ms=event.ts_ms,
-                    late_by_ms=late_by,
-                )
+        )
+        if self.on_late is not None:
+            raw = RawMessage(
+                pid.topic, pid.partition, msg.offset, msg.key, msg.value, msg.timestamp
             )
-            if self.on_late is not None:
-                self.on_late(event, msg, late_by)
-            return None
-        return event
+            self.on_late(event, raw, late_by)
 
     async def _ingest(
         self,
         pid: PartitionId,
-        msgs: Sequence[RawMessage],
+        msgs: Sequence[Record],
         now_ms: int,
         stats: BatchStats,
         dead: list[tuple[bytes | None, bytes]],
     ) -> _Plan | None:
-        """Validate a partition's messages in offset order, advancing its clock."""
+        """Validate a partition's messages in offset order, advancing its clock.
+
+        This loop runs once per event, so it keeps to locals: the late bound only moves
+        when the partition's largest event time does, and the clock is consulted then.
+        """
         clock = await self._clock(pid)
-        step = self.model.freq.step_ms
+        freq = self.model.freq
+        floor, step = freq.floor_ms, freq.step_ms
+        uses_prices = self.model.uses_prices
+        max_bytes, max_future_ms = self.max_message_bytes, self.max_future_ms
         emitted_before = clock.state.emitted_to_ms
         # The late bound as stored before this batch: every event accepted below is at or
         # after it, and dedupe keys older than it can go (see ItemUpdate.dedupe_from_ms).
-        late_before_start = clock.late_before_ms
+        late_before_start = late_before_now = clock.late_before_ms
+        max_event = clock.state.max_event_ms
+        offset_key = f"o:{pid.topic}:{pid.partition}:"
         deltas: dict[str, list[BucketDelta]] = {}
         last_sale: dict[str, int] = {}
+        valid = 0
         for msg in msgs:
-            event = self._validate(msg, clock, now_ms, stats, dead)
-            if event is None:
-                continue
-            stats.valid += 1
-            clock.observe(event.ts_ms)
-            bucket = self.model.freq.floor_ms(event.ts_ms)
-            priced = self.model.uses_prices and event.price is not None and event.quantity > 0
-            if event.event_id is not None:
-                dedupe_key = f"e:{event.event_id}"
-            else:
-                dedupe_key = f"o:{msg.topic}:{msg.partition}:{msg.offset}"
-            deltas.setdefault(event.item_id, []).append(
-                BucketDelta(
-                    bucket_ms=bucket,
-                    dedupe_key=dedupe_key,
-                    quantity=event.quantity,
-                    price_qty=(event.price or 0.0) * event.quantity if priced else 0.0,
-                    priced_qty=event.quantity if priced else 0.0,
+            try:
+                event = parse_event(
+                    msg.value, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
                 )
-            )
-            last_sale[event.item_id] = max(bucket, last_sale.get(event.item_id, bucket))
+            except EventError as exc:
+                stats.invalid += 1
+                EVENTS.labels("invalid").inc()
+                dead.append(self._dead_letter(pid, msg, exc.reason, exc.detail, now_ms))
+                continue
+            ts_ms = event.ts_ms
+            bucket = floor(ts_ms)
+            if late_before_now is not None and bucket < late_before_now:
+                self._reject(pid, msg, event, clock, now_ms, stats, dead)
+                continue
+            valid += 1
+            if max_event is None or ts_ms > max_event:
+                clock.observe(ts_ms)
+                max_event, late_before_now = ts_ms, clock.late_before_ms
+            quantity, price = event.quantity, event.price
+            event_id = event.event_id
+            dedupe_key = f"e:{event_id}" if event_id is not None else f"{offset_key}{msg.offset}"
+            if uses_prices and price is not None and quantity > 0:
+                delta = BucketDelta(bucket, dedupe_key, quantity, price * quantity, quantity)
+            else:
+                delta = BucketDelta(bucket, dedupe_key, quantity)
+            item_id = event.item_id
+            item_deltas = deltas.get(item_id)
+            if item_deltas is None:
+                deltas[item_id] = [delta]
+                last_sale[item_id] = bucket
+            else:
+                item_deltas.append(delta)
+                if bucket > last_sale[item_id]:
+                    last_sale[item_id] = bucket
+        stats.valid += valid
 
         open_from, late_before = clock.open_from_ms, clock.late_before_ms
         if open_from is None or late_before is None:
@@ -463,7 +605,7 @@ class SalesProcessor:
                 )
                 for item_id, ds in deltas.items()
             ],
-            next_offset=max(m.offset for m in msgs) + 1,
+            next_offset=msgs[-1].offset + 1,  # offset order
             partition=PartitionUpdate(
                 pid,
                 # The clock itself is stored after the outputs were delivered (step 4).

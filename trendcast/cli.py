@@ -507,6 +507,125 @@ def inspect(
         typer.echo(orjson.dumps(record).decode())
 
 
+@app.command()
+def promote(
+    version: Annotated[
+        str,
+        typer.Argument(metavar="VERSION", help="Bundle under --bundles to make live, e.g. v3."),
+    ],
+    bundles: Annotated[
+        Path,
+        typer.Option(
+            "--bundles", metavar="DIR", help="Directory of bundles (workers' TRENDCAST_BUNDLE)."
+        ),
+    ],
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Redis holding --key (default: TRENDCAST_REDIS_URL; credentials, TLS and "
+            "cluster mode from the TRENDCAST_REDIS_* settings).",
+        ),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="Set this Redis key (the workers' TRENDCAST_BUNDLE_REDIS_KEY) instead of "
+            "writing DIR/current.",
+        ),
+    ] = None,
+) -> None:
+    """Verify the bundle DIR/VERSION, then make it live (DIR/current or a Redis key).
+
+    Workers switch at their next poll; roll back by promoting the previous version.
+
+    Example: trendcast promote v3 --bundles /bundles --key trendcast:bundle:current
+    """
+    from stream._sync import run_sync
+    from stream.security import redact_url
+    from stream.versions import CURRENT_FILE, PointerFile, RedisKey
+    from stream.versions import promote as promote_bundle
+
+    if key is None and redis_url is not None:
+        raise ConfigError("--redis-url: expected --key with it, got none")
+    if key is not None and not key.strip():
+        raise ConfigError(f"--key: expected a Redis key name, got {key!r}")
+    settings: WorkerSettings | None = None
+    if key is not None:
+        from stream.config import WorkerSettings
+
+        try:
+            settings = WorkerSettings(redis_url=redis_url) if redis_url else WorkerSettings()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            name = str(first["loc"][0]) if first["loc"] else "redis_url"
+            flag = "--redis-url" if redis_url is not None and name == "redis_url" else name
+            raise ConfigError(f"{flag}: {first['msg']}") from exc
+
+    async def run() -> str:
+        if key is None or settings is None:
+            return (await promote_bundle(bundles, version, PointerFile(bundles))).meta.model_version
+        target = RedisKey.from_settings(settings, key)
+        try:
+            return (await promote_bundle(bundles, version, target)).meta.model_version
+        finally:
+            await target.aclose()
+
+    model_version = run_sync(run())
+    where = (
+        str(bundles / CURRENT_FILE)
+        if settings is None
+        else f"Redis key {key!r} at {redact_url(settings.redis_url)}"
+    )
+    typer.echo(f"promoted {version} (model {model_version}): {where} now names it")
+
+
+@app.command("report")
+def report_command(
+    out: Annotated[Path, typer.Option("--out", help="Report directory.")],
+    input_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            help="JSON lines of forecast-accuracy records (as `trendcast tail` prints them) "
+            "instead of reading Kafka.",
+        ),
+    ] = None,
+    brokers: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap (default: TRENDCAST_KAFKA_BROKERS).")
+    ] = None,
+    topic: Annotated[str, typer.Option(help="Topic of the accuracy records.")] = (
+        "forecast-accuracy"
+    ),
+) -> None:
+    """Plot and tabulate the worker's online accuracy (RMSSE, WAPE, coverage) over time.
+
+    Reads the topic from its beginning to its current end, or --input.
+
+    Example: trendcast report --input accuracy.jsonl --out artifacts/online
+    """
+    from trendcast.report import build_report, read_records
+
+    if input_file is not None and brokers is not None:
+        raise ConfigError("give either --input or --brokers, not both")
+    if input_file is not None:
+        records = read_records(input_file)
+        source = str(input_file)
+    else:
+        from stream.embedded import to_bootstrap
+        from stream.security import KafkaSecurity
+        from stream.tail import tail as read_topic
+
+        settings = _worker_settings()
+        bootstrap = to_bootstrap(brokers or settings.kafka_brokers)
+        security = KafkaSecurity.from_settings(settings)
+        records = [r["value"] for r in read_topic(bootstrap, topic, n=None, security=security)]
+        source = f"{topic} on {bootstrap}"
+    result = build_report(records, out, source=source)
+    typer.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")
+
+
 def _train_sample_bundle(target: Path) -> Path:
     """Train the small bundle `trendcast up` serves when none is given (shipped sample)."""
     from rich.console import Console

@@ -106,6 +106,7 @@ def test_sigterm_finishes_the_batch_commits_and_leaves(
     sales, dlq, fc = unique_topic(3, "sales"), unique_topic(1, "dlq"), unique_topic(2, "fc")
     settings = WorkerSettings(
         kafka_brokers=f"kafka://{kafka_bootstrap}",
+        fetch_max_wait_ms=50,  # Tansu holds fetches for the full wait
         redis_url=redis_url,
         bundle=make_fake_bundle(tmp_path / "bundle", window=WINDOW, horizon=HORIZON),
         sales_topic=sales,

@@ -67,6 +67,7 @@ def worker(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
     redis_server = RedisServer(data_dir=tmp / "redis", appendonly=True).start()
     settings = WorkerSettings(
         kafka_brokers=f"kafka://{kafka_bootstrap}",
+        fetch_max_wait_ms=50,  # Tansu holds fetches for the full wait
         redis_url=redis_server.url,
         bundle=make_fake_bundle(tmp / "bundle", window=14, horizon=7),
         sales_topic=topics["sales"],

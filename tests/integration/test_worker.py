@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from stream.embedded import free_port
 from stream.replay import encode_events
 from tests.bundles import make_fake_bundle
 from tests.kafka_helpers import committed_offsets, consume_all, produce, wait_until
+from trendcast.bundle import load_bundle
 from trendcast.data import bucketize, read_lines, sample_data_path
 from trendcast.freq import parse_freq
 
@@ -81,11 +83,16 @@ def _settings(bootstrap: str, url: str, tmp: Path, topics: dict[str, str]) -> Wo
     suffix = topics["sales"].rsplit("-", 1)[-1]
     return WorkerSettings(
         kafka_brokers=f"kafka://{bootstrap}",
+        fetch_max_wait_ms=50,  # Tansu holds fetches for the full wait
         redis_url=url,
         bundle=make_fake_bundle(tmp / "bundle", window=WINDOW, horizon=HORIZON),
         sales_topic=topics["sales"],
         dlq_topic=topics["dlq"],
         forecasts_topic=topics["forecasts"],
+        accuracy_topic=f"acc-{suffix}",
+        trends_topic=f"trends-{suffix}",
+        publish_interval_s=1.0,
+        shadow_bundle=make_fake_bundle(tmp / "shadow", window=WINDOW, horizon=HORIZON),
         consumer_group=f"worker-{suffix}",
         state_prefix=f"tcw-{suffix}",
         web_enabled=True,
@@ -308,6 +315,9 @@ def test_reproducing_the_same_events_changes_nothing(run: Run) -> None:
                 out[key] = run.redis.zrangebyscore(key, cutoff_ms, "+inf", withscores=True)
         return out
 
+    # Clocks of delivered batches are stored with the next round trip or by a 1 s timer.
+    before = wait_until(snapshot, lambda snap: snap == snapshot(), timeout_s=10, what="clocks")
+    time.sleep(1.5)
     before = snapshot()
     produce(run.bootstrap, run.settings.sales_topic, [(k, v) for k, v, _ in run.events])
     ends: dict[int, int] = Counter()
@@ -321,6 +331,7 @@ def test_reproducing_the_same_events_changes_nothing(run: Run) -> None:
         timeout_s=30,
         what="offsets committed past the re-produced events",
     )
+    time.sleep(1.5)  # the last clocks are flushed by the 1 s timer
     assert snapshot() == before
     assert Counter(forecast_pairs(run)) == Counter(before_pairs)
 
@@ -406,6 +417,42 @@ def test_a_killed_worker_is_replaced_without_double_counting(
     assert set(got) == set(expected)
     duplicates = sum(got.count(p) - 1 for p in set(got))
     print(f"\nforecasts: {len(expected)} expected, {duplicates} repeated across the crash")
+
+
+def test_online_accuracy_is_published_for_live_and_shadow_and_trends_too(run: Run) -> None:
+    """The shadow model is scored like the live one but never reaches the forecasts topic."""
+    settings = run.settings
+    live = load_bundle(settings.bundle).meta.model_version
+    assert settings.shadow_bundle is not None
+    shadow = load_bundle(settings.shadow_bundle).meta.model_version
+    records = wait_until(
+        lambda: [
+            orjson.loads(r.value)
+            for r in consume_all(run.bootstrap, settings.accuracy_topic, idle_timeout_s=0.5)
+        ],
+        lambda recs: (
+            {(r["role"], r["model_version"]) for r in recs} >= {("live", live), ("shadow", shadow)}
+        ),
+        timeout_s=40,
+        what="accuracy records of both models",
+    )
+    latest = {r["role"]: r for r in records}
+    for record in latest.values():
+        assert record["n"] > 0
+        assert 0.0 <= record["coverage"] <= 1.0 and record["wape"] >= 0.0
+        assert len(record["steps"]) == HORIZON
+    emitted = consume_all(run.bootstrap, settings.forecasts_topic, idle_timeout_s=0.5)
+    assert {orjson.loads(r.value)["model_version"] for r in emitted} == {live}  # no shadow
+
+    trends = [
+        orjson.loads(r.value)
+        for r in consume_all(run.bootstrap, settings.trends_topic, idle_timeout_s=0.5)
+    ]
+    assert trends, "no trends record"
+    last = trends[-1]
+    assert last["items_considered"] > 0 and last["rising"] + last["falling"]
+    for entry in last["rising"]:
+        assert entry["change"] > 0 and entry["next_week"] - entry["last_week"] > 0
 
 
 def test_metrics_are_served(run: Run) -> None:

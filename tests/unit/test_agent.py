@@ -1,6 +1,7 @@
-"""The worker without services: Faust's agent test context, the in-memory store, a fake model.
+"""The worker without services: the app's fetch handler, the in-memory store, a fake model.
 
-The first tests drive the real Faust agent (``agent.test_context()``); the rest call
+The first test drives the handler the fast path (``stream.fastpath``) calls with each fetch,
+with real aiokafka records; the rest call
 :class:`stream.processor.SalesProcessor` directly for the event-time cases (late events,
 re-delivery, restarts, failures) that are awkward to stage through a channel.
 """
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
+from faust.types import TP
 
 from stream.app import create_app
 from stream.config import WorkerSettings
@@ -137,16 +140,23 @@ def test_agent_stores_valid_dead_letters_invalid_and_forecasts_closed_buckets(
         web_enabled=False, data_dir=tmp_path, batch_size=4, batch_timeout_s=0.01
     )
     app = create_app(settings, forecaster, store, MODEL, sink=sink)
-    agent = next(iter(app.agents.values()))
+    values = [
+        (b"a", sale("a", 0.5, 2)),
+        (b"a", sale("a", 1.5, 3)),
+        (b"x", b"\xffnot utf8"),
+        (b"b", sale("b", 1.2, 1, price=2.5, event_id="b-1")),
+        (b"a", sale("a", 3.0, 1)),  # watermark day 2: days 0, 1 close
+    ]
+    records = [
+        ConsumerRecord("sales", 0, offset, 0, 0, key, value, None, len(key), len(value), ())
+        for offset, (key, value) in enumerate(values)
+    ]
 
     async def scenario() -> None:
-        async with agent.test_context() as ctx:
-            await ctx.put(key=b"a", value=sale("a", 0.5, 2))
-            await ctx.put(key=b"a", value=sale("a", 1.5, 3))
-            await ctx.put(key=b"x", value=b"\xffnot utf8")
-            await ctx.put(key=b"b", value=sale("b", 1.2, 1, price=2.5, event_id="b-1"))
-            await ctx.put(key=b"a", value=sale("a", 3.0, 1))  # watermark day 2: days 0, 1 close
-            await _wait_for(lambda: len(sink.forecasts) >= 3)
+        tp = TP("sales", 0)
+        assert await app.trendcast_handle_fetch({tp: records[:2]})
+        assert await app.trendcast_handle_fetch({tp: records[2:]})
+        await _wait_for(lambda: len(sink.forecasts) >= 3)
         windows = await store.read(["a", "b"])
         assert {b: s.quantity for b, s in windows["a"].buckets.items()} == {
             T0: 2.0,
@@ -301,7 +311,9 @@ def test_restarted_worker_continues_from_stored_partition_state() -> None:
     feed = Feed()
 
     async def scenario() -> None:
-        await processor(store=store, sink=sink1).process(feed(sale("a", 0), sale("a", 3)))
+        proc1 = processor(store=store, sink=sink1)
+        await proc1.process(feed(sale("a", 0), sale("a", 3)))
+        await proc1.flush()  # what the worker does at revoke and at stop
         # A new worker (empty caches) takes the partition over.
         proc2 = processor(store=store, sink=sink2)
         await proc2.process(feed(sale("a", 0.5, 9), sale("a", 5)))
@@ -311,6 +323,27 @@ def test_restarted_worker_continues_from_stored_partition_state() -> None:
     # Day 0 is late for the new worker (it knows the watermark); days 2..3 close now.
     assert sink2.pairs() == [("a", day_iso(3)), ("a", day_iso(4))]
     assert [d["reason"] for d in sink2.dead] == ["late"]
+
+
+def test_clock_stored_with_the_next_batch_and_a_lost_one_only_re_emits() -> None:
+    store = MemoryWindowStore(FREQ)
+    sink1, sink2 = ListSink(), ListSink()
+    feed = Feed()
+    pid = PartitionId("sales", 0)
+
+    async def scenario() -> None:
+        proc1 = processor(store=store, sink=sink1)
+        await proc1.process(feed(sale("a", 0), sale("a", 3)))  # days 0, 1 close
+        await proc1.flush()
+        await proc1.process(feed(sale("a", 4)))  # day 2 closes
+        # Outputs delivered, clock not stored yet: it rides with the next round trip.
+        assert (await store.load_partition(pid)).emitted_to_ms == T0 + 2 * DAY
+        # A crash now (no flush): the next worker re-emits day 2, it never skips it.
+        await processor(store=store, sink=sink2).process(feed(sale("a", 4.5)))
+
+    asyncio.run(scenario())
+    assert sink1.pairs() == [("a", day_iso(1)), ("a", day_iso(2)), ("a", day_iso(3))]
+    assert sink2.pairs() == [("a", day_iso(3))]
 
 
 def test_failed_batch_is_retried_without_losing_or_doubling_forecasts() -> None:
@@ -341,6 +374,7 @@ def test_partitions_have_independent_clocks() -> None:
         )
         # Partition 0's clock has not moved: day 1 is on time there.
         await proc.process(feed(sale("a", 1), partition=0))
+        await proc.flush()
 
     asyncio.run(scenario())
     assert {k for k, _ in sink.pairs()} == {"b"}
@@ -348,8 +382,8 @@ def test_partitions_have_independent_clocks() -> None:
     assert asyncio.run(proc.store.load_partition(PartitionId("sales", 0))).max_event_ms == T0 + DAY
 
 
-def test_two_write_round_trips_per_batch() -> None:
-    """Sums first, the partition clock last (after the outputs): see SalesProcessor."""
+def test_one_round_trip_per_batch_plus_a_read_at_closes() -> None:
+    """Sums and the previous batch's clock together; windows read only when buckets close."""
     calls: list[str] = []
 
     class Counting(MemoryWindowStore):
@@ -366,11 +400,14 @@ def test_two_write_round_trips_per_batch() -> None:
     many = [sale(f"i{n}", day / 10) for day in range(20) for n in range(5)]
 
     async def scenario() -> None:
-        await proc.process(feed(*many[:50]))  # no bucket closes: sums, then the clock
-        assert calls == ["apply", "apply"]
+        await proc.process(feed(*many[:50]))  # no bucket closes: one write
+        assert calls == ["apply"]
         calls.clear()
-        await proc.process(feed(*many[50:]))  # buckets close: read windows, mark emitted
-        assert calls == ["apply", "read", "apply"]
+        await proc.process(feed(*many[50:]))  # buckets close: read windows too
+        assert calls == ["apply", "read"]
+        calls.clear()
+        await proc.flush()  # idle: the last clock on its own
+        assert calls == ["apply"]
 
     asyncio.run(scenario())
 

@@ -17,7 +17,7 @@ import pytest
 from stream.windows.base import PartitionId
 from stream.windows.memory import MemoryWindowStore
 from tests.unit.test_agent import FREQ, Feed, ListSink, processor, sale
-from trendcast.exceptions import StateStoreError
+from trendcast.exceptions import BrokerError
 
 
 def _windows(store: MemoryWindowStore, items: list[str]) -> dict[str, dict[int, float]]:
@@ -35,6 +35,7 @@ def test_redelivered_batches_after_a_crash_are_not_dead_lettered() -> None:
     async def run_first() -> None:
         for i in range(0, len(messages), 4):
             await first.process(messages[i : i + 4])
+        await first.flush()
 
     asyncio.run(run_first())
     before = _windows(store, ["i0", "i1", "i2"])
@@ -65,25 +66,17 @@ def test_a_genuinely_late_event_after_the_processed_offsets_is_still_dead_letter
 def test_the_clock_is_stored_only_after_the_outputs() -> None:
     """A batch whose forecasts fail leaves the stored clock where it was, so its retry
     sees the same events as on time (and the store deduplicates them)."""
-
-    class FailingMarks(MemoryWindowStore):
-        fail = 1
-
-        async def apply(self, items, partitions):
-            if not items and partitions and self.fail:
-                self.fail -= 1
-                raise StateStoreError("Redis down")
-            return await super().apply(items, partitions)
-
-    store = FailingMarks(FREQ)
-    sink = ListSink()
+    store = MemoryWindowStore(FREQ)
+    sink = ListSink(fail_forecasts=1)
     proc = processor(store=store, sink=sink)
     feed = Feed()
     batch = feed(sale("a", 0), sale("a", 3), sale("b", 6))
-    with pytest.raises(StateStoreError):
+    with pytest.raises(BrokerError):
         asyncio.run(proc.process(batch))
+    asyncio.run(proc.flush())  # nothing to store: the failed batch advanced no clock
     state = asyncio.run(store.load_partition(PartitionId("sales", 0)))
     assert state.max_event_ms is None and state.next_offset is None
     stats = asyncio.run(proc.process(batch))  # the retry
     assert sink.dead == [] and stats.late == 0 and stats.duplicates == 3
     assert _windows(store, ["a"])["a"] != {}
+    assert sink.forecasts

@@ -1,0 +1,197 @@
+"""The worker's fast path: each fetched batch goes to the processor as one unit.
+
+Why this exists: Faust hands every message one by one from its fetcher to an agent's stream
+(``Consumer._drain_messages`` -> ``Conductor.on_message`` -> a queue -> ``Stream`` -> an
+``Event`` and an ack per message, with a ``wait_first`` and task creation per message). On
+two cores that machinery alone capped a plain agent at a few thousand events/s, while the
+same topic read with aiokafka's ``getmany`` decodes at a hundred thousand and more
+(``bench/throughput.py`` measures both in one run). The worker's work is per batch anyway
+(one Redis round trip, one ONNX Runtime call per micro-batch), so per-event framework
+objects buy nothing.
+
+What changes, and what does not:
+
+* :class:`BatchConsumer` is Faust's own aiokafka consumer with one method replaced,
+  ``_drain_messages`` (the loop of Faust's ``Fetcher`` service). It still waits through
+  Faust's flow control (``_wait_next_records``: paused during rebalances, only active
+  partitions), still drops a fetch that straddles a generation change, as Faust's
+  ``getmany`` does, and passes the raw aiokafka records of each partition, in offset
+  order, to a :data:`BatchHandler`.
+* Offsets are committed through Faust (``Consumer._commit_offsets``: only assigned
+  partitions, producer flushed first, ``committed_offset`` bookkeeping kept) right after the
+  handler returned, i.e. only for events whose state and outputs are stored. Faust's own
+  periodic commit finds nothing acked and stays idle.
+* Faust still owns the worker's lifecycle, the consumer group and rebalances, the producer,
+  timers and the web server. Topics stay subscribed through the app's conductor.
+* Stop (SIGTERM): Faust cancels the fetcher; the batch in flight is shielded from that
+  cancellation, finishes (or gives up its retries, uncommitted) and commits, and only then
+  does the fetcher stop — so a clean stop re-delivers nothing.
+* Rebalance: :meth:`BatchConsumer.wait_idle` lets the revoke handler wait until the batch
+  in flight has stored its effects, so partitions change hands between batches.
+
+The private Faust names this module touches (``_drain_messages``, ``_wait_next_records``,
+``_commit_offsets``, ``_stopped``, ``_buffered_partitions``, ``_new_consumer_thread``,
+``_create_worker_consumer``, and aiokafka's ``_fetch_max_wait_ms``) are checked by
+``tests/unit/test_fastpath.py`` against the installed Faust, so an upgrade that renames or
+re-shapes them fails the tests instead of the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, cast
+
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
+
+__all__ = ["BatchConsumer", "BatchHandler", "install"]
+
+logger = logging.getLogger(__name__)
+
+#: Receives the records of one fetch per partition (aiokafka ``ConsumerRecord`` objects, in
+#: offset order) and returns once their effects are stored, True if they may be committed
+#: (False: the worker is stopping and gave the batch up; it will be re-delivered).
+BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[bool]]
+
+
+class _ConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread, with the Kafka fetch wait Faust hard-codes (1500 ms) set."""
+
+    fetch_max_wait_ms: int | None = None
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        if self.fetch_max_wait_ms is not None:
+            # aiokafka keeps the constructor argument here and hands it to its fetcher at
+            # start(); Faust passes a constant, so this is the only place to change it.
+            consumer._fetch_max_wait_ms = self.fetch_max_wait_ms
+        return consumer
+
+
+class BatchConsumer(AIOKafkaConsumer):
+    """Faust's aiokafka consumer, draining fetched batches into a :data:`BatchHandler`."""
+
+    batch_handler: BatchHandler | None = None
+    #: Longest wait of one fetch; short, so that a stop or rebalance is noticed quickly.
+    fetch_timeout_s: float = 1.0
+    #: Kafka ``fetch_max_wait_ms`` (``None``: Faust's 1500). Apache Kafka answers a fetch
+    #: as soon as data arrives, so this only bounds idle polls there; Tansu waits it out.
+    fetch_max_wait_ms: int | None = None
+
+    def _new_consumer_thread(self) -> Any:
+        thread = _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+        thread.fetch_max_wait_ms = self.fetch_max_wait_ms
+        return thread
+
+    _idle: asyncio.Event | None = None
+
+    def _idle_event(self) -> asyncio.Event:
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            self._idle.set()
+        return self._idle
+
+    async def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until no batch is being processed; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle_event().wait(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _drain_messages(self, fetcher: Any) -> None:
+        handler = self.batch_handler
+        if handler is None:  # not installed: plain Faust
+            await super()._drain_messages(fetcher)
+            return
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        idle = self._idle_event()
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                batch = await self._next_batch()
+                if not batch:
+                    continue
+                idle.clear()
+                # Shielded: a stop cancels this loop, but the batch in flight must either
+                # store and commit everything or nothing of its own choosing.
+                work = asyncio.ensure_future(self._run(handler, batch))
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # Faust's fetcher re-cancels every second while it waits: keep
+                    # shielding until the batch is done (its retries give up on stop).
+                    while not work.done():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.shield(work)
+                    raise
+                finally:
+                    if work.done():
+                        idle.set()
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                logger.info("broker stopped the consumer; shutting down")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                return
+            raise
+
+    async def _next_batch(self) -> dict[TP, list[Any]]:
+        """The next fetch per active partition, or {} (nothing, paused, or rebalanced)."""
+        generation = self.app.consumer_generation_id
+        records, active = await self._wait_next_records(self.fetch_timeout_s)
+        if not records or self.should_stop:
+            await asyncio.sleep(0)  # never spin without yielding
+            return {}
+        if not self.flow_active:
+            # Fetched while a rebalance suspended the flow: seek back, as Faust's getmany.
+            await self.perform_seek()
+            return {}
+        if self.app.consumer_generation_id != generation:
+            # The fetch straddles a rebalance: the new assignment starts from the committed
+            # offsets, so these records will come again (Faust's getmany drops them too).
+            return {}
+        buffered = self._buffered_partitions
+        batch: dict[TP, list[Any]] = {}
+        for tp, recs in records.items():
+            if recs and (active is None or tp in active or tp in buffered):
+                batch[tp] = recs
+                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+        return batch
+
+    async def _run(self, handler: BatchHandler, batch: Mapping[TP, Sequence[Any]]) -> None:
+        if await handler(batch):
+            offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
+            await self._commit_offsets(offsets)
+            for tp, recs in batch.items():
+                self._read_offset[tp] = recs[-1].offset
+
+
+def install(
+    app: Any,
+    handler: BatchHandler,
+    *,
+    fetch_timeout_s: float = 1.0,
+    fetch_max_wait_ms: int | None = None,
+) -> None:
+    """Make ``app`` consume through :class:`BatchConsumer` with ``handler``.
+
+    Must run before the app creates its consumer (i.e. before the worker starts).
+    """
+    transport = app.transport
+    consumer_class = type(
+        "TrendcastBatchConsumer",
+        (BatchConsumer,),
+        {
+            "batch_handler": staticmethod(handler),
+            "fetch_timeout_s": fetch_timeout_s,
+            "fetch_max_wait_ms": fetch_max_wait_ms,
+        },
+    )
+    transport.Consumer = cast(Any, consumer_class)

@@ -1,0 +1,207 @@
+"""`trendcast report`: accuracy records (file or Kafka) -> plot, CSV, markdown; bad input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from stream.accuracy import AccuracyTracker
+from stream.inference.batching import ModelInfo
+from stream.observers import Role, ScoredBatch
+from trendcast.cli import main
+from trendcast.forecasting.base import ForecastBatch, WindowBatch
+from trendcast.freq import parse_freq
+from trendcast.report import accuracy_frame
+
+DAY = 86_400_000
+
+
+def run_cli(
+    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["trendcast", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    code = exit_info.value.code
+    return (code if isinstance(code, int) else 0), out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+def tracker_records(days: int = 12) -> list[dict[str, Any]]:
+    """Records a tracker drains while a live and a shadow model forecast 20 items daily."""
+    rng = np.random.default_rng(3)
+    window, horizon, n = 7, 3, 20
+    series = rng.poisson(4.0, size=(n, days + window)).astype(np.float32)
+    tracker = AccuracyTracker(rolling_buckets=5, instance="w1")
+    out: list[dict[str, Any]] = []
+    for day in range(window, window + days):
+        q = series[:, day - window + 1 : day + 1]
+        batch = WindowBatch(
+            item_ids=[f"i{k}" for k in range(n)],
+            quantities=q,
+            prices=None,
+            last_start_ms=np.full(n, day * DAY, np.int64),
+            history_len=np.full(n, window, np.int64),
+        )
+        for role, bias in (("live", 0.0), ("shadow", 2.0)):
+            level = np.repeat(q.mean(axis=1, keepdims=True) + bias, horizon, axis=1).astype(
+                np.float32
+            )
+            result = ForecastBatch(
+                mean=level, p10=level * 0.5, p50=level, p90=level * 1.5, fallback=np.zeros(n, bool)
+            )
+            info = ModelInfo(parse_freq("1D"), window, horizon, f"m-{role}")
+            r: Role = "live" if role == "live" else "shadow"
+            tracker.on_forecasts(ScoredBatch(info, r, batch, result))
+        out += [orjson.loads(v) for _, v in tracker.drain_records(day * 1000)]
+    return out
+
+
+def write_lines(path: Path, values: list[Any]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(v) + b"\n" for v in values))
+    return path
+
+
+def test_report_from_a_file_of_tracker_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = tracker_records()
+    # `trendcast tail` lines and bare values, and a blank line, are all accepted.
+    tail_lines = [
+        {"topic": "forecast-accuracy", "offset": i, "value": v} for i, v in enumerate(records[:4])
+    ]
+    path = write_lines(tmp_path / "acc.jsonl", [*tail_lines, *records[4:]])
+    path.write_bytes(path.read_bytes() + b"\n")
+    code, out, err = run_cli(
+        ["report", "--input", str(path), "--out", str(tmp_path / "r")], monkeypatch, capsys
+    )
+    assert code == 0, err
+    assert "Online accuracy" in out and "m-live" in out and "m-shadow" in out
+    for name in ("online_accuracy.png", "accuracy.csv", "summary.csv", "summary.md"):
+        assert (tmp_path / "r" / name).stat().st_size > 0
+    summary = pd.read_csv(tmp_path / "r" / "summary.csv").set_index("role").to_dict("index")
+    live, shadow = summary["live"], summary["shadow"]
+    assert live["model_version"] == "m-live"
+    assert live["points"] == 11  # the first day has nothing to score yet
+    last_live = [r for r in records if r["role"] == "live"][-1]
+    assert live["rmsse"] == pytest.approx(last_live["rmsse"])
+    assert live["wape"] < shadow["wape"]  # the shadow model is biased
+    md = (tmp_path / "r" / "summary.md").read_text()
+    assert md.startswith("| model version | role |") and "| m-shadow | shadow |" in md
+
+
+def test_instances_are_pooled_from_their_sums_and_the_latest_record_wins() -> None:
+    base = {"model_version": "v", "role": "live", "target_to_ms": 5 * DAY}
+
+    def rec(instance: str, at: int, n: float, sae: float, err: float, act: float, cov: float):
+        sums = {
+            "n": n,
+            "n_scaled": n,
+            "sae": sae,
+            "abs_err": err,
+            "abs_actual": act,
+            "covered": cov,
+        }
+        return {
+            **base,
+            "instance": instance,
+            "emitted_at_ms": at,
+            "n": n,
+            "rmsse": sae / n,
+            "wape": err / act,
+            "coverage": cov / n,
+            "sums": sums,
+        }
+
+    records = [
+        rec("a", 1, 10, 99, 99, 99, 0),  # superseded by a's later record for the same target
+        rec("a", 2, 10, 5, 4, 10, 8),
+        rec("b", 1, 30, 30, 6, 20, 24),
+    ]
+    (row,) = accuracy_frame(records).to_dict("records")
+    assert row["instances"] == 2 and row["n"] == 40
+    assert row["rmsse"] == pytest.approx(35 / 40)
+    assert row["wape"] == pytest.approx(10 / 30)
+    assert row["coverage"] == pytest.approx(32 / 40)
+
+
+GOOD = {
+    "model_version": "v",
+    "role": "live",
+    "target_to_ms": 0,
+    "n": 1,
+    "rmsse": 1.0,
+    "wape": 1.0,
+    "coverage": None,
+}
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (None, "accuracy records file not found"),
+        (b"", "no forecast-accuracy records in"),
+        (orjson.dumps(GOOD) + b"\n{not json\n", "acc.jsonl:2: expected a JSON object"),
+        (b"[1, 2]\n", "acc.jsonl:1: expected a JSON object"),
+        (orjson.dumps({"model_version": "v", "role": "live"}), "missing target_to_ms, n, rmsse"),
+        (orjson.dumps({**GOOD, "n": "many"}), "record 1: expected a number, got 'many'"),
+    ],
+)
+def test_bad_input_is_one_line(
+    content: bytes | None,
+    fragment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "acc.jsonl"
+    if content is not None:
+        path.write_bytes(content)
+    code, _, err = run_cli(
+        ["report", "--input", str(path), "--out", str(tmp_path / "r")], monkeypatch, capsys
+    )
+    assert code == 1
+    assert fragment in one_line_error(err)
+
+
+def test_input_and_brokers_together_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["report", "--input", "x", "--brokers", "localhost:1", "--out", str(tmp_path)]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 1
+    assert "either --input or --brokers" in one_line_error(err)
+
+
+@pytest.mark.integration
+def test_report_reads_the_topic_to_its_end(
+    kafka_bootstrap: str,
+    unique_topic: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tests.kafka_helpers import produce
+
+    topic = unique_topic(partitions=2, prefix="accuracy")
+    records = tracker_records(days=4)
+    produce(kafka_bootstrap, topic, [(r["model_version"], r) for r in records])
+    args = ["report", "--brokers", kafka_bootstrap, "--topic", topic, "--out", str(tmp_path)]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert sorted(summary["role"]) == ["live", "shadow"]
+    assert summary["points"].tolist() == [3, 3]
