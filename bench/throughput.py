@@ -2,30 +2,33 @@
 
 Run::
 
-    python bench/throughput.py [--events 500000] [--partitions 4] [--quick] [--bundle DIR]
+    python bench/throughput.py [--events 500000] [--partitions 4] [--days 14] [--quick]
+                               [--bundle DIR] [--profile FILE]
 
 One pre-filled topic (``--partitions`` partitions on a local Tansu broker) holds ``--events``
-sale events built from UCI Online Retail II (items, quantities and prices real; the data is
-repeated with event times shifted forward by its span, rounded up to whole weeks, and distinct
-``event_id`` values when more events are asked for than it has lines). The same topic is read
-three ways:
+sale events built from UCI Online Retail II: items, quantities, prices and the order of sales
+are real; event times keep the data's order and spacing but are spread over ``--days`` days
+(a platform with the data's catalogue and ``events / days`` sales a day), with distinct
+``event_id`` values. The same topic is read three ways:
 
 * ``a``: aiokafka ``getmany`` + ``orjson.loads`` of every value, no group: the ceiling (the
   median of three reads);
 * ``b``: a plain Faust agent (``bench/_throughput_faust.py``) that only decodes: the
   framework's floor, measured from the agent's own counter;
 * ``c``: the trendcast worker (``python -m stream``, a fresh consumer group and Redis key
-  prefix): events validated, windows in Redis, forecasts emitted; measured from its
-  ``/metrics`` counter ``trendcast_events_in_total`` and, as a cross-check, from the group's
-  committed offsets.
+  prefix): events validated, windows in Redis, forecasts emitted at every bucket close;
+  measured from its ``/metrics`` counter ``trendcast_events_in_total`` and, as a cross-check,
+  from the group's committed offsets.
 
 Every rate is the steady-state one: events between 20% and 80% of the topic divided by the
-time between those points, so start-up, group joins and the tail are left out. After the
-worker: Redis round trips per batch (``trendcast_redis_seconds`` counts over
-``trendcast_batch_size`` count), where the worker's batch time went (Redis, inference, the
-rest), ``MEMORY USAGE`` of a sample of item keys, and ONNX Runtime windows/s at the worker's
-inference batch size. The model is the TF-free fake bundle of ``tests/bundles.py`` (window 56,
-horizon 28) unless ``--bundle`` names a real one.
+time between those points, so start-up, group joins and the tail are left out. Then, with the
+worker still running: produce -> committed-offset latency at 50% of ``c`` (the worker commits a
+batch only after its state is in Redis), and the time from a bucket close to the last forecast
+of ``--close-items`` new items. Also printed: Redis round trips per batch, where the worker's
+batch time went, ``MEMORY USAGE`` of item keys (and of full 56-day windows), and ONNX Runtime
+windows/s at the batch sizes the worker uses. ``--profile`` runs the worker under pyinstrument
+(slower: use it for where the time goes, not for the rates). The model is the TF-free fake
+bundle of ``tests/bundles.py`` (window 56, horizon 28) unless ``--bundle`` names a real one.
 
 The exit code is 1 on any error (a service that does not start, a reader that does not reach
 the end in time, a worker that dead-letters valid events or exits non-zero).
@@ -87,6 +90,8 @@ DATA = (
 COLUMNS = ColumnMap(item="StockCode", time="InvoiceDate", quantity="Quantity", price="UnitPrice")
 ITEM_PATTERN = r"^\d{5}[A-Z]?$"
 DAY_MS = 86_400_000
+#: Window of the bench's model (the fake bundle's, and the usual real one's), in days.
+WINDOW_DAYS = 56
 #: 2023-11-13, a Monday: event times of the bench start here.
 START_MONDAY_MS = 1_699_833_600_000
 #: Steady state: the rate between these fractions of the topic.
@@ -428,6 +433,7 @@ async def _phases(
     rate: float,
     seconds: float,
     close_items: int,
+    window_days: int = WINDOW_DAYS,
 ) -> Phases:
     """Latency at ``rate`` events/s, then one bucket close with ``close_items`` new items.
 
@@ -492,18 +498,28 @@ async def _phases(
             t_done = next(t for t, c in polls if t >= t_sent and c[p] > offset)
             out.latency_ms.append((t_done - t_sent) * 1000)
 
-        # One bucket close with close_items more items active.
+        # One bucket close with exactly close_items active items. First jump the clocks a
+        # window ahead (one event per partition), so that the earlier items fall out of the
+        # window; that closes every bucket in between (a burst, not timed). Then the items
+        # sell in the open bucket before the jump's, and the closing events close just it.
+        jump_ms = day_ms + (window_days + 4) * DAY_MS
+        futures = []
+        for p in range(len(ends)):
+            futures.append(await producer.send(topic, _sale(items[0], jump_ms, n), partition=p))
+            n += 1
+        for meta in await asyncio.gather(*futures):
+            ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
+        await _wait_committed(committer, tps, ends, 600)
         close_ids = [f"CL{i:05d}" for i in range(close_items)]
         futures = []
         for i, item in enumerate(close_ids):
-            # In the still-open bucket before the latency phase's day: the closing events
-            # below close exactly that one bucket.
-            value = _sale(item, day_ms - DAY_MS + 43_200_000 + i, n)
+            value = _sale(item, jump_ms - DAY_MS + 43_200_000 + i, n)
             futures.append(await producer.send(topic, value, key=item.encode()))
             n += 1
         for meta in await asyncio.gather(*futures):
             ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
         await _wait_committed(committer, tps, ends, 120)
+        day_ms = jump_ms  # the closing events below are timed from here
         reader = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=None,
@@ -666,7 +682,7 @@ def window_memory(url: str, path: Path, items: Sequence[str], window: int) -> di
         sizes = run(measure())
     finally:
         clear_prefix(url, prefix)
-    return {"window56": statistics.median(sizes), "items": float(len(sizes))}
+    return {"window56": statistics.median(sizes)}
 
 
 def clear_prefix(url: str, prefix: str) -> None:
@@ -755,13 +771,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=DATA, help="sales parquet")
     parser.add_argument("--days", type=int, default=14, help="days of event time in the topic")
     parser.add_argument("--latency-s", type=float, default=15.0, help="latency phase length")
-    parser.add_argument("--close-items", type=int, default=5000, help="new items at the close")
+    parser.add_argument(
+        "--close-items", type=int, default=None, help="new items at the close (5000)"
+    )
     parser.add_argument(
         "--profile", type=Path, default=None, help="write a pyinstrument profile of the worker"
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.events, args.latency_s, args.close_items = 50_000, 5.0, 500
+        args.events, args.latency_s = 50_000, 5.0
+    if args.close_items is None:
+        args.close_items = 500 if args.quick else 5000
     if args.events < 1000 or args.partitions < 1 or args.raw_runs < 1:
         parser.error("expected --events >= 1000, --partitions >= 1, --raw-runs >= 1")
     return args
@@ -820,7 +840,7 @@ def _bench_on(
     else:
         from tests.bundles import make_fake_bundle
 
-        bundle = make_fake_bundle(tmp / "bundle", window=56, horizon=28)
+        bundle = make_fake_bundle(tmp / "bundle", window=WINDOW_DAYS, horizon=28)
     suffix = topics["sales"].rsplit("-", 1)[-1]
     settings = WorkerSettings(
         kafka_brokers=f"kafka://{bootstrap}",

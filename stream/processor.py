@@ -136,6 +136,8 @@ class BatchStats:
     forecasts: int = 0
     reforecasts: int = 0
     closed_buckets: dict[PartitionId, list[int]] = field(default_factory=dict)
+    #: Wall seconds of the batch's steps (ingest, apply, read, forecast, send), for logs.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 #: Called for each late event with the event, its message and how far behind it was (ms).
@@ -409,6 +411,7 @@ class SalesProcessor:
         stats = BatchStats()
         now_ms = self.clock_ms()
 
+        started = time.perf_counter()
         # 1. Validate and classify; plan the store writes of each partition.
         dead: list[tuple[bytes | None, bytes]] = []
         plans: list[_Plan] = []
@@ -426,14 +429,20 @@ class SalesProcessor:
         updates = [plan.partition for plan in plans]
         updates += [PartitionUpdate(pid, state) for pid, state in self._unsaved.items()]
         self._unsaved = {}
+        stats.timings["ingest"] = time.perf_counter() - started
+        started = time.perf_counter()
         result = await self.store.apply([u for plan in plans for u in plan.items], updates)
+        stats.timings["apply"] = time.perf_counter() - started
         stats.duplicates = result.duplicates
         EVENTS.labels("valid").inc(stats.valid - result.duplicates - result.refused)
         EVENTS.labels("duplicate").inc(result.duplicates)
 
         # 3. Forecast closed buckets (and items whose forecast buckets changed), then mark.
+        started = time.perf_counter()
         requests, windows = await self._forecast_requests(plans, result, stats)
+        stats.timings["read"] = time.perf_counter() - started
         if requests:
+            started = time.perf_counter()
             records = await forecast(
                 self.forecaster,
                 requests,
@@ -442,7 +451,10 @@ class SalesProcessor:
                 self.inference_batch_size,
                 observers=self.observers,
             )
+            stats.timings["forecast"] = time.perf_counter() - started
+            started = time.perf_counter()
             await self.sink.send_forecasts(records)
+            stats.timings["send"] = time.perf_counter() - started
             await self._score_shadow(requests, windows)
             stats.forecasts = len(records)
             FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
@@ -463,13 +475,14 @@ class SalesProcessor:
         if stats.invalid or stats.late or stats.forecasts:
             logger.info(
                 "batch: %d valid, %d invalid, %d late, %d duplicate, %d forecasts "
-                "(%d re-forecasts)",
+                "(%d re-forecasts); seconds: %s",
                 stats.valid,
                 stats.invalid,
                 stats.late,
                 stats.duplicates,
                 stats.forecasts,
                 stats.reforecasts,
+                ", ".join(f"{k} {v:.3f}" for k, v in stats.timings.items()),
             )
         return stats
 

@@ -527,19 +527,24 @@ class RedisWindowStore:
             results = await self._read_raw(item_ids)
         except CLIENT_ERRORS as exc:
             raise StateStoreError(f"Redis failed reading windows: {exc}") from exc
+        # Runs for every item of a bucket close: bytes parsed as they come (the client never
+        # decodes; int() and float() take ASCII bytes), most buckets a bare quantity.
+        origin, step = self._freq.origin_ms, self._freq.step_ms
         out: dict[str, ItemWindow] = {}
         for item_id, raw in zip(item_ids, results, strict=True):
             first: int | None = None
             buckets: dict[int, BucketSums] = {}
             for key, value in raw:
-                field, text = _decode(key), _decode(value)
-                if field == "f":
-                    first = self._ms(int(text))
+                if key == b"f":
+                    first = origin + int(value) * step
                     continue
-                parts = [float(x) for x in text.split(",")]
-                if len(parts) == 2:  # priced_qty == quantity, the common case, is left out
-                    parts.append(parts[0])
-                buckets[self._ms(int(field))] = BucketSums(*parts)
+                if b"," not in value:
+                    sums = BucketSums(float(value))
+                else:
+                    parts = [float(x) for x in value.split(b",")]
+                    # priced_qty == quantity, the common case, is left out
+                    sums = BucketSums(parts[0], parts[1], parts[2] if len(parts) > 2 else parts[0])
+                buckets[origin + int(key) * step] = sums
             out[item_id] = ItemWindow(item_id, first, dict(sorted(buckets.items())))
         return out
 
