@@ -103,7 +103,9 @@ class ChaosPlan:
     seed: int = 7
     scenarios: tuple[str, ...] = SCENARIOS
     timeout_s: float = 600.0
-    batch_size: int = 500
+    #: Small on purpose: the topic is produced up front, and with full-size batches the
+    #: worker reads it in seconds, before the disruptions planned at progress points.
+    batch_size: int = 50
 
 
 @dataclass

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
+from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from stream import fastpath, observability
@@ -288,23 +289,37 @@ def create_app(
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
-    async def handle_fetch(records: Mapping[Any, Sequence[Any]]) -> bool:
+    def committable() -> dict[TP, int]:
+        return {TP(p.topic, p.partition): o for p, o in processor.take_committable().items()}
+
+    async def handle_fetch(records: Mapping[Any, Sequence[Any]]) -> Mapping[TP, int] | None:
         batch = {PartitionId(tp.topic, tp.partition): recs for tp, recs in records.items()}
         observability.observe_batch(sum(len(recs) for recs in batch.values()))
-        return await process_with_retry(batch)
+        if not await process_with_retry(batch):
+            return None
+        return committable()
 
-    async def flush_clocks() -> None:
+    async def flush_clocks() -> dict[TP, int]:
         try:
             await processor.flush()
         except TrendcastError as exc:  # a lagging stored clock is safe; say so and go on
             logger.warning("could not store partition clocks (%s); they lag until next time", exc)
+        return committable()
 
-    # Clocks of delivered batches ride along with the next batch; store them when idle too.
-    app.timer(interval=1.0)(flush_clocks)
+    async def commit_processed() -> None:
+        commit = getattr(app.consumer, "commit_processed", None)
+        if commit is not None:
+            await commit()
+        else:  # not consuming (tests): still store the clocks
+            await flush_clocks()
+
+    # Clocks of delivered batches ride along with the next batch; when idle, store them and
+    # commit what that allows every second.
+    app.timer(interval=1.0)(commit_processed)
 
     @app.on_before_shutdown.connect
     async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        await flush_clocks()
+        await flush_clocks()  # the consumer already committed at stop (stream.fastpath)
 
     # The sales topic is subscribed through the conductor, but no agent reads it: fetched
     # batches go straight to handle_fetch (see stream.fastpath for why and what it keeps).
@@ -312,6 +327,7 @@ def create_app(
     fastpath.install(
         app,
         handle_fetch,
+        flush_clocks,
         fetch_timeout_s=settings.batch_timeout_s,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
     )
@@ -320,18 +336,22 @@ def create_app(
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         revoked = args[0] if args else kwargs.get("revoked", set())
         # Let the batch in flight store its effects first, so partitions change hands
-        # between batches (bounded: a stuck batch must not hold up the whole group).
+        # between batches (bounded: a stuck batch must not hold up the whole group), then
+        # store the clocks and commit what they cover: the next owner starts there.
         wait_idle = getattr(app.consumer, "wait_idle", None)
         if wait_idle is not None:
             await wait_idle(settings.broker_session_timeout_s / 2)
-        await flush_clocks()
-        processor.forget(PartitionId(tp.topic, tp.partition) for tp in revoked)
+        await commit_processed()
+        processor.release(PartitionId(tp.topic, tp.partition) for tp in revoked)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         # Another worker may have advanced these clocks meanwhile: reload them lazily.
         assigned = args[0] if args else kwargs.get("assigned", set())
         processor.forget(PartitionId(tp.topic, tp.partition) for tp in assigned)
+        forget_positions = getattr(app.consumer, "forget_positions", None)
+        if forget_positions is not None:  # the recovery seeks to the committed offsets
+            forget_positions()
 
     ping = getattr(store, "ping", None)
     if callable(ping):
@@ -412,5 +432,6 @@ def create_app(
     app.trendcast_trends = trends  # type: ignore[attr-defined]  # for tests/inspection
     app.trendcast_processor = processor  # type: ignore[attr-defined]  # for tests/inspection
     app.trendcast_handle_fetch = handle_fetch  # type: ignore[attr-defined]  # for tests
+    app.trendcast_flush = flush_clocks  # type: ignore[attr-defined]  # for tests
     app.trendcast_health = health  # type: ignore[attr-defined]  # for tests/inspection
     return app

@@ -18,9 +18,11 @@ What changes, and what does not:
   ``getmany`` does, and passes the raw aiokafka records of each partition, in offset
   order, to a :data:`BatchHandler`.
 * Offsets are committed through Faust (``Consumer._commit_offsets``: only assigned
-  partitions, producer flushed first, ``committed_offset`` bookkeeping kept) right after the
-  handler returned, i.e. only for events whose state and outputs are stored. Faust's own
-  periodic commit finds nothing acked and stays idle.
+  partitions, producer flushed first, ``committed_offset`` bookkeeping kept) after the
+  handler returned, and only the offsets it hands back: those of events whose state,
+  outputs and partition clock are stored (they trail the batch by one batch or one
+  second; :meth:`BatchConsumer.commit_processed` also runs on a timer, at revoke and at
+  stop). Faust's own periodic commit finds nothing acked and stays idle.
 * Faust still owns the worker's lifecycle, the consumer group and rebalances, the producer,
   timers and the web server. Topics stay subscribed through the app's conductor.
 * Stop (SIGTERM): Faust cancels the fetcher; the batch in flight is shielded from that
@@ -48,14 +50,18 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 
-__all__ = ["BatchConsumer", "BatchHandler", "install"]
+__all__ = ["BatchConsumer", "BatchHandler", "Flusher", "install"]
 
 logger = logging.getLogger(__name__)
 
 #: Receives the records of one fetch per partition (aiokafka ``ConsumerRecord`` objects, in
-#: offset order) and returns once their effects are stored, True if they may be committed
-#: (False: the worker is stopping and gave the batch up; it will be re-delivered).
-BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[bool]]
+#: offset order) and returns once their effects are stored, with the offsets that may be
+#: committed now (they may trail the batch), or None: the worker is stopping and gave the
+#: batch up; it will be re-delivered.
+BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[Mapping[TP, int] | None]]
+#: Stores what can be stored without a batch (idle, revoke, stop) and returns the offsets
+#: that may be committed now.
+Flusher = Callable[[], Awaitable[Mapping[TP, int]]]
 
 
 class _ConsumerThread(AIOKafkaConsumerThread):
@@ -76,6 +82,8 @@ class BatchConsumer(AIOKafkaConsumer):
     """Faust's aiokafka consumer, draining fetched batches into a :data:`BatchHandler`."""
 
     batch_handler: BatchHandler | None = None
+    flusher: Flusher | None = None
+    _commit_lock: asyncio.Lock | None = None
     #: Longest wait of one fetch; short, so that a stop or rebalance is noticed quickly.
     fetch_timeout_s: float = 1.0
     #: Kafka ``fetch_max_wait_ms`` (``None``: Faust's 1500). Apache Kafka answers a fetch
@@ -88,6 +96,26 @@ class BatchConsumer(AIOKafkaConsumer):
         return thread
 
     _idle: asyncio.Event | None = None
+
+    @property
+    def _expected(self) -> dict[TP, int]:
+        """Per partition, the offset after the last record handed over (this generation)."""
+        expected: dict[TP, int] | None = self.__dict__.get("_expected_offsets")
+        if expected is None:
+            expected = self.__dict__["_expected_offsets"] = {}
+        return expected
+
+    @property
+    def _rewound(self) -> set[TP]:
+        rewound: set[TP] | None = self.__dict__.get("_rewound_partitions")
+        if rewound is None:
+            rewound = self.__dict__["_rewound_partitions"] = set()
+        return rewound
+
+    def forget_positions(self) -> None:
+        """Drop the expected offsets (on assignment: Faust seeks to the committed ones)."""
+        self._expected.clear()
+        self._rewound.clear()
 
     def _idle_event(self) -> asyncio.Event:
         if self._idle is None:
@@ -128,6 +156,12 @@ class BatchConsumer(AIOKafkaConsumer):
                     while not work.done():
                         with contextlib.suppress(asyncio.CancelledError):
                             await asyncio.shield(work)
+                    # Stopping: store what is pending and commit it while the consumer
+                    # still belongs to the group, so a clean stop re-delivers nothing.
+                    final = asyncio.ensure_future(self.commit_processed())
+                    while not final.done():
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.shield(final)
                     raise
                 finally:
                     if work.done():
@@ -143,39 +177,97 @@ class BatchConsumer(AIOKafkaConsumer):
             raise
 
     async def _next_batch(self) -> dict[TP, list[Any]]:
-        """The next fetch per active partition, or {} (nothing, paused, or rebalanced)."""
+        """The next fetch per active partition, or {} (nothing, paused, or rebalanced).
+
+        Records are never dropped without seeking their partition back to them. Faust's
+        per-message path can drop a fetch that straddles a rebalance because it commits
+        only contiguous acked offsets; this path commits a batch's last offset, so a
+        silently dropped fetch would be committed over and lost (the chaos bench caught
+        exactly that). For the same reason a batch that does not start where the
+        partition's previous one ended is refused once, with a seek back to the gap.
+        """
         generation = self.app.consumer_generation_id
         records, active = await self._wait_next_records(self.fetch_timeout_s)
         if not records or self.should_stop:
             await asyncio.sleep(0)  # never spin without yielding
             return {}
-        if not self.flow_active:
-            # Fetched while a rebalance suspended the flow: seek back, as Faust's getmany.
-            await self.perform_seek()
-            return {}
-        if self.app.consumer_generation_id != generation:
-            # The fetch straddles a rebalance: the new assignment starts from the committed
-            # offsets, so these records will come again (Faust's getmany drops them too).
+        if not self.flow_active or self.app.consumer_generation_id != generation:
+            # Fetched across a rebalance: hand nothing over, and make sure these records
+            # come again whatever order the recovery's seek and this fetch happened in.
+            self._expected.clear()
+            await self._seek_back({tp: recs[0].offset for tp, recs in records.items() if recs})
+            if not self.flow_active:
+                await self.perform_seek()
             return {}
         buffered = self._buffered_partitions
         batch: dict[TP, list[Any]] = {}
+        rewind: dict[TP, int] = {}
         for tp, recs in records.items():
-            if recs and (active is None or tp in active or tp in buffered):
-                batch[tp] = recs
-                self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+            if not recs:
+                continue
+            if not (active is None or tp in active or tp in buffered):
+                rewind[tp] = recs[0].offset
+                continue
+            expected = self._expected.get(tp)
+            if expected is not None and recs[0].offset > expected and tp not in self._rewound:
+                logger.warning(
+                    "%s[%d]: fetch starts at %d, expected %d; reading the gap again",
+                    tp.topic,
+                    tp.partition,
+                    recs[0].offset,
+                    expected,
+                )
+                self._rewound.add(tp)
+                rewind[tp] = expected
+                continue
+            self._rewound.discard(tp)  # a gap that persists is real (compaction, markers)
+            self._expected[tp] = recs[-1].offset + 1
+            batch[tp] = recs
+            self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
+        await self._seek_back(rewind)
         return batch
 
+    async def _seek_back(self, offsets: Mapping[TP, int]) -> None:
+        assignment = self.assignment()
+        for tp, offset in offsets.items():
+            if tp in assignment:
+                try:
+                    await self.seek(tp, offset)
+                except Exception as exc:  # revoked meanwhile: the next owner reads it
+                    logger.info("could not seek %s back to %d: %s", tp, offset, exc)
+
     async def _run(self, handler: BatchHandler, batch: Mapping[TP, Sequence[Any]]) -> None:
-        if await handler(batch):
-            offsets = {tp: recs[-1].offset + 1 for tp, recs in batch.items()}
-            await self._commit_offsets(offsets)
-            for tp, recs in batch.items():
-                self._read_offset[tp] = recs[-1].offset
+        offsets = await handler(batch)
+        for tp, recs in batch.items():
+            self._read_offset[tp] = recs[-1].offset
+        if offsets:
+            await self._commit_processed_offsets(offsets)
+
+    async def _commit_processed_offsets(self, offsets: Mapping[TP, int]) -> None:
+        if self._commit_lock is None:
+            self._commit_lock = asyncio.Lock()
+        async with self._commit_lock:  # the batch loop and the flush timer both commit
+            await self._commit_offsets(dict(offsets))
+
+    async def commit_processed(self) -> None:
+        """Flush what is pending (idle partitions, revoke, stop) and commit what that allows.
+
+        Errors are logged, not raised: an uncommitted offset is re-delivered, never lost.
+        """
+        if self.flusher is None:
+            return
+        try:
+            offsets = await self.flusher()
+            if offsets:
+                await self._commit_processed_offsets(offsets)
+        except Exception as exc:
+            logger.warning("could not commit processed offsets (%s); they come again", exc)
 
 
 def install(
     app: Any,
     handler: BatchHandler,
+    flusher: Flusher,
     *,
     fetch_timeout_s: float = 1.0,
     fetch_max_wait_ms: int | None = None,
@@ -190,6 +282,7 @@ def install(
         (BatchConsumer,),
         {
             "batch_handler": staticmethod(handler),
+            "flusher": staticmethod(flusher),
             "fetch_timeout_s": fetch_timeout_s,
             "fetch_max_wait_ms": fetch_max_wait_ms,
         },

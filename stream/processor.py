@@ -18,10 +18,11 @@ and a fake sink, and so the Faust app (:mod:`stream.app`) stays pure wiring. Per
    before and is dropped as a duplicate instead of being dead-lettered as ``late``). The
    advanced clock is stored with the *next* batch's round trip (or by :meth:`flush` at
    revoke, at stop and every second), so a batch costs one round trip, plus one window
-   read when buckets close. Only after :meth:`SalesProcessor.process` returns does the
-   caller commit the offsets, so Kafka offsets are committed only for events whose state
-   and outputs are stored; a stored clock that lags (a crash before the flush) only makes
-   a restarted worker re-emit the last forecasts, never skip one.
+   read when buckets close. The caller commits only :meth:`take_committable` offsets:
+   those whose clock is stored, i.e. whose state and outputs are stored too. So a worker
+   that continues a partition from its committed offset always finds a clock at least
+   that far (the invariant recovery needs); commits trail by one batch or one second, and
+   a crash re-delivers at most that much, which dedupe absorbs.
 
 A failure anywhere leaves the batch un-acked and the cached clocks dropped; re-processing it
 is safe because every store write is idempotent and clocks only move forward. Forecasts are
@@ -215,6 +216,8 @@ class SalesProcessor:
         # Clocks whose outputs were delivered but which are not stored yet: they ride along
         # with the next batch's round trip (or :meth:`flush`), see step 4.
         self._unsaved: dict[PartitionId, PartitionState] = {}
+        # Next offsets whose clocks are stored: what may be committed (take_committable).
+        self._committable: dict[PartitionId, int] = {}
 
     def swap_model(self, forecaster: Forecaster, model: ModelInfo) -> None:
         """Serve ``model`` from the next batch on (now, when no batch is in progress).
@@ -302,6 +305,26 @@ class SalesProcessor:
         for pid, state in unsaved.items():
             if self._unsaved.get(pid) is state:
                 del self._unsaved[pid]
+        self._stored(unsaved)
+
+    def _stored(self, states: Mapping[PartitionId, PartitionState]) -> None:
+        for pid, state in states.items():
+            if state.next_offset is not None:
+                known = self._committable.get(pid)
+                if known is None or state.next_offset > known:
+                    self._committable[pid] = state.next_offset
+
+    def take_committable(self) -> dict[PartitionId, int]:
+        """Offsets safe to commit now, per partition: those whose clock is stored.
+
+        Committing only these keeps the invariant the recovery relies on: whoever continues
+        a partition from its committed offset finds a stored clock at least that far (so it
+        neither skips forecasts of buckets closed before nor mistakes its events for late
+        ones). A batch's offsets therefore become committable with the next batch's round
+        trip or the next :meth:`flush`, one batch or one second after the batch.
+        """
+        out, self._committable = self._committable, {}
+        return out
 
     def forget(self, partitions: Iterable[PartitionId] | None = None) -> None:
         """Drop cached clocks (all, or of ``partitions``), e.g. on revoke or after a failure.
@@ -314,6 +337,17 @@ class SalesProcessor:
         else:
             for p in partitions:
                 self._clocks.pop(p, None)
+
+    def release(self, partitions: Iterable[PartitionId]) -> None:
+        """Forget revoked partitions entirely: clocks, unstored clocks, committable offsets.
+
+        Call after :meth:`flush` and committing: what is left belongs to the next owner,
+        which reloads the stored clock and restarts from the committed offset.
+        """
+        for p in partitions:
+            self._clocks.pop(p, None)
+            self._unsaved.pop(p, None)
+            self._committable.pop(p, None)
 
     async def _clock(self, partition: PartitionId) -> PartitionClock:
         clock = self._clocks.get(partition)
@@ -427,11 +461,16 @@ class SalesProcessor:
 
         # 2. One round trip: sums, dedupe, clocks, recent sellers.
         updates = [plan.partition for plan in plans]
-        updates += [PartitionUpdate(pid, state) for pid, state in self._unsaved.items()]
-        self._unsaved = {}
+        pending, self._unsaved = self._unsaved, {}
+        updates += [PartitionUpdate(pid, state) for pid, state in pending.items()]
         stats.timings["ingest"] = time.perf_counter() - started
         started = time.perf_counter()
-        result = await self.store.apply([u for plan in plans for u in plan.items], updates)
+        try:
+            result = await self.store.apply([u for plan in plans for u in plan.items], updates)
+        except BaseException:
+            self._unsaved = {**pending, **self._unsaved}  # still delivered; store them later
+            raise
+        self._stored(pending)
         stats.timings["apply"] = time.perf_counter() - started
         stats.duplicates = result.duplicates
         EVENTS.labels("valid").inc(stats.valid - result.duplicates - result.refused)

@@ -65,6 +65,7 @@ def test_combined_chaos() -> None:
         seed=11,
         scenarios=("combined",),
         timeout_s=240,
+        batch_size=2,  # slow enough that every disruption lands mid-stream
     )
     started = time.monotonic()
     (result,) = run_chaos(lines, plan)

@@ -154,8 +154,8 @@ def test_agent_stores_valid_dead_letters_invalid_and_forecasts_closed_buckets(
 
     async def scenario() -> None:
         tp = TP("sales", 0)
-        assert await app.trendcast_handle_fetch({tp: records[:2]})
-        assert await app.trendcast_handle_fetch({tp: records[2:]})
+        assert await app.trendcast_handle_fetch({tp: records[:2]}) is not None
+        assert await app.trendcast_handle_fetch({tp: records[2:]}) is not None
         await _wait_for(lambda: len(sink.forecasts) >= 3)
         windows = await store.read(["a", "b"])
         assert {b: s.quantity for b, s in windows["a"].buckets.items()} == {
@@ -458,3 +458,41 @@ def test_worker_refuses_to_start_without_redis(tmp_path: Path) -> None:
     )
     with pytest.raises(StateStoreError, match="unavailable"):
         build_worker_app(settings)
+
+
+def test_only_offsets_whose_clock_is_stored_become_committable() -> None:
+    """Whoever continues a partition from its committed offset must find a clock that far."""
+    store = MemoryWindowStore(FREQ)
+    proc = processor(store=store)
+    feed = Feed()
+    pid = PartitionId("sales", 0)
+
+    async def scenario() -> None:
+        await proc.process(feed(sale("a", 0), sale("a", 3)))  # offsets 0, 1
+        assert proc.take_committable() == {}  # clock not stored yet: nothing to commit
+        await proc.process(feed(sale("a", 3.5)))  # offset 2; stores the first batch's clock
+        assert proc.take_committable() == {pid: 2}
+        assert (await store.load_partition(pid)).next_offset == 2
+        await proc.flush()  # idle: the second batch's clock, and its offset
+        assert proc.take_committable() == {pid: 3}
+        assert proc.take_committable() == {}
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_batch_keeps_the_previous_clock_pending_and_nothing_committable() -> None:
+    sink = ListSink()
+    proc = processor(sink=sink)
+    feed = Feed()
+
+    async def scenario() -> None:
+        await proc.process(feed(sale("a", 0), sale("a", 3)))
+        sink.fail_forecasts = 1
+        with pytest.raises(BrokerError):
+            await proc.process(feed(sale("a", 5)))  # closes buckets, forecasts fail
+        # The first batch's clock went out with the failed batch's round trip: stored.
+        assert proc.take_committable() == {PartitionId("sales", 0): 2}
+        await proc.flush()
+        assert proc.take_committable() == {}  # the failed batch advanced nothing
+
+    asyncio.run(scenario())

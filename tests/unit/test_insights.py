@@ -109,7 +109,10 @@ def test_the_app_publishes_accuracy_and_trends(tmp_path: Path) -> None:
 
     async def scenario() -> None:
         for start in range(0, len(records), 4):
-            assert await app.trendcast_handle_fetch({TP("sales", 0): records[start : start + 4]})
+            assert (
+                await app.trendcast_handle_fetch({TP("sales", 0): records[start : start + 4]})
+                is not None
+            )
         await app.trendcast_publish()
 
     asyncio.run(scenario())
