@@ -67,6 +67,7 @@ import redis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from aiokafka.partitioner import DefaultPartitioner  # noqa: E402
 
+from stream.app import send_batches  # noqa: E402
 from stream.config import WorkerSettings  # noqa: E402
 from stream.embedded import (  # noqa: E402
     RedisServer,
@@ -215,17 +216,7 @@ async def _produce(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]
         by_partition: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in partitions}
         for key, value in events:  # the default (murmur2) partitioner, as replay uses
             by_partition[partitioner(key, partitions, partitions)].append((key, value))
-        futures = []
-        for p, records in by_partition.items():
-            batch = producer.create_batch()
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    futures.append(await producer.send_batch(batch, topic, partition=p))
-                    batch = producer.create_batch()
-                    batch.append(key=key, value=value, timestamp=None)
-            if batch.record_count():
-                futures.append(await producer.send_batch(batch, topic, partition=p))
-        await asyncio.gather(*futures)
+        await send_batches(producer, topic, by_partition)
         return [len(by_partition[p]) for p in partitions]
     finally:
         await producer.stop()

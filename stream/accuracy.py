@@ -586,19 +586,4 @@ def _unique_items(batch: WindowBatch, result: ForecastBatch) -> tuple[WindowBatc
     order = np.argsort(batch.last_start_ms, kind="stable").tolist()
     keep_by_item = {batch.item_ids[row]: row for row in order}
     keep = np.array(sorted(keep_by_item.values()), dtype=np.int64)
-    return (
-        WindowBatch(
-            item_ids=[batch.item_ids[row] for row in keep.tolist()],
-            quantities=batch.quantities[keep],
-            prices=None if batch.prices is None else batch.prices[keep],
-            last_start_ms=batch.last_start_ms[keep],
-            history_len=batch.history_len[keep],
-        ),
-        ForecastBatch(
-            mean=result.mean[keep],
-            p10=result.p10[keep],
-            p50=result.p50[keep],
-            p90=result.p90[keep],
-            fallback=result.fallback[keep],
-        ),
-    )
+    return batch.take(keep), result.take(keep)

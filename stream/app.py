@@ -43,7 +43,7 @@ from stream.windows.redis import RedisWindowStore
 from trendcast.exceptions import BrokerError, TrendcastError
 from trendcast.forecasting.base import Forecaster
 
-__all__ = ["Publish", "TopicSink", "create_app"]
+__all__ = ["Publish", "TopicSink", "create_app", "send_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,25 @@ Publish = Callable[[str, Sequence[tuple[bytes | None, bytes]]], Awaitable[None]]
 _METRICS_CONTENT_TYPE = "; ".join(
     part.strip() for part in CONTENT_TYPE_LATEST.split(";") if "charset" not in part
 )
+
+
+async def send_batches(
+    producer: Any, topic: str, by_partition: Mapping[int, Sequence[tuple[bytes | None, bytes]]]
+) -> None:
+    """Send records through an aiokafka producer in record batches, one partition at a time,
+    and await their delivery (``create_batch``/``send_batch``: no per-record Python send path).
+    """
+    futures = []
+    for partition, records in by_partition.items():
+        batch = producer.create_batch()
+        for key, value in records:
+            if batch.append(key=key, value=value, timestamp=None) is None:  # full: ship it
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = producer.create_batch()
+                batch.append(key=key, value=value, timestamp=None)
+        if batch.record_count():
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+    await asyncio.gather(*futures)
 
 
 class TopicSink:
@@ -143,16 +162,7 @@ class TopicSink:
             by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
             for key, value in records:
                 by_partition.setdefault(partition_of(key), []).append((key, value))
-            futures = []
-            for partition, items in by_partition.items():
-                batch = producer.create_batch()
-                for key, value in items:
-                    if batch.append(key=key, value=value, timestamp=None) is None:
-                        futures.append(await producer.send_batch(batch, name, partition=partition))
-                        batch = producer.create_batch()
-                        batch.append(key=key, value=value, timestamp=None)
-                futures.append(await producer.send_batch(batch, name, partition=partition))
-            await asyncio.gather(*futures)
+            await send_batches(producer, name, by_partition)
         except Exception as exc:  # aiokafka raises many types; all mean "not delivered"
             raise BrokerError(f"could not deliver {len(records)} records to {name}: {exc}") from exc
 

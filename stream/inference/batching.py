@@ -169,29 +169,9 @@ def forecast_records(
         )
         out.append((item_id, text.encode()))
     for row in slow:
-        sub = _rows(batch, result, row)
-        out[row] = _records_slow(sub[0], sub[1], model, emitted_at_ms)[0]
+        one = np.array([row], dtype=np.int64)
+        out[row] = _records_slow(batch.take(one), result.take(one), model, emitted_at_ms)[0]
     return out
-
-
-def _rows(batch: WindowBatch, result: ForecastBatch, row: int) -> tuple[WindowBatch, ForecastBatch]:
-    pick = slice(row, row + 1)
-    return (
-        WindowBatch(
-            item_ids=batch.item_ids[pick],
-            quantities=batch.quantities[pick],
-            prices=None if batch.prices is None else batch.prices[pick],
-            last_start_ms=batch.last_start_ms[pick],
-            history_len=batch.history_len[pick],
-        ),
-        ForecastBatch(
-            mean=result.mean[pick],
-            p10=result.p10[pick],
-            p50=result.p50[pick],
-            p90=result.p90[pick],
-            fallback=result.fallback[pick],
-        ),
-    )
 
 
 def _records_slow(

@@ -21,7 +21,6 @@ from typer.testing import CliRunner
 from stream.cli import build_worker_app, load_model
 from stream.config import WorkerSettings
 from stream.embedded import free_port
-from stream.observability import METRICS_REGISTRY
 from stream.reload import BundleWatcher, LoadedModel
 from stream.reload import load_model as load_bundle_model
 from stream.up import live_bundle, run_up
@@ -31,17 +30,13 @@ from tests.bundles import make_fake_bundle
 from tests.kafka_helpers import delete_topics
 from tests.unit.test_agent import FREQ, ListSink
 from tests.unit.test_cli import assert_one_line_error, run_cli
+from tests.unit.test_reload import _failures
 from trendcast.cli import app
 from trendcast.exceptions import BundleError, StateStoreError
 
 pytestmark = pytest.mark.integration
 
 WINDOW = 7
-
-
-def _failures() -> float:
-    value = METRICS_REGISTRY.get_sample_value("trendcast_bundle_reload_failures_total")
-    return value or 0.0
 
 
 @pytest.fixture

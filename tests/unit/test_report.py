@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +13,12 @@ import pytest
 from stream.accuracy import AccuracyTracker
 from stream.inference.batching import ModelInfo
 from stream.observers import Role, ScoredBatch
-from trendcast.cli import main
+from tests.unit.test_cli import run_cli
 from trendcast.forecasting.base import ForecastBatch, WindowBatch
 from trendcast.freq import parse_freq
 from trendcast.report import accuracy_frame
 
 DAY = 86_400_000
-
-
-def run_cli(
-    args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["trendcast", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    out, err = capsys.readouterr()
-    code = exit_info.value.code
-    return (code if isinstance(code, int) else 0), out, err
 
 
 def one_line_error(err: str) -> str:

@@ -61,6 +61,16 @@ class WindowBatch:
         """Number of buckets per window."""
         return int(self.quantities.shape[1])
 
+    def take(self, rows: npt.NDArray[np.int64]) -> WindowBatch:
+        """The windows of ``rows`` (indices), in that order."""
+        return WindowBatch(
+            item_ids=[self.item_ids[row] for row in rows.tolist()],
+            quantities=self.quantities[rows],
+            prices=None if self.prices is None else self.prices[rows],
+            last_start_ms=self.last_start_ms[rows],
+            history_len=self.history_len[rows],
+        )
+
 
 @dataclass(frozen=True)
 class ForecastBatch:
@@ -82,6 +92,16 @@ class ForecastBatch:
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
+
+    def take(self, rows: npt.NDArray[np.int64]) -> ForecastBatch:
+        """The forecasts of ``rows`` (indices), in that order."""
+        return ForecastBatch(
+            mean=self.mean[rows],
+            p10=self.p10[rows],
+            p50=self.p50[rows],
+            p90=self.p90[rows],
+            fallback=self.fallback[rows],
+        )
 
 
 @runtime_checkable
