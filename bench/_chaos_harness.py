@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import orjson
 import pandas as pd
@@ -34,6 +34,7 @@ from stream._sync import run_sync
 from stream.cli import inspect_items
 from stream.config import WorkerSettings
 from stream.embedded import free_port, to_bootstrap
+from tests.kafka_helpers import consume_all
 from trendcast.data import bucketize
 from trendcast.freq import Freq
 
@@ -94,49 +95,6 @@ def produce_tracked(
 ) -> list[Produced]:
     """Produce in order with ``acks=all``; the partition and offset of every record."""
     return run_sync(_produce(bootstrap, topic, records))
-
-
-async def _consume_all(bootstrap: str, topic: str, ends: dict[int, int] | None) -> list[Any]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=to_bootstrap(bootstrap),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        fetch_max_wait_ms=100,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not tps:
-            await consumer.topics()
-            tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        records: list[Any] = []
-        loop = asyncio.get_running_loop()
-        last_data = loop.time()
-        while True:
-            batch = await consumer.getmany(*tps, timeout_ms=300, max_records=20_000)
-            for messages in batch.values():
-                records.extend(messages)
-            if batch:
-                last_data = loop.time()
-            # Tansu's ListOffsets under-reports: trust the fetch high watermark.
-            highs = [consumer.highwater(tp) for tp in tps]
-            positions = [await consumer.position(tp) for tp in tps]
-            if all(h is not None and p >= h for h, p in zip(highs, positions, strict=True)):
-                break
-            if loop.time() - last_data >= 3.0:
-                break
-        return records
-    finally:
-        await consumer.stop()
-
-
-def consume_all(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of ``topic`` (aiokafka ``ConsumerRecord``), read to the fetch high mark."""
-    return run_sync(_consume_all(bootstrap, topic, None))
 
 
 # -- workers ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Kafka helpers for integration tests: read a topic to its true end, produce, committed offsets.
+"""Kafka helpers for integration tests and the chaos bench: read a topic to its true end,
+produce, committed offsets.
 
 "To the end" means the high watermark reported by Fetch responses, not ListOffsets(latest):
 Tansu under-reports the latter (see :mod:`stream.embedded`), so a test that trusted it would
@@ -39,6 +40,7 @@ async def _consume_all(bootstrap: str, topic: str, idle_timeout_s: float) -> lis
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         fetch_max_wait_ms=100,
+        max_partition_fetch_bytes=4 * 1024 * 1024,  # the chaos bench reads 100k+ forecasts
     )
     await consumer.start()
     try:
@@ -52,7 +54,7 @@ async def _consume_all(bootstrap: str, topic: str, idle_timeout_s: float) -> lis
         loop = asyncio.get_running_loop()
         last_data = loop.time()
         while True:
-            batch = await consumer.getmany(*tps, timeout_ms=200)
+            batch = await consumer.getmany(*tps, timeout_ms=200, max_records=20_000)
             for messages in batch.values():
                 records.extend(messages)
             if batch:
