@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= train,embedded,bench,dev
 
-.PHONY: install test test-all lint format up bench bench-offline bench-chaos clean
+.PHONY: install test test-all lint format up bench bench-offline bench-chaos bench-throughput clean
 
 install: $(STAMP)  ## Create ./.venv with everything (idempotent; fast when done)
 
@@ -34,13 +34,16 @@ format: install
 up: install  ## Embedded default: Tansu + Redis, small bundle, worker, replay, live forecasts
 	$(VENV)/bin/trendcast up
 
-bench: bench-offline bench-chaos  ## All benchmarks (need ../shared/data)
+bench: bench-offline bench-chaos bench-throughput  ## All benchmarks (need ../shared/data)
 
 bench-offline: install  ## LSTM vs baselines, AutoETS, LightGBM on the full data (~20 min)
 	$(PY) bench/offline.py
 
-bench-chaos: install  ## Crash, rebalance, Redis outage, hostile input (~6 min)
+bench-chaos: install  ## Crash, rebalance, Redis outage, hostile input (~3 min)
 	$(PY) bench/chaos.py
+
+bench-throughput: install  ## Raw Kafka vs plain Faust vs the worker, latency, a close (~5 min)
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts
