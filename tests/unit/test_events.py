@@ -199,3 +199,70 @@ def test_dead_letter_of_a_huge_message_is_truncated() -> None:
     )
     assert rec["value_truncated"] is True
     assert len(base64.b64decode(rec["value_b64"])) == MAX_DEAD_LETTER_BYTES
+
+
+# --- the fast path agrees with the checked one ----------------------------------------------
+_texts = st.one_of(
+    st.text(max_size=6),
+    st.sampled_from(["85123A", " 85123A ", "a\tb", "\u00a0x", "x" * MAX_ID_CHARS, "y" * 129]),
+)
+_numbers = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0, -1, 1e12, 1e12 + 1, -1e12, 2.5]),
+)
+_times = st.one_of(
+    st.sampled_from(
+        [
+            "2011-01-05T10:00:00Z",
+            "2011-01-05T10:00:00.123+02:00",
+            "2011-01-05T10:00:00",
+            "2011-01-05",
+            "1989-12-31T23:59:59Z",
+            "2099-12-31T23:59:59Z",
+            "2100-01-01T00:00:00Z",
+            "9999-12-31T23:59:59+14:00",
+            "2011-13-05T10:00:00Z",
+        ]
+    ),
+    st.text(max_size=30),
+    _numbers,
+)
+_values = st.one_of(st.none(), st.booleans(), _texts, _numbers, st.lists(st.integers(), max_size=2))
+_events = st.fixed_dictionaries(
+    {},
+    optional={
+        "item_id": st.one_of(_texts, _values),
+        "ts": st.one_of(_times, _values),
+        "quantity": st.one_of(_numbers, _values),
+        "price": st.one_of(_numbers, _values),
+        "event_id": st.one_of(_texts, _values),
+    },
+)
+
+
+def _outcome(fn: object, raw: bytes, **kwargs: object) -> object:
+    try:
+        return fn(raw, **kwargs)  # type: ignore[operator]
+    except EventError as exc:
+        return ("error", exc.reason)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_events, st.sampled_from([None, 1_700_000_000_000]))
+def test_the_fast_path_accepts_and_returns_exactly_what_the_checked_path_does(
+    obj: dict[str, object], now_ms: int | None
+) -> None:
+    from stream.events import _parse_checked
+
+    try:
+        raw = orjson.dumps(obj)
+    except (TypeError, orjson.JSONEncodeError):  # NaN/inf/huge ints: orjson will not write them
+        import json
+
+        raw = json.dumps(obj).encode()
+    kwargs = {"max_bytes": 4096, "now_ms": now_ms, "max_future_ms": 86_400_000}
+    fast, checked = _outcome(parse_event, raw, **kwargs), _outcome(_parse_checked, raw, **kwargs)
+    assert fast == checked
+    if isinstance(fast, SaleEvent):
+        assert type(fast.quantity) is float and type(fast.ts_ms) is int
