@@ -156,12 +156,6 @@ class BatchConsumer(AIOKafkaConsumer):
                     while not work.done():
                         with contextlib.suppress(asyncio.CancelledError):
                             await asyncio.shield(work)
-                    # Stopping: store what is pending and commit it while the consumer
-                    # still belongs to the group, so a clean stop re-delivers nothing.
-                    final = asyncio.ensure_future(self.commit_processed())
-                    while not final.done():
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await asyncio.shield(final)
                     raise
                 finally:
                     if work.done():
@@ -172,6 +166,13 @@ class BatchConsumer(AIOKafkaConsumer):
                 return
             raise
         except asyncio.CancelledError:
+            # Stopping (in a batch or between two): store what is pending and commit it
+            # while the consumer still belongs to the group, so a clean stop re-delivers
+            # nothing.
+            final = asyncio.ensure_future(self.commit_processed())
+            while not final.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(final)
             if self.transport.app.should_stop:
                 return
             raise
