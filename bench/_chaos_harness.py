@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from stream._sync import run_sync
 from stream.cli import inspect_items
 from stream.config import WorkerSettings
 from stream.embedded import free_port, to_bootstrap
+from stream.up import worker_env
 from tests.kafka_helpers import consume_all
 from trendcast.data import bucketize
 from trendcast.freq import Freq
@@ -98,16 +98,6 @@ def produce_tracked(
 
 
 # -- workers ---------------------------------------------------------------------------------
-def worker_env(settings: WorkerSettings) -> dict[str, str]:
-    """The environment of ``python -m stream`` for ``settings`` (``TRENDCAST_*`` only)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRENDCAST_")}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is not None:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            env[f"TRENDCAST_{name.upper()}"] = text
-    return env
-
-
 @dataclass
 class _Worker:
     name: str

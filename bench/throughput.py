@@ -76,6 +76,7 @@ from stream.embedded import (  # noqa: E402
     free_port,
     resolve_redis,
 )
+from stream.up import worker_env  # noqa: E402
 from stream.windows.redis import item_keys  # noqa: E402
 from trendcast.data import ColumnMap, read_lines  # noqa: E402
 from trendcast.exceptions import TrendcastError  # noqa: E402
@@ -308,15 +309,6 @@ class WorkerResult:
     wall_s: float
     exit_code: int
     memory: dict[str, float] = field(default_factory=dict)
-
-
-def _worker_env(settings: WorkerSettings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRENDCAST_")}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is not None:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            env[f"TRENDCAST_{name.upper()}"] = text
-    return env
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
@@ -577,7 +569,7 @@ def worker_run(
             argv[1:1] = ["-m", "pyinstrument", "-o", str(profile), "-r", "text"]
         proc = subprocess.Popen(  # noqa: S603 - argv built here
             argv,
-            env=_worker_env(settings),
+            env=worker_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=str(REPO),

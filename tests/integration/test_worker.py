@@ -10,7 +10,6 @@ event with its reason, and ignore a full re-production of the same events.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from stream.cli import inspect_items
 from stream.config import WorkerSettings
 from stream.embedded import free_port
 from stream.replay import encode_events
+from stream.up import worker_env
 from tests.bundles import make_fake_bundle
 from tests.kafka_helpers import committed_offsets, consume_all, produce, wait_until
 from trendcast.bundle import load_bundle
@@ -106,21 +106,11 @@ def _settings(bootstrap: str, url: str, tmp: Path, topics: dict[str, str]) -> Wo
     )
 
 
-def _env(settings: WorkerSettings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRENDCAST_")}
-    for name, value in settings.model_dump(mode="json").items():
-        if value is not None:
-            env[f"TRENDCAST_{name.upper()}"] = (
-                str(value).lower() if isinstance(value, bool) else str(value)
-            )
-    return env
-
-
 def start_worker(settings: WorkerSettings, log: Any) -> subprocess.Popen[bytes]:
     """``python -m stream`` with ``settings`` passed as ``TRENDCAST_*`` variables."""
     return subprocess.Popen(
         [sys.executable, "-m", "stream"],
-        env=_env(settings),
+        env=worker_env(settings),
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=str(Path(__file__).resolve().parents[2]),
