@@ -3,7 +3,7 @@
 Run::
 
     python bench/throughput.py [--events 500000] [--partitions 4] [--days 14] [--quick]
-                               [--bundle DIR] [--profile FILE]
+                               [--bundle DIR] [--profile FILE] [--group-workers N]
 
 One pre-filled topic (``--partitions`` partitions on a local Tansu broker) holds ``--events``
 sale events built from UCI Online Retail II: items, quantities, prices and the order of sales
@@ -18,7 +18,11 @@ are real; event times keep the data's order and spacing but are spread over ``--
 * ``c``: the trendcast worker (``python -m stream``, a fresh consumer group and Redis key
   prefix): events validated, windows in Redis, forecasts emitted at every bucket close;
   measured from its ``/metrics`` counter ``trendcast_events_in_total`` and, as a cross-check,
-  from the group's committed offsets.
+  from the group's committed offsets;
+* ``c×N``: ``--group-workers`` worker processes (default: one per core) in one consumer
+  group, with a fresh group and key prefix, sharing the partitions and the Redis state: how
+  the worker scales out (``--scale worker=N``), measured from their summed counters. It runs
+  before ``c``, whose later phases add events to the topic.
 
 Every rate is the steady-state one: events between 20% and 80% of the topic divided by the
 time between those points, so start-up, group joins and the tail are left out. Then, with the
@@ -333,10 +337,15 @@ async def _watch_worker(
     settings: WorkerSettings,
     bootstrap: str,
     ends: list[int],
-    proc: subprocess.Popen[bytes],
+    proc: subprocess.Popen[bytes] | Sequence[subprocess.Popen[bytes]],
     timeout_s: float,
+    web_ports: Sequence[int] | None = None,
 ) -> tuple[list[tuple[float, int]], list[tuple[float, int]], dict[str, float], float]:
-    url = f"http://127.0.0.1:{settings.web_port}/metrics"
+    """Progress of one worker (or of a group: ``proc`` a list, one web port each) until the
+    group's committed offsets reach ``ends``: events counted by the workers' own
+    ``events_in`` counters (summed), committed offsets, and the last metrics of the first."""
+    procs = [proc] if isinstance(proc, subprocess.Popen) else list(proc)
+    urls = [f"http://127.0.0.1:{p}/metrics" for p in (web_ports or [settings.web_port])]
     total = sum(ends)
     tps = [TopicPartition(settings.sales_topic, p) for p in range(len(ends))]
     committer = AIOKafkaConsumer(
@@ -345,32 +354,75 @@ async def _watch_worker(
     await committer.start()
     by_metric: list[tuple[float, int]] = []
     by_commit: list[tuple[float, int]] = []
-    metrics: dict[str, float] = {}
+    metrics: list[dict[str, float]] = [{} for _ in urls]
     started = time.perf_counter()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
             while True:
                 now = time.perf_counter()
-                if proc.poll() is not None:
-                    raise BenchError(f"worker exited {proc.returncode} before the end")
+                for p in procs:
+                    if p.poll() is not None:
+                        raise BenchError(f"worker exited {p.returncode} before the end")
                 if now - started > timeout_s:
                     raise BenchError(
                         f"worker did not commit {total} events in {timeout_s:.0f}s "
                         f"(last: {by_commit[-1] if by_commit else None})"
                     )
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with http.get(url) as response:
-                        metrics = parse_metrics(await response.text())
-                    seen = int(metrics.get("trendcast_events_in_total", 0))
-                    by_metric.append((now, seen))
+                for i, url in enumerate(urls):  # a worker that does not answer keeps its last
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                        async with http.get(url) as response:
+                            metrics[i] = parse_metrics(await response.text())
+                seen = sum(int(m.get("trendcast_events_in_total", 0)) for m in metrics)
+                by_metric.append((now, seen))
                 # committed() is an OffsetFetch: it does not join the group nor rebalance it.
                 committed = [await committer.committed(tp) or 0 for tp in tps]
                 by_commit.append((now, sum(committed)))
-                if committed == ends and by_metric and by_metric[-1][1] >= total:
-                    return by_metric, by_commit, metrics, now - started
+                if committed == ends and seen >= total:
+                    return by_metric, by_commit, metrics[0], now - started
                 await asyncio.sleep(0.25)
     finally:
         await committer.stop()
+
+
+def group_run(
+    settings: WorkerSettings, bootstrap: str, ends: list[int], tmp: Path, timeout_s: float, n: int
+) -> WorkerResult:
+    """``n`` worker processes in one consumer group over the whole topic (state shared in
+    Redis, partitions split between them): how the worker scales out on one machine."""
+    ports = [free_port() for _ in range(n)]
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [tmp / f"{settings.consumer_group}-{i}.log" for i in range(n)]
+    try:
+        for i, (port, log_path) in enumerate(zip(ports, logs, strict=True)):
+            child = settings.model_copy(update={"web_port": port, "data_dir": tmp / f"g{i}"})
+            with log_path.open("wb") as log:
+                procs.append(
+                    subprocess.Popen(  # noqa: S603 - argv built here
+                        [sys.executable, "-m", "stream"],
+                        env=worker_env(child),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        cwd=str(REPO),
+                    )
+                )
+        by_metric, by_commit, metrics, wall_s = run(
+            _watch_worker(settings, bootstrap, ends, procs, timeout_s, ports)
+        )
+    except BaseException:
+        for p in procs:
+            _stop(p)
+        for log_path in logs:
+            logger.error("worker log tail (%s):\n%s", log_path.name, _tail(log_path))
+        raise
+    codes = [_stop(p) for p in procs]
+    total = sum(ends)
+    return WorkerResult(
+        steady_rate(by_metric, total),
+        steady_rate(by_commit, total),
+        metrics,
+        wall_s,
+        next((c for c in codes if c != 0), 0),
+    )
 
 
 @dataclass
@@ -760,6 +812,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, default=None, help="write a pyinstrument profile of the worker"
     )
+    parser.add_argument(
+        "--group-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="then read the topic again with this many workers in one group (1: skip)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.latency_s = 50_000, 5.0
@@ -841,6 +899,23 @@ def _bench_on(
         topic_partitions=parts,
         fetch_max_wait_ms=50,  # Tansu holds a fetch for the full wait (Kafka answers at once)
     )
+    group: WorkerResult | None = None
+    if args.group_workers > 1:
+        # Before the single worker, whose latency and close phases add events to the topic:
+        # a fresh group and key prefix read exactly `ends`, split between the workers
+        # (state shared in Redis), as `--scale worker=N` would run it.
+        grouped = settings.model_copy(
+            update={"consumer_group": f"tp-group-{suffix}", "state_prefix": f"tpg-{suffix}"}
+        )
+        try:
+            group = _timed(
+                f"c: group of {args.group_workers} workers",
+                lambda: group_run(grouped, bootstrap, ends, tmp, timeout_s, args.group_workers),
+            )
+        finally:
+            clear_prefix(redis_url, grouped.state_prefix)
+        if group.exit_code != 0:
+            raise BenchError(f"a worker of the group exited {group.exit_code} after SIGTERM")
     top = [item for item, _ in item_counts.most_common(MEMORY_SAMPLE)]
     try:
         result, phases = _timed(
@@ -864,7 +939,7 @@ def _bench_on(
         clear_prefix(redis_url, settings.state_prefix)
     sizes = (1, 32, settings.inference_batch_size)
     onnx = _timed("onnx", lambda: onnx_rate(bundle, sizes))
-    return report(args, total, ends, raw, a, b_rate, b, result, phases, onnx)
+    return report(args, total, ends, raw, a, b_rate, b, result, phases, onnx, group)
 
 
 def report(
@@ -878,6 +953,7 @@ def report(
     result: WorkerResult,
     phases: Phases,
     onnx: dict[int, float],
+    group: WorkerResult | None = None,
 ) -> list[str]:
     """The markdown tables; raises if the worker did not process every event as valid."""
     m = result.metrics
@@ -914,12 +990,28 @@ def report(
         "validate, Redis windows, forecasts |",
         f"| c. trendcast worker (committed offsets) | {result.by_commit.events_per_s:,.0f} | "
         f"{result.wall_s:.1f} | cross-check (commits trail by one batch) |",
+    ]
+    if group is not None:
+        lines.append(
+            f"| c×{args.group_workers}. {args.group_workers} workers, one group (events_in, "
+            f"summed) | {group.by_metric.events_per_s:,.0f} | {group.wall_s:.1f} | committed "
+            f"offsets: {group.by_commit.events_per_s:,.0f} |"
+        )
+    lines += [
         "",
         "| ratio | value |",
         "| --- | ---: |",
         f"| c/a | {c / a:.3f} |",
         f"| c/b | {c / b:.3f} |",
         f"| b/a | {b / a:.3f} |",
+    ]
+    if group is not None:
+        g = group.by_metric.events_per_s
+        lines += [
+            f"| c×{args.group_workers}/a | {g / a:.3f} |",
+            f"| c×{args.group_workers}/c | {g / c:.3f} |",
+        ]
+    lines += [
         f"| cores (os.cpu_count) | {os.cpu_count()} |",
         "",
         "## Worker internals (from /metrics at the end)",

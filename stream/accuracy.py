@@ -60,6 +60,7 @@ import os
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -220,8 +221,9 @@ class _Stream:
         self.gauges_stale = False
 
     def lookup(self, item_ids: list[str]) -> I64:
-        get = self.index.get
-        return np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        # map() with repeat() calls dict.get from C: no Python frame per item.
+        found = map(self.index.get, item_ids, repeat(-1))
+        return np.fromiter(found, dtype=np.int64, count=len(item_ids))
 
     def _grow(self, need: int, limit: int) -> None:
         """Room for ``need`` more blocks: grow by half (at least ``need``), at most ``limit``."""
@@ -230,16 +232,20 @@ class _Stream:
         new = max(old + need, min(new, limit))
         extra = new - old
 
-        def grown(array: npt.NDArray[Any], fill: float | int) -> npt.NDArray[Any]:
+        def grown(array: npt.NDArray[Any], fill: float | int | None) -> npt.NDArray[Any]:
             out = np.empty((new, *array.shape[1:]), dtype=array.dtype)
             out[:old] = array
-            out[old:] = fill
+            if fill is not None:
+                out[old:] = fill
             return out
 
         self.origin = grown(self.origin, _EMPTY)
         self.done = grown(self.done, 0)
         self.scale = grown(self.scale, np.nan)
-        self.fc = grown(self.fc, 0.0)
+        # Not filled: a slot's forecasts are written whenever it gets an origin and read
+        # only while it has one, and leaving the new pages untouched spares a write of the
+        # largest array (the kernel maps them on first use).
+        self.fc = grown(self.fc, None)
         self.last_seen = grown(self.last_seen, _EMPTY)
         self.seen_to = grown(self.seen_to, _EMPTY)
         self.items.extend([None] * extra)
@@ -375,13 +381,36 @@ class _Stream:
         if old:
             self.dirty = self.gauges_stale = True
 
-    def accuracy(self) -> Accuracy | None:
+    def _sums(self) -> F64 | None:
+        """The rolling sums ``[6, H]`` over target buckets, None before a scored step."""
         if not self.buckets:
             return None
-        sums = np.sum(list(self.buckets.values()), axis=0)  # [6, H]
-        scored = [t for t, s in self.buckets.items() if s[_N].sum() > 0]
-        if not scored:
+        sums: F64 = np.sum(list(self.buckets.values()), axis=0)
+        # Counts are never negative: some bucket scored a step iff the total count is > 0.
+        return sums if sums[_N].sum() > 0 else None
+
+    def overall(self) -> tuple[float, float, float] | None:
+        """``(rmsse, wape, coverage)`` over all steps, as :meth:`accuracy` has them.
+
+        The gauges need only these after every batch; building the whole
+        :class:`Accuracy` (a :class:`StepAccuracy` per step) each time cost more than
+        the scoring itself.
+        """
+        sums = self._sums()
+        if sums is None:
             return None
+        total = sums.sum(axis=1)
+        return (
+            float(_ratio(total[_SAE], total[_N_SCALED])),
+            float(_ratio(total[_ABS_ERR], total[_ABS_ACTUAL])),
+            float(_ratio(total[_COVERED], total[_N])),
+        )
+
+    def accuracy(self) -> Accuracy | None:
+        sums = self._sums()
+        if sums is None:
+            return None
+        scored = [t for t, s in self.buckets.items() if s[_N].sum() > 0]
         total = sums.sum(axis=1)
         rmsse = _ratio(sums[_SAE], sums[_N_SCALED])
         wape = _ratio(sums[_ABS_ERR], sums[_ABS_ACTUAL])
@@ -498,14 +527,15 @@ class AccuracyTracker:
             if not stream.gauges_stale:
                 continue
             stream.gauges_stale = False
-            acc = stream.accuracy()
+            overall = stream.overall()
             labels = (stream.model.model_version, stream.role)
-            if acc is None:
+            if overall is None:
                 self._remove_gauges(stream)
                 continue
-            ONLINE_RMSSE.labels(*labels).set(acc.rmsse)
-            ONLINE_WAPE.labels(*labels).set(acc.wape)
-            ONLINE_COVERAGE.labels(*labels).set(acc.coverage)
+            rmsse, wape, coverage = overall
+            ONLINE_RMSSE.labels(*labels).set(rmsse)
+            ONLINE_WAPE.labels(*labels).set(wape)
+            ONLINE_COVERAGE.labels(*labels).set(coverage)
 
     @staticmethod
     def _remove_gauges(stream: _Stream) -> None:

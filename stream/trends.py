@@ -33,6 +33,7 @@ slots free up). Time is bucket time: the newest bucket of any batch is "now".
 from __future__ import annotations
 
 import logging
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -138,8 +139,8 @@ class TrendTracker:
         return len(self._versions) - 1
 
     def _slots(self, item_ids: list[str]) -> npt.NDArray[np.int64]:
-        get = self._index.get
-        slots = np.fromiter((get(i, -1) for i in item_ids), dtype=np.int64, count=len(item_ids))
+        found = map(self._index.get, item_ids, repeat(-1))  # dict.get from C, no frame per item
+        slots = np.fromiter(found, dtype=np.int64, count=len(item_ids))
         new_rows = np.flatnonzero(slots < 0)
         room = self.max_items - len(self._index)
         for row in new_rows[: max(0, room)].tolist():

@@ -16,19 +16,28 @@ Cluster mode is explicit (``TRENDCAST_REDIS_CLUSTER=true``) rather than guessed 
 the URL only names a seed node, and a client in the wrong mode fails with confusing
 ``MOVED`` errors (plain client on a cluster) or "cluster support disabled" (cluster client on a
 plain server) instead of one clear message.
+
+Both asyncio clients pack commands with hiredis when it is installed (see
+:func:`use_hiredis_packer`): redis-py's asyncio connection encodes every argument in Python,
+which cost the worker about as much as Redis took to run its scripts.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
-from typing import Any, TypeAlias
+from collections.abc import Callable, Iterable
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
+from redis.typing import EncodableT
+from redis.utils import HIREDIS_AVAILABLE
 
 from trendcast.exceptions import ConfigError
 
@@ -39,6 +48,7 @@ __all__ = [
     "async_client",
     "check_cluster_url",
     "sync_client",
+    "use_hiredis_packer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,9 +104,12 @@ def async_client(url: str, *, cluster: bool = False, **kwargs: Any) -> AsyncRedi
     Raises:
         ConfigError: ``cluster`` with a URL a cluster cannot serve.
     """
+    client: AsyncRedisClient
     if cluster:
-        return AsyncRedisCluster.from_url(check_cluster_url(url), **kwargs)
-    return aioredis.Redis.from_url(url, **kwargs)
+        client = AsyncRedisCluster.from_url(check_cluster_url(url), **kwargs)
+    else:
+        client = aioredis.Redis.from_url(url, **kwargs)
+    return use_hiredis_packer(client)
 
 
 def sync_client(url: str, *, cluster: bool = False, **kwargs: Any) -> SyncRedisClient:
@@ -111,3 +124,106 @@ def sync_client(url: str, *, cluster: bool = False, **kwargs: Any) -> SyncRedisC
     if cluster:
         return RedisCluster.from_url(check_cluster_url(url), **kwargs)
     return redis.Redis.from_url(url, **kwargs)
+
+
+if HIREDIS_AVAILABLE:
+    import hiredis
+
+    # Typed loosely: hiredis's stub declares a one-element tuple.
+    _hiredis_pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+
+
+class _HiredisPacking(AbstractConnection):
+    """Packs commands with ``hiredis.pack_command`` (C) instead of redis-py's Python packer.
+
+    redis-py's synchronous connection already does this (``HiredisRespSerializer``); its
+    asyncio connection still encodes and joins argument by argument in Python, which for the
+    window store's pipelines (a few thousand arguments per batch) took as long as Redis
+    took to run the scripts. The bytes sent are the same: hiredis encodes ``str`` as UTF-8
+    and numbers with ``repr``, like redis-py's encoder — so a connection configured with
+    another encoding (or non-strict encoding errors) keeps redis-py's packer.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        encoder = self.encoder
+        self._hiredis_packs = (
+            codecs.lookup(encoder.encoding).name == "utf-8" and encoder.encoding_errors == "strict"
+        )
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        if not self._hiredis_packs:
+            return super().pack_command(*args)
+        return [self._pack(args)]
+
+    def pack_commands(self, commands: Iterable[Iterable[EncodableT]]) -> list[bytes]:
+        if not self._hiredis_packs:
+            return super().pack_commands(commands)
+        # One buffer for the whole pipeline: the transport sends it in one write.
+        return [b"".join([self._pack(tuple(cmd)) for cmd in commands])]
+
+    def _pack(self, args: tuple[EncodableT, ...]) -> bytes:
+        # Like redis-py: a command name such as "SCRIPT LOAD" goes as two arguments.
+        name = args[0]
+        if isinstance(name, str):
+            args = (*name.encode().split(), *args[1:])
+        elif isinstance(name, bytes) and b" " in name:
+            args = (*name.split(), *args[1:])
+        try:
+            return _hiredis_pack(args)
+        except TypeError:
+            # hiredis refuses bytearray (redis-py takes it) as well as bool and None (redis-py
+            # raises DataError): redis-py's encoder raises for those, the rest goes as bytes.
+            encode: Callable[[Any], bytes] = self.encoder.encode
+            return _hiredis_pack(tuple(bytes(encode(a)) for a in args))
+
+
+_C = TypeVar("_C", bound=type[AbstractConnection])
+_HIREDIS_CLASSES: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+
+def _hiredis_class(base: _C) -> _C:
+    """``base`` (Connection, SSLConnection, UnixDomainSocketConnection...) packing with hiredis.
+
+    Made once per base and shared by every client, named after it ("HiredisSSLConnection")
+    so that reprs and logs still say which transport a connection uses.
+    """
+    if issubclass(base, _HiredisPacking):
+        return base
+    cls = _HIREDIS_CLASSES.get(base)
+    if cls is None:
+        name = f"Hiredis{base.__name__}"
+        cls = type(name, (_HiredisPacking, base), {"__module__": __name__, "__qualname__": name})
+        _HIREDIS_CLASSES[base] = cls
+    return cls  # type: ignore[return-value]
+
+
+def use_hiredis_packer(client: AsyncRedisClient) -> AsyncRedisClient:
+    """Make ``client``'s connections pack commands with hiredis (see :class:`_HiredisPacking`).
+
+    The connection class is chosen by redis-py from the URL (TCP, TLS, unix socket); this
+    swaps it for the same class with the faster packer, before any connection is opened
+    (connections are created lazily). A cluster client builds a node object per node it
+    discovers from a shared keyword dictionary, and its seed nodes before that: both are
+    updated. Without hiredis the client is returned unchanged.
+
+    Args:
+        client: A client that has not opened connections yet (as built by
+            :func:`async_client`).
+
+    Returns:
+        ``client`` itself.
+    """
+    if not HIREDIS_AVAILABLE:
+        return client
+    if isinstance(client, AsyncRedisCluster):
+        shared = client.get_connection_kwargs()  # also the NodesManager's, for new nodes
+        shared["connection_class"] = _hiredis_class(
+            shared.get("connection_class") or aioredis.Connection
+        )
+        for node in client.startup_nodes:
+            node.connection_class = _hiredis_class(node.connection_class)
+    else:
+        pool = client.connection_pool
+        pool.connection_class = _hiredis_class(pool.connection_class)
+    return client

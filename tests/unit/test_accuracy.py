@@ -290,3 +290,24 @@ def test_gauges_follow_the_metrics() -> None:
     assert METRICS_REGISTRY.get_sample_value("trendcast_online_coverage", labels) == 0.0
     rmsse = METRICS_REGISTRY.get_sample_value("trendcast_online_rmsse", labels)
     assert rmsse == pytest.approx(2 / math.sqrt(2.5))
+
+
+def test_gauges_equal_the_full_metrics_exactly() -> None:
+    """The gauges' light path (overall sums only) gives exactly what ``accuracy()`` reports."""
+    rng = np.random.default_rng(3)
+    info = model("gauge-2", window=5, horizon=3)
+    tracker = AccuracyTracker(rolling_buckets=4)
+    labels = {"model_version": "gauge-2", "role": "live"}
+    for day in range(5, 15):
+        rows = [
+            (f"i{k}", day, rng.poisson(2.0, 5).astype(float), 5, *rng.gamma(2.0, 1.0, (4, 3)))
+            for k in range(12)
+        ]
+        feed(tracker, rows, info)
+        acc = tracker.accuracy("live", "gauge-2")
+        if acc is None:
+            continue
+        for name, value in (("rmsse", acc.rmsse), ("wape", acc.wape), ("coverage", acc.coverage)):
+            gauge = METRICS_REGISTRY.get_sample_value(f"trendcast_online_{name}", labels)
+            assert gauge is not None
+            assert gauge == value or (math.isnan(gauge) and math.isnan(value))

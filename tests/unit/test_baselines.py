@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 from trendcast.forecasting.baselines import (
@@ -117,3 +119,32 @@ def test_window_mean_ignores_padding():
 def test_zero_forecaster_is_zero():
     fc = ZeroForecaster(HORIZON).predict(random_batch())
     assert not fc.mean.any() and not fc.p90.any()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 30),
+    st.sampled_from([1.0, 0.37, 1e-3, 1e6]),
+    st.floats(0.0, 1.0),
+    st.integers(0, 2**32 - 1),
+)
+def test_row_nanquantiles_is_numpys_nanquantile(
+    n: int, window: int, scale: float, full_share: float, seed: int
+) -> None:
+    """Bit-identical to ``np.nanquantile(axis=1)`` after the float32 cast the forecasters do."""
+    import warnings
+
+    from trendcast.forecasting.baselines import QUANTILES, row_nanquantiles
+
+    rng = np.random.default_rng(seed)
+    values = (rng.poisson(3, (n, window)) - rng.poisson(3, (n, window))).astype(np.float32)
+    values = values * np.float32(scale) + rng.normal(size=(n, window)).astype(np.float32)
+    history = np.where(rng.random(n) < full_share, window, rng.integers(0, window + 1, n))
+    masked = np.where(np.arange(window)[None, :] >= (window - history)[:, None], values, np.nan)
+    masked = masked.astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        expected = np.nanquantile(masked, QUANTILES, axis=1).astype(np.float32)
+    got = row_nanquantiles(masked).astype(np.float32)
+    np.testing.assert_array_equal(got, expected)

@@ -266,3 +266,43 @@ def test_the_fast_path_accepts_and_returns_exactly_what_the_checked_path_does(
     assert fast == checked
     if isinstance(fast, SaleEvent):
         assert type(fast.quantity) is float and type(fast.ts_ms) is int
+
+
+_VALID_RAW = orjson.dumps(
+    {
+        "event_id": "e1",
+        "item_id": "85123A",
+        "extra": {"note": "\u00e9t\u00e9", "n": [1, 2.5e3, None, True]},
+        "ts": "2011-01-05T10:00:00Z",
+        "quantity": 2.0,
+    }
+)
+
+
+@st.composite
+def _mangled(draw: st.DrawFn) -> bytes:
+    """A valid event with bytes spliced in or cut out (bad UTF-8, BOMs, stray characters)."""
+    raw = bytearray(_VALID_RAW)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(raw)))
+        if draw(st.booleans()):
+            raw[at:at] = draw(
+                st.one_of(
+                    st.binary(min_size=1, max_size=3),
+                    st.sampled_from(
+                        [b"\xef\xbb\xbf", b" ", b"\\ud800", b"\\x", b"\xff", b"}", b",", b"0", b"e"]
+                    ),
+                )
+            )
+        else:
+            del raw[at : at + draw(st.integers(1, 3))]
+    return bytes(raw)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(_mangled(), st.binary(max_size=40)))
+def test_the_fast_path_agrees_with_the_checked_path_on_raw_bytes(raw: bytes) -> None:
+    from stream.events import _parse_checked
+
+    kwargs = {"max_bytes": 4096, "now_ms": None, "max_future_ms": None}
+    assert _outcome(parse_event, raw, **kwargs) == _outcome(_parse_checked, raw, **kwargs)
