@@ -18,11 +18,13 @@ are real; event times keep the data's order and spacing but are spread over ``--
 * ``c``: the trendcast worker (``python -m stream``, a fresh consumer group and Redis key
   prefix): events validated, windows in Redis, forecasts emitted at every bucket close;
   measured from its ``/metrics`` counter ``trendcast_events_in_total`` and, as a cross-check,
-  from the group's committed offsets;
+  from the group's committed offsets; the median of ``--worker-runs`` reads (3), each with a
+  fresh group and key prefix, because this machine's rates swing by a third between runs;
 * ``c×N``: ``--group-workers`` worker processes (default: one per core) in one consumer
   group, with a fresh group and key prefix, sharing the partitions and the Redis state: how
-  the worker scales out (``--scale worker=N``), measured from their summed counters. It runs
-  before ``c``, whose later phases add events to the topic.
+  the worker scales out (``--scale worker=N``), measured from their summed counters (median
+  of ``--worker-runs`` too). Reads of ``c`` and ``c×N`` take turns, and all come before the
+  last read of ``c``, whose later phases add events to the topic.
 
 Every rate is the steady-state one: events between 20% and 80% of the topic divided by the
 time between those points, so start-up, group joins and the tail are left out. Then, with the
@@ -813,6 +815,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--profile", type=Path, default=None, help="write a pyinstrument profile of the worker"
     )
     parser.add_argument(
+        "--worker-runs", type=int, default=3, help="reads of c (and c×N); the median counts"
+    )
+    parser.add_argument(
         "--group-workers",
         type=int,
         default=os.cpu_count() or 1,
@@ -823,8 +828,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.events, args.latency_s = 50_000, 5.0
     if args.close_items is None:
         args.close_items = 500 if args.quick else 5000
-    if args.events < 1000 or args.partitions < 1 or args.raw_runs < 1:
-        parser.error("expected --events >= 1000, --partitions >= 1, --raw-runs >= 1")
+    if args.quick:
+        args.worker_runs = 1
+    if min(args.partitions, args.raw_runs, args.worker_runs) < 1 or args.events < 1000:
+        parser.error("expected --events >= 1000 and --partitions, --raw-runs, --worker-runs >= 1")
     return args
 
 
@@ -899,23 +906,35 @@ def _bench_on(
         topic_partitions=parts,
         fetch_max_wait_ms=50,  # Tansu holds a fetch for the full wait (Kafka answers at once)
     )
-    group: WorkerResult | None = None
-    if args.group_workers > 1:
-        # Before the single worker, whose latency and close phases add events to the topic:
-        # a fresh group and key prefix read exactly `ends`, split between the workers
-        # (state shared in Redis), as `--scale worker=N` would run it.
-        grouped = settings.model_copy(
-            update={"consumer_group": f"tp-group-{suffix}", "state_prefix": f"tpg-{suffix}"}
-        )
-        try:
-            group = _timed(
-                f"c: group of {args.group_workers} workers",
-                lambda: group_run(grouped, bootstrap, ends, tmp, timeout_s, args.group_workers),
+    # The machine is noisy (run-to-run swings of 30% were seen): the worker's rates are the
+    # median of --worker-runs reads, single worker and group taking turns. Each read uses a
+    # fresh consumer group and key prefix, from scratch, and all of them come before the
+    # last single-worker read, whose latency and close phases add events to the topic.
+    singles: list[WorkerResult] = []
+    groups: list[WorkerResult] = []
+    for run_no in range(args.worker_runs):
+        plan = [(1, singles)] if run_no < args.worker_runs - 1 else []
+        if args.group_workers > 1:
+            plan.append((args.group_workers, groups))
+        for n, into in plan:
+            fresh = settings.model_copy(
+                update={
+                    "consumer_group": f"tp-w{n}r{run_no}-{suffix}",
+                    "state_prefix": f"tpw{n}r{run_no}-{suffix}",
+                }
             )
-        finally:
-            clear_prefix(redis_url, grouped.state_prefix)
-        if group.exit_code != 0:
-            raise BenchError(f"a worker of the group exited {group.exit_code} after SIGTERM")
+            try:
+                read = _timed(
+                    f"c: {n} worker(s), run {run_no + 1}",
+                    lambda fresh=fresh, n=n: group_run(  # type: ignore[misc]
+                        fresh, bootstrap, ends, tmp, timeout_s, n
+                    ),
+                )
+            finally:
+                clear_prefix(redis_url, fresh.state_prefix)
+            if read.exit_code != 0:
+                raise BenchError(f"a worker exited {read.exit_code} after SIGTERM")
+            into.append(read)
     top = [item for item, _ in item_counts.most_common(MEMORY_SAMPLE)]
     try:
         result, phases = _timed(
@@ -937,9 +956,10 @@ def _bench_on(
         result.memory |= window_memory(redis_url, args.data, top, 56)
     finally:
         clear_prefix(redis_url, settings.state_prefix)
+    singles.append(result)
     sizes = (1, 32, settings.inference_batch_size)
     onnx = _timed("onnx", lambda: onnx_rate(bundle, sizes))
-    return report(args, total, ends, raw, a, b_rate, b, result, phases, onnx, group)
+    return report(args, total, ends, raw, a, b_rate, b, result, phases, onnx, singles, groups)
 
 
 def report(
@@ -953,11 +973,19 @@ def report(
     result: WorkerResult,
     phases: Phases,
     onnx: dict[int, float],
-    group: WorkerResult | None = None,
+    singles: Sequence[WorkerResult] = (),
+    groups: Sequence[WorkerResult] = (),
 ) -> list[str]:
-    """The markdown tables; raises if the worker did not process every event as valid."""
+    """The markdown tables; raises if the worker did not process every event as valid.
+
+    ``result`` is the last single-worker read (its metrics, memory and phases are
+    reported); ``c`` is the median of ``singles`` (which include it), ``c×N`` of ``groups``.
+    """
     m = result.metrics
-    c = result.by_metric.events_per_s
+    singles = list(singles) or [result]
+    c = statistics.median(r.by_metric.events_per_s for r in singles)
+    c_commit = statistics.median(r.by_commit.events_per_s for r in singles)
+    c_runs = ", ".join(f"{r.by_metric.events_per_s:,.0f}" for r in singles)
     outcomes = _labelled(m, "trendcast_events_total")
     valid = outcomes.get('outcome="valid"', 0.0)
     if result.exit_code != 0:
@@ -987,15 +1015,18 @@ def report(
         f"| b. plain Faust agent, decode only (floor) | {b:,.0f} | {b_rate.seconds:.1f} | "
         "stream.take(500), agent's own counter |",
         f"| c. trendcast worker (events_in) | {c:,.0f} | {result.wall_s:.1f} | "
-        "validate, Redis windows, forecasts |",
-        f"| c. trendcast worker (committed offsets) | {result.by_commit.events_per_s:,.0f} | "
+        f"validate, Redis windows, forecasts; median of {len(singles)}: {c_runs} |",
+        f"| c. trendcast worker (committed offsets) | {c_commit:,.0f} | "
         f"{result.wall_s:.1f} | cross-check (commits trail by one batch) |",
     ]
-    if group is not None:
+    g = statistics.median(r.by_metric.events_per_s for r in groups) if groups else 0.0
+    if groups:
+        g_commit = statistics.median(r.by_commit.events_per_s for r in groups)
+        g_runs = ", ".join(f"{r.by_metric.events_per_s:,.0f}" for r in groups)
         lines.append(
             f"| c×{args.group_workers}. {args.group_workers} workers, one group (events_in, "
-            f"summed) | {group.by_metric.events_per_s:,.0f} | {group.wall_s:.1f} | committed "
-            f"offsets: {group.by_commit.events_per_s:,.0f} |"
+            f"summed) | {g:,.0f} | {statistics.median(r.wall_s for r in groups):.1f} | "
+            f"median of {len(groups)}: {g_runs}; committed offsets: {g_commit:,.0f} |"
         )
     lines += [
         "",
@@ -1005,8 +1036,7 @@ def report(
         f"| c/b | {c / b:.3f} |",
         f"| b/a | {b / a:.3f} |",
     ]
-    if group is not None:
-        g = group.by_metric.events_per_s
+    if groups:
         lines += [
             f"| c×{args.group_workers}/a | {g / a:.3f} |",
             f"| c×{args.group_workers}/c | {g / c:.3f} |",

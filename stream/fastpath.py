@@ -30,6 +30,11 @@ What changes, and what does not:
   does the fetcher stop — so a clean stop re-delivers nothing.
 * Rebalance: :meth:`BatchConsumer.wait_idle` lets the revoke handler wait until the batch
   in flight has stored its effects, so partitions change hands between batches.
+* Fetch ahead: the next fetch runs while a batch is processed (Faust's consumer thread
+  fetches and decodes while the batch awaits Redis; ~20% more events/s in
+  ``bench/throughput.py``). It carries the group generation it was fetched in and is
+  handed over only if that is still current; otherwise its partitions are sought back to
+  it, so a rebalance between fetch and hand-over loses nothing.
 
 The private Faust names this module touches (``_drain_messages``, ``_wait_next_records``,
 ``_commit_offsets``, ``_stopped``, ``_buffered_partitions``, ``_new_consumer_thread``,
@@ -44,7 +49,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
@@ -62,6 +67,13 @@ BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[Mapping[TP, int]
 #: Stores what can be stored without a batch (idle, revoke, stop) and returns the offsets
 #: that may be committed now.
 Flusher = Callable[[], Awaitable[Mapping[TP, int]]]
+
+
+class _Fetched(NamedTuple):
+    """One fetch, per partition, and the group generation it was fetched in."""
+
+    generation: int
+    batch: dict[TP, list[Any]]
 
 
 class _ConsumerThread(AIOKafkaConsumerThread):
@@ -139,11 +151,25 @@ class BatchConsumer(AIOKafkaConsumer):
         consumer_should_stop = self._stopped.is_set
         fetcher_should_stop = fetcher._stopped.is_set
         idle = self._idle_event()
+        # The next fetch runs while a batch is processed: getmany and the decoding of its
+        # records happen in Faust's consumer thread, which would otherwise wait idle while
+        # the batch awaits Redis, and the batch loop would wait for it in turn.
+        ahead: asyncio.Future[_Fetched] | None = None
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
-                batch = await self._next_batch()
+                if ahead is None:
+                    ahead = asyncio.ensure_future(self._next_batch())
+                fetched = await ahead
+                ahead = None
+                batch = fetched.batch
                 if not batch:
                     continue
+                if not self._still_current(fetched.generation):
+                    # A rebalance came between the fetch and now: hand nothing over, and
+                    # read these records again if the partitions are still ours.
+                    await self._drop(batch)
+                    continue
+                ahead = asyncio.ensure_future(self._next_batch())
                 idle.clear()
                 # Shielded: a stop cancels this loop, but the batch in flight must either
                 # store and commit everything or nothing of its own choosing.
@@ -166,6 +192,8 @@ class BatchConsumer(AIOKafkaConsumer):
                 return
             raise
         except asyncio.CancelledError:
+            if ahead is not None:  # stopping: a fetch not handed over is simply read again
+                ahead.cancel()
             # Stopping (in a batch or between two): store what is pending and commit it
             # while the consumer still belongs to the group, so a clean stop re-delivers
             # nothing.
@@ -177,8 +205,19 @@ class BatchConsumer(AIOKafkaConsumer):
                 return
             raise
 
-    async def _next_batch(self) -> dict[TP, list[Any]]:
-        """The next fetch per active partition, or {} (nothing, paused, or rebalanced).
+    def _still_current(self, generation: int) -> bool:
+        """Whether records fetched in ``generation`` may still be handed over."""
+        return self.flow_active and self.app.consumer_generation_id == generation
+
+    async def _drop(self, batch: Mapping[TP, Sequence[Any]]) -> None:
+        """Give up a fetched batch without losing it: seek its partitions back to it."""
+        self._expected.clear()
+        await self._seek_back({tp: recs[0].offset for tp, recs in batch.items() if recs})
+        if not self.flow_active:
+            await self.perform_seek()
+
+    async def _next_batch(self) -> _Fetched:
+        """The next fetch per active partition, maybe empty (nothing, paused, or rebalanced).
 
         Records are never dropped without seeking their partition back to them. Faust's
         per-message path can drop a fetch that straddles a rebalance because it commits
@@ -186,20 +225,19 @@ class BatchConsumer(AIOKafkaConsumer):
         silently dropped fetch would be committed over and lost (the chaos bench caught
         exactly that). For the same reason a batch that does not start where the
         partition's previous one ended is refused once, with a seek back to the gap.
+        The batch comes with the group generation it was fetched in: it runs ahead of the
+        batch being processed, and is checked again when it is handed over.
         """
         generation = self.app.consumer_generation_id
         records, active = await self._wait_next_records(self.fetch_timeout_s)
         if not records or self.should_stop:
             await asyncio.sleep(0)  # never spin without yielding
-            return {}
-        if not self.flow_active or self.app.consumer_generation_id != generation:
+            return _Fetched(generation, {})
+        if not self._still_current(generation):
             # Fetched across a rebalance: hand nothing over, and make sure these records
             # come again whatever order the recovery's seek and this fetch happened in.
-            self._expected.clear()
-            await self._seek_back({tp: recs[0].offset for tp, recs in records.items() if recs})
-            if not self.flow_active:
-                await self.perform_seek()
-            return {}
+            await self._drop(records)
+            return _Fetched(generation, {})
         buffered = self._buffered_partitions
         batch: dict[TP, list[Any]] = {}
         rewind: dict[TP, int] = {}
@@ -226,7 +264,7 @@ class BatchConsumer(AIOKafkaConsumer):
             batch[tp] = recs
             self.app.monitor.track_tp_end_offset(tp, self.highwater(tp))
         await self._seek_back(rewind)
-        return batch
+        return _Fetched(generation, batch)
 
     async def _seek_back(self, offsets: Mapping[TP, int]) -> None:
         assignment = self.assignment()

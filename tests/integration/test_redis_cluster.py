@@ -8,11 +8,10 @@ through an in-memory store, which is the oracle for sums and forecasts.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +40,7 @@ from stream.windows.base import (
 from stream.windows.memory import MemoryWindowStore
 from stream.windows.redis import RedisWindowStore, item_keys, partition_keys
 from tests.cluster import redis_cluster_url  # noqa: F401 - the session fixture
+from tests.store_helpers import run
 from trendcast.exceptions import ConfigError, StateStoreError
 from trendcast.forecasting.base import ForecastBatch, WindowBatch
 from trendcast.freq import parse_freq
@@ -90,18 +90,6 @@ def _primaries(client: RedisCluster) -> list[tuple[str, int]]:
 
 def _store(url: str, prefix: str) -> RedisWindowStore:
     return RedisWindowStore.from_url(url, FREQ, prefix, cluster=True)
-
-
-def run(store: S, scenario: Callable[[S], Awaitable[T]]) -> T:
-    """Run an async scenario and close the store on the same loop (pools are per loop)."""
-
-    async def main() -> T:
-        try:
-            return await scenario(store)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(main())
 
 
 def _batch(seed: int, days: range) -> list[ItemUpdate]:

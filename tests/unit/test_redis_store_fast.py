@@ -11,9 +11,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -28,6 +27,7 @@ from stream.windows.base import BucketDelta, ItemUpdate, WindowStore
 from stream.windows.clients import _hiredis_class, _HiredisPacking, async_client
 from stream.windows.memory import MemoryWindowStore
 from stream.windows.redis import RedisWindowStore, item_keys
+from tests.store_helpers import run
 from trendcast.freq import parse_freq
 
 T = TypeVar("T")
@@ -113,18 +113,6 @@ def test_async_cluster_clients_pack_with_hiredis(url: str, base: type[Connection
 @pytest.fixture
 def store(redis_url: str, redis_prefix: str) -> Iterator[RedisWindowStore]:
     yield RedisWindowStore.from_url(redis_url, FREQ, redis_prefix)
-
-
-def run(store: WindowStore, scenario: Callable[[WindowStore], Awaitable[T]]) -> T:
-    """Run an async scenario and close the store on the same loop (Redis pools are per loop)."""
-
-    async def main() -> T:
-        try:
-            return await scenario(store)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(main())
 
 
 def upd(

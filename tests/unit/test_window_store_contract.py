@@ -6,8 +6,7 @@ Redis ones use the session Redis of :mod:`tests.services` and a unique key prefi
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ from stream.windows.base import (
 )
 from stream.windows.memory import MemoryWindowStore
 from stream.windows.redis import RedisWindowStore, item_keys, partition_keys
+from tests.store_helpers import run
 from trendcast.freq import parse_freq
 
 DAY = 86_400_000
@@ -42,18 +42,6 @@ def store(request: pytest.FixtureRequest) -> Iterator[WindowStore]:
 
 
 both = pytest.mark.parametrize("store", ["memory", "redis"], indirect=True)
-
-
-def run(store: WindowStore, scenario: Callable[[WindowStore], Awaitable[Any]]) -> Any:
-    """Run an async scenario and close the store on the same loop (Redis pools are per loop)."""
-
-    async def main() -> Any:
-        try:
-            return await scenario(store)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(main())
 
 
 def upd(
@@ -281,7 +269,7 @@ def test_redis_reloads_lost_scripts(
         await st.apply([upd("a", (1, "e2", 1))], [])
         assert quantities((await st.read(["a"]))["a"]) == {1: 2.0}
 
-    run(store, scenario)  # type: ignore[arg-type]
+    run(store, scenario)
 
 
 @pytest.mark.parametrize("store", ["redis"], indirect=True)
@@ -310,7 +298,7 @@ def test_redis_memory_per_item_at_window_56(
             }
         return sizes
 
-    sizes = run(store, scenario)  # type: ignore[arg-type]
+    sizes = run(store, scenario)
     with capsys.disabled():
         print(f"\nMEMORY USAGE per item at window 56 (+3 buckets): {sizes}")
     assert sizes["qty"]["window"] <= 1024
