@@ -186,6 +186,8 @@ class BatchConsumer(AIOKafkaConsumer):
                 finally:
                     if work.done():
                         idle.set()
+            if ahead is not None:  # stopped: a fetch not handed over is simply read again
+                ahead.cancel()
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 logger.info("broker stopped the consumer; shutting down")

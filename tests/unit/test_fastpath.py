@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import faust
 from faust.transport.consumer import Consumer as BaseConsumer
 from faust.transport.consumer import Fetcher
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
+from faust.types import TP
 
 from stream import fastpath
 from stream.app import create_app
@@ -78,3 +82,67 @@ def test_wait_idle_is_immediate_without_a_batch() -> None:
 
     assert asyncio.run(scenario())
     assert isinstance(faust.App, type)
+
+
+def test_a_batch_fetched_ahead_across_a_rebalance_is_sought_back_not_handed_over() -> None:
+    """The fetch that runs during a batch is handed over only in its own generation."""
+    tp = TP("sales", 0)
+
+    def records(*offsets: int) -> dict[TP, list[SimpleNamespace]]:
+        return {tp: [SimpleNamespace(offset=o) for o in offsets]}
+
+    class Probe(fastpath.BatchConsumer):  # the consumer's surroundings, scripted
+        def __init__(self) -> None:
+            self._stopped = asyncio.Event()
+            self.app = SimpleNamespace(
+                consumer_generation_id=1,
+                monitor=SimpleNamespace(track_tp_end_offset=lambda tp, offset: None),
+            )
+            self.flow_active = True
+            self._buffered_partitions = set()
+            self._read_offset = {}
+            self.fetches = 0
+            self.rebalanced = asyncio.Event()
+            self.seeks: list[tuple[TP, int]] = []
+            self.handed: list[list[int]] = []
+
+        @property
+        def should_stop(self) -> bool:
+            return self._stopped.is_set()
+
+        def assignment(self) -> set[TP]:
+            return {tp}
+
+        def highwater(self, tp: TP) -> int:
+            return 100
+
+        async def seek(self, partition: TP, offset: int) -> None:
+            self.seeks.append((partition, offset))
+
+        async def _wait_next_records(self, timeout: float) -> Any:
+            self.fetches += 1
+            if self.fetches == 1:
+                return records(0, 1, 2), None
+            if self.fetches == 2:  # fetched ahead, comes back after the rebalance
+                await self.rebalanced.wait()
+                return records(3, 4, 5), None
+            if self.fetches == 3:  # read again after the seek
+                return records(3, 4, 5), None
+            self._stopped.set()
+            return {}, None
+
+    probe = Probe()
+
+    async def handle(batch: Mapping[TP, Sequence[Any]]) -> Mapping[TP, int]:
+        probe.handed.append([r.offset for r in batch[tp]])
+        if len(probe.handed) == 1:  # a rebalance while the first batch is processed
+            probe.app.consumer_generation_id = 2
+            probe.rebalanced.set()
+            await asyncio.sleep(0.01)
+        return {}
+
+    probe.batch_handler = handle  # type: ignore[assignment]
+    fetcher = SimpleNamespace(_stopped=asyncio.Event())
+    asyncio.run(asyncio.wait_for(probe._drain_messages(fetcher), timeout=5))
+    assert probe.handed == [[0, 1, 2], [3, 4, 5]]
+    assert probe.seeks == [(tp, 3)]
