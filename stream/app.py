@@ -330,6 +330,11 @@ def create_app(
     @app.on_before_shutdown.connect
     async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await flush_clocks()  # the consumer already committed at stop (stream.fastpath)
+        if watcher is not None:
+            try:
+                await watcher.aclose()
+            except Exception as exc:  # stopping anyway: say so, do not fail the stop
+                logger.warning("could not close the bundle source (%s)", exc)
 
     # The sales topic is subscribed through the conductor, but no agent reads it: fetched
     # batches go straight to handle_fetch (see stream.fastpath for why and what it keeps).

@@ -158,6 +158,12 @@ class BundleWatcher:
         # Why the source could not be read at the last poll (None: it could).
         self._unreadable: str | None = None
 
+    async def aclose(self) -> None:
+        """Release what the source holds (a Redis key source keeps a client between polls)."""
+        close = getattr(self.source, "aclose", None)
+        if close is not None:
+            await close()
+
     async def poll(self, swap: Callable[[LoadedModel], None]) -> bool:
         """Check the source once; load, verify and ``swap`` in a changed bundle.
 

@@ -267,3 +267,20 @@ def test_hot_reload_is_off_with_a_zero_poll_interval(bundles: Path, tmp_path: Pa
         watcher=BundleWatcher(bundles, loaded),
     )
     assert not hasattr(app, "trendcast_reload")
+
+
+def test_closing_the_watcher_closes_a_source_that_holds_a_client(bundles: Path) -> None:
+    class KeySource:  # like versions.RedisKeySource: a client kept between polls
+        closed = 0
+
+        async def current(self) -> str | None:
+            return "v1"
+
+        async def aclose(self) -> None:
+            self.closed += 1
+
+    loaded = load_model(resolve_bundle(bundles))
+    source = KeySource()
+    asyncio.run(BundleWatcher(bundles, loaded, source=source).aclose())
+    assert source.closed == 1
+    asyncio.run(BundleWatcher(bundles, loaded).aclose())  # a pointer file holds nothing
