@@ -10,16 +10,18 @@ caller blocks either way, which is what a synchronous API promises.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["run_sync"]
+__all__ = ["blocking", "run_sync"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -42,3 +44,21 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trendcast-sync") as pool:
         return pool.submit(asyncio.run, coro).result()
+
+
+def blocking(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+    """The blocking twin of the coroutine function ``fn``: the same arguments, via :func:`run_sync`.
+
+    One definition of the arguments serves both, so the two cannot drift apart.
+
+    >>> async def add(a: int, *, b: int = 1) -> int:
+    ...     return a + b
+    >>> blocking(add)(2, b=3)
+    5
+    """
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return run_sync(fn(*args, **kwargs))
+
+    return call

@@ -232,20 +232,16 @@ class _Stream:
         new = max(old + need, min(new, limit))
         extra = new - old
 
-        def grown(array: npt.NDArray[Any], fill: float | int | None) -> npt.NDArray[Any]:
+        def grown(array: npt.NDArray[Any], fill: float | int) -> npt.NDArray[Any]:
             out = np.empty((new, *array.shape[1:]), dtype=array.dtype)
             out[:old] = array
-            if fill is not None:
-                out[old:] = fill
+            out[old:] = fill
             return out
 
         self.origin = grown(self.origin, _EMPTY)
         self.done = grown(self.done, 0)
         self.scale = grown(self.scale, np.nan)
-        # Not filled: a slot's forecasts are written whenever it gets an origin and read
-        # only while it has one, and leaving the new pages untouched spares a write of the
-        # largest array (the kernel maps them on first use).
-        self.fc = grown(self.fc, None)
+        self.fc = grown(self.fc, 0.0)
         self.last_seen = grown(self.last_seen, _EMPTY)
         self.seen_to = grown(self.seen_to, _EMPTY)
         self.items.extend([None] * extra)

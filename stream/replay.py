@@ -58,7 +58,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from stream._sync import run_sync
+from stream._sync import blocking
 from stream.embedded import ensure_topics_async, list_topics_async, to_bootstrap
 from stream.security import KafkaSecurity
 from trendcast.exceptions import BrokerError, ConfigError, DataError
@@ -420,40 +420,8 @@ async def replay_async(
     return report
 
 
-def replay(
-    lines: pd.DataFrame,
-    *,
-    bootstrap: str,
-    topic: str = "sales",
-    speed: float | None = None,
-    rate: float | None = None,
-    start: str | datetime | pd.Timestamp | None = None,
-    end: str | datetime | pd.Timestamp | None = None,
-    source: str = "",
-    progress: bool = False,
-    create_partitions: int | None = None,
-    max_pause_s: float = DEFAULT_MAX_PAUSE_S,
-    console: Console | None = None,
-    security: KafkaSecurity | None = None,
-) -> ReplayReport:
-    """Blocking :func:`replay_async` (same arguments), for the CLI and tests."""
-    return run_sync(
-        replay_async(
-            lines,
-            bootstrap=bootstrap,
-            topic=topic,
-            speed=speed,
-            rate=rate,
-            start=start,
-            end=end,
-            source=source,
-            progress=progress,
-            create_partitions=create_partitions,
-            max_pause_s=max_pause_s,
-            console=console,
-            security=security,
-        )
-    )
+#: Blocking :func:`replay_async` (same arguments), for the CLI and tests.
+replay = blocking(replay_async)
 
 
 async def _check_topic(
