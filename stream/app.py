@@ -309,6 +309,12 @@ def create_app(
             return None
         return committable()
 
+    async def prepare_fetch(records: Mapping[Any, Sequence[Any]]) -> None:
+        # The same record lists handle_fetch passes on: parse_ahead finds them by identity.
+        await processor.parse_ahead(
+            {PartitionId(tp.topic, tp.partition): recs for tp, recs in records.items()}
+        )
+
     async def flush_clocks() -> dict[TP, int]:
         try:
             await processor.flush()
@@ -345,6 +351,7 @@ def create_app(
         flush_clocks,
         fetch_timeout_s=settings.batch_timeout_s,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        preparer=prepare_fetch,
     )
 
     @app.on_partitions_revoked.connect
@@ -447,6 +454,7 @@ def create_app(
     app.trendcast_trends = trends  # type: ignore[attr-defined]  # for tests/inspection
     app.trendcast_processor = processor  # type: ignore[attr-defined]  # for tests/inspection
     app.trendcast_handle_fetch = handle_fetch  # type: ignore[attr-defined]  # for tests
+    app.trendcast_prepare_fetch = prepare_fetch  # type: ignore[attr-defined]  # for tests
     app.trendcast_flush = flush_clocks  # type: ignore[attr-defined]  # for tests
     app.trendcast_health = health  # type: ignore[attr-defined]  # for tests/inspection
     return app

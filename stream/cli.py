@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from stream._sync import run_sync
 from stream.config import WorkerSettings
+from stream.gc_tuning import tune_gc
 from trendcast.exceptions import StateStoreError
 
 if TYPE_CHECKING:
@@ -195,6 +196,7 @@ def run_worker(settings: WorkerSettings, *, loglevel: str = "info") -> None:
 
     app = build_worker_app(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    tune_gc(settings.gc_threshold)
     json_logs = settings.log_format == "json"
     worker = faust.Worker(
         app,

@@ -31,12 +31,13 @@ therefore at-least-once across crashes and exactly-once in a clean run.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from stream.events import SaleEvent, dead_letter_value, parse_event
 from stream.inference.batching import ForecastRequest, ModelInfo, forecast
@@ -218,6 +219,9 @@ class SalesProcessor:
         self._unsaved: dict[PartitionId, PartitionState] = {}
         # Next offsets whose clocks are stored: what may be committed (take_committable).
         self._committable: dict[PartitionId, int] = {}
+        # Messages validated ahead of their batch (parse_ahead), by id() of their sequence.
+        self._parsed: dict[int, _Parsed] = {}
+        self._parsed_before: dict[int, _Parsed] = {}
 
     def swap_model(self, forecaster: Forecaster, model: ModelInfo) -> None:
         """Serve ``model`` from the next batch on (now, when no batch is in progress).
@@ -361,6 +365,42 @@ class SalesProcessor:
             )
             self._clocks[partition] = clock
         return clock
+
+    async def parse_ahead(self, batches: Mapping[PartitionId, Sequence[Record]]) -> None:
+        """Validate a fetched batch's messages before its turn, while another batch runs.
+
+        Why: a batch spends a good part of its time awaiting Redis, whose server works on
+        another core meanwhile, and validating a message needs nothing but its bytes and the
+        wall clock (no partition clock, no store). The worker calls this on the batch it
+        fetched ahead (:mod:`stream.fastpath`), in chunks that yield to the event loop, so
+        the batch being processed resumes as soon as its reply arrives.
+        :meth:`process_partitions` then takes these results, found by the identity of each
+        partition's record sequence, instead of validating again. Results of the last two
+        calls are kept: a batch never processed (dropped at a rebalance) leaves nothing
+        behind for long, and one that is processed without them is validated as usual.
+        """
+        now_ms = self.clock_ms()
+        parsed: dict[int, _Parsed] = {}
+        for msgs in batches.values():
+            events: list[SaleEvent | EventError] = []
+            for start in range(0, len(msgs), _PARSE_CHUNK):
+                events += _parse_all(
+                    msgs[start : start + _PARSE_CHUNK],
+                    self.max_message_bytes,
+                    now_ms,
+                    self.max_future_ms,
+                )
+                await asyncio.sleep(0)  # let the batch in flight go on when Redis answers
+            parsed[id(msgs)] = _Parsed(msgs, events)
+        self._parsed_before, self._parsed = self._parsed, parsed
+
+    def _take_parsed(self, msgs: Sequence[Record]) -> list[SaleEvent | EventError] | None:
+        """What :meth:`parse_ahead` made of exactly ``msgs`` (the same object), if anything."""
+        for store in (self._parsed, self._parsed_before):
+            found = store.pop(id(msgs), None)
+            if found is not None and found.msgs is msgs:
+                return found.events
+        return None
 
     def _dead_letter(
         self,
@@ -585,7 +625,6 @@ class SalesProcessor:
         freq = self.model.freq
         origin, step = freq.origin_ms, freq.step_ms
         uses_prices = self.model.uses_prices
-        max_bytes, max_future_ms = self.max_message_bytes, self.max_future_ms
         emitted_before = clock.state.emitted_to_ms
         # The late bound as stored before this batch: every event accepted below is at or
         # after it, and dedupe keys older than it can go (see ItemUpdate.dedupe_from_ms).
@@ -595,15 +634,14 @@ class SalesProcessor:
         deltas: dict[str, list[BucketDelta]] = {}
         last_sale: dict[str, int] = {}
         valid = 0
-        for msg in msgs:
-            try:
-                event = parse_event(
-                    msg.value, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
-                )
-            except EventError as exc:
+        parsed = self._take_parsed(msgs)
+        if parsed is None:
+            parsed = _parse_all(msgs, self.max_message_bytes, now_ms, self.max_future_ms)
+        for msg, event in zip(msgs, parsed, strict=True):
+            if isinstance(event, EventError):
                 stats.invalid += 1
                 EVENTS.labels("invalid").inc()
-                dead.append(self._dead_letter(pid, msg, exc.reason, exc.detail, now_ms))
+                dead.append(self._dead_letter(pid, msg, event.reason, event.detail, now_ms))
                 continue
             ts_ms = event.ts_ms
             bucket = ts_ms - (ts_ms - origin) % step  # freq.floor_ms, inlined: once per event
@@ -723,3 +761,34 @@ class _Plan:
     items: list[ItemUpdate]
     next_offset: int
     partition: PartitionUpdate
+
+
+#: Messages validated per step of :meth:`SalesProcessor.parse_ahead` before it yields to the
+#: event loop (about half a millisecond of work).
+_PARSE_CHUNK = 500
+
+
+class _Parsed(NamedTuple):
+    """A partition's messages and what validating them gave, one result per message."""
+
+    msgs: Sequence[Record]
+    events: list[SaleEvent | EventError]
+
+
+def _parse_all(
+    msgs: Sequence[Record], max_bytes: int, now_ms: int, max_future_ms: int | None
+) -> list[SaleEvent | EventError]:
+    """:func:`~stream.events.parse_event` of each message: the event, or why it is invalid."""
+    out: list[SaleEvent | EventError] = []
+    append = out.append
+    for msg in msgs:
+        try:
+            append(
+                parse_event(
+                    msg.value, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
+                )
+            )
+        except EventError as exc:
+            # Without its traceback: the frames it holds would tie this list into a cycle.
+            append(exc.with_traceback(None))
+    return out

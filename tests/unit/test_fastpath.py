@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -66,6 +66,7 @@ def test_the_app_consumes_through_the_batch_consumer(tmp_path: Path) -> None:
     assert issubclass(consumer_class, fastpath.BatchConsumer)
     # staticmethod on the class: reading it back gives the handler itself.
     assert consumer_class.batch_handler == app.trendcast_handle_fetch  # type: ignore[attr-defined]
+    assert consumer_class.batch_preparer == app.trendcast_prepare_fetch  # type: ignore[attr-defined]
     assert any(settings.sales_topic in t.topics for t in app.topics)
     assert app.conf.broker_max_poll_records == 7
     assert consumer_class.fetch_max_wait_ms == settings.fetch_max_wait_ms
@@ -84,65 +85,120 @@ def test_wait_idle_is_immediate_without_a_batch() -> None:
     assert isinstance(faust.App, type)
 
 
+_TP = TP("sales", 0)
+
+
+def _records(*offsets: int) -> dict[TP, list[SimpleNamespace]]:
+    return {_TP: [SimpleNamespace(offset=o) for o in offsets]}
+
+
+class _Scripted(fastpath.BatchConsumer):
+    """The consumer's surroundings, scripted: ``fetch(n)`` answers the n-th fetch."""
+
+    def __init__(self, fetch: Callable[[int], Awaitable[Any]]) -> None:
+        self._stopped = asyncio.Event()
+        self.app = SimpleNamespace(
+            consumer_generation_id=1,
+            monitor=SimpleNamespace(track_tp_end_offset=lambda tp, offset: None),
+        )
+        self.flow_active = True
+        self._buffered_partitions = set()
+        self._read_offset = {}
+        self.fetches = 0
+        self.fetch = fetch
+        self.seeks: list[tuple[TP, int]] = []
+        self.handed: list[list[int]] = []
+
+    @property
+    def should_stop(self) -> bool:
+        return self._stopped.is_set()
+
+    def assignment(self) -> set[TP]:
+        return {_TP}
+
+    def highwater(self, tp: TP) -> int:
+        return 100
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        self.seeks.append((partition, offset))
+
+    async def _wait_next_records(self, timeout: float) -> Any:
+        self.fetches += 1
+        got = await self.fetch(self.fetches)
+        if not got:
+            self._stopped.set()
+        return got, None
+
+    def drain(self) -> None:
+        fetcher = SimpleNamespace(_stopped=asyncio.Event())
+        asyncio.run(asyncio.wait_for(self._drain_messages(fetcher), timeout=5))
+
+
 def test_a_batch_fetched_ahead_across_a_rebalance_is_sought_back_not_handed_over() -> None:
     """The fetch that runs during a batch is handed over only in its own generation."""
-    tp = TP("sales", 0)
+    rebalanced = asyncio.Event()
 
-    def records(*offsets: int) -> dict[TP, list[SimpleNamespace]]:
-        return {tp: [SimpleNamespace(offset=o) for o in offsets]}
+    async def fetch(n: int) -> dict[TP, list[SimpleNamespace]]:
+        if n == 1:
+            return _records(0, 1, 2)
+        if n == 2:  # fetched ahead, comes back after the rebalance
+            await rebalanced.wait()
+            return _records(3, 4, 5)
+        if n == 3:  # read again after the seek
+            return _records(3, 4, 5)
+        return {}
 
-    class Probe(fastpath.BatchConsumer):  # the consumer's surroundings, scripted
-        def __init__(self) -> None:
-            self._stopped = asyncio.Event()
-            self.app = SimpleNamespace(
-                consumer_generation_id=1,
-                monitor=SimpleNamespace(track_tp_end_offset=lambda tp, offset: None),
-            )
-            self.flow_active = True
-            self._buffered_partitions = set()
-            self._read_offset = {}
-            self.fetches = 0
-            self.rebalanced = asyncio.Event()
-            self.seeks: list[tuple[TP, int]] = []
-            self.handed: list[list[int]] = []
-
-        @property
-        def should_stop(self) -> bool:
-            return self._stopped.is_set()
-
-        def assignment(self) -> set[TP]:
-            return {tp}
-
-        def highwater(self, tp: TP) -> int:
-            return 100
-
-        async def seek(self, partition: TP, offset: int) -> None:
-            self.seeks.append((partition, offset))
-
-        async def _wait_next_records(self, timeout: float) -> Any:
-            self.fetches += 1
-            if self.fetches == 1:
-                return records(0, 1, 2), None
-            if self.fetches == 2:  # fetched ahead, comes back after the rebalance
-                await self.rebalanced.wait()
-                return records(3, 4, 5), None
-            if self.fetches == 3:  # read again after the seek
-                return records(3, 4, 5), None
-            self._stopped.set()
-            return {}, None
-
-    probe = Probe()
+    probe = _Scripted(fetch)
 
     async def handle(batch: Mapping[TP, Sequence[Any]]) -> Mapping[TP, int]:
-        probe.handed.append([r.offset for r in batch[tp]])
+        probe.handed.append([r.offset for r in batch[_TP]])
         if len(probe.handed) == 1:  # a rebalance while the first batch is processed
             probe.app.consumer_generation_id = 2
-            probe.rebalanced.set()
+            rebalanced.set()
             await asyncio.sleep(0.01)
         return {}
 
     probe.batch_handler = handle  # type: ignore[assignment]
-    fetcher = SimpleNamespace(_stopped=asyncio.Event())
-    asyncio.run(asyncio.wait_for(probe._drain_messages(fetcher), timeout=5))
+    probe.drain()
     assert probe.handed == [[0, 1, 2], [3, 4, 5]]
-    assert probe.seeks == [(tp, 3)]
+    assert probe.seeks == [(_TP, 3)]
+
+
+def test_the_batch_fetched_ahead_is_prepared_while_the_one_before_is_handled() -> None:
+    """The preparer sees each batch before the handler does, and the next one overlaps."""
+    batches = [_records(0, 1), _records(2, 3), _records(4)]
+
+    async def fetch(n: int) -> dict[TP, list[SimpleNamespace]]:
+        return batches[n - 1] if n <= len(batches) else {}
+
+    probe = _Scripted(fetch)
+    log: list[tuple[str, list[int], bool]] = []
+    handling = asyncio.Event()
+
+    async def prepare(batch: Mapping[TP, Sequence[Any]]) -> None:
+        await asyncio.sleep(0)  # validation steps yield to the batch in flight
+        offsets = [r.offset for r in batch[_TP]]
+        log.append(("prepare", offsets, handling.is_set()))
+        if offsets == [2, 3]:
+            raise RuntimeError("a failing preparer only loses its head start")
+
+    async def handle(batch: Mapping[TP, Sequence[Any]]) -> Mapping[TP, int]:
+        offsets = [r.offset for r in batch[_TP]]
+        handling.set()
+        await asyncio.sleep(0.01)  # awaiting Redis
+        log.append(("handle", offsets, True))
+        handling.clear()
+        return {}
+
+    probe.batch_handler = handle  # type: ignore[assignment]
+    probe.batch_preparer = prepare  # type: ignore[assignment]
+    probe.drain()
+    # (what, offsets, whether a batch was being handled at that moment)
+    assert log == [
+        ("prepare", [0, 1], False),  # the first fetch: nothing in flight yet
+        ("prepare", [2, 3], True),
+        ("handle", [0, 1], True),
+        ("prepare", [4], True),
+        ("handle", [2, 3], True),  # handed over although its preparation failed
+        ("handle", [4], True),
+    ]

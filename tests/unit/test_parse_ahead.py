@@ -1,0 +1,147 @@
+"""Validating a fetched batch ahead of its turn (``SalesProcessor.parse_ahead``).
+
+The worker validates the batch it fetched ahead while the batch before it awaits Redis. The
+outcome must be exactly that of validating in turn, the results must be used only for the
+very records they were made from, and dropped batches must not pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+import stream.processor as processor_module
+from stream.processor import RawMessage, Record
+from stream.windows.base import PartitionId
+from stream.windows.memory import MemoryWindowStore
+from tests.unit.test_agent import FREQ, Feed, ListSink, processor, sale
+
+P0, P1 = PartitionId("sales", 0), PartitionId("sales", 1)
+
+
+def _batch(feed: Feed, first_day: float) -> dict[PartitionId, list[RawMessage]]:
+    return {
+        P0: feed(
+            sale("a", first_day, 2),
+            b"\xffnot utf8",
+            sale("b", first_day + 0.5, 1, price=2.5, event_id="b-1"),
+            b'{"item_id": "a", "quantity": 1}',
+            partition=0,
+        ),
+        P1: feed(sale("c", first_day + 1.2), b"[1, 2]", partition=1),
+    }
+
+
+@pytest.fixture
+def parse_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes | None]:
+    """Every message the processor validates, in order."""
+    calls: list[bytes | None] = []
+    real = processor_module.parse_event
+
+    def counting(raw: bytes | None, **kwargs: Any) -> Any:
+        calls.append(raw)
+        return real(raw, **kwargs)
+
+    monkeypatch.setattr(processor_module, "parse_event", counting)
+    return calls
+
+
+def _run(batches: Sequence[dict[PartitionId, list[RawMessage]]], *, ahead: bool) -> Any:
+    sink, store = ListSink(), MemoryWindowStore(FREQ)
+    proc = processor(store=store, sink=sink)
+
+    async def scenario() -> list[Any]:
+        stats = []
+        for batch in batches:
+            if ahead:
+                await proc.parse_ahead(batch)
+            stats.append(await proc.process_partitions(batch))
+        windows = await store.read(["a", "b", "c"])
+        return [
+            [(s.valid, s.invalid, s.late, s.forecasts) for s in stats],
+            [(d["reason"], d["source"]) for d in sink.dead],
+            sorted(sink.pairs()),
+            {i: w.buckets for i, w in windows.items()},
+        ]
+
+    return asyncio.run(scenario())
+
+
+def test_validating_ahead_gives_exactly_the_outcome_of_validating_in_turn(
+    parse_calls: list[bytes | None],
+) -> None:
+    feed_a, feed_b = Feed(), Feed()
+    batches_a = [_batch(feed_a, day) for day in (0, 2, 4)]
+    batches_b = [_batch(feed_b, day) for day in (0, 2, 4)]
+    in_turn = _run(batches_a, ahead=False)
+    calls_in_turn = len(parse_calls)
+    ahead = _run(batches_b, ahead=True)
+    assert ahead == in_turn
+    assert in_turn[1][0][0] == "not_utf8" and in_turn[0][0][1] == 3
+    # Each message was validated once either way: ahead, the processor did not do it again.
+    assert len(parse_calls) == 2 * calls_in_turn == 2 * 18
+
+
+def test_results_serve_only_the_records_they_were_made_from(
+    parse_calls: list[bytes | None],
+) -> None:
+    proc = processor()
+    feed = Feed()
+    fetched = _batch(feed, 0)
+    # Equal records in other lists (a fetch read again after a seek back): validated anew.
+    again: dict[PartitionId, Sequence[Record]] = {p: list(m) for p, m in fetched.items()}
+
+    async def scenario() -> None:
+        await proc.parse_ahead(fetched)
+        assert len(parse_calls) == 6
+        await proc.process_partitions(again)
+        assert len(parse_calls) == 12
+
+    asyncio.run(scenario())
+
+
+def test_results_of_batches_never_processed_do_not_pile_up(
+    parse_calls: list[bytes | None],
+) -> None:
+    proc = processor()
+    feed = Feed()
+    dropped, kept_1, kept_2 = _batch(feed, 0), _batch(feed, 2), _batch(feed, 4)
+
+    async def scenario() -> None:
+        for batch in (dropped, kept_1, kept_2):  # the first one was dropped at a rebalance
+            await proc.parse_ahead(batch)
+        assert len(parse_calls) == 18
+        await proc.process_partitions(kept_1)  # the last two calls' results are kept...
+        await proc.process_partitions(kept_2)
+        assert len(parse_calls) == 18
+        await proc.process_partitions(dropped)  # ...older ones are gone
+        assert len(parse_calls) == 24
+
+    asyncio.run(scenario())
+
+
+def test_validating_ahead_yields_to_the_batch_in_flight() -> None:
+    """Long batches are validated in steps, so a Redis reply is not kept waiting."""
+    proc = processor()
+    feed = Feed()
+    batch = {P0: feed(*(sale("a", i / 10_000) for i in range(2_000)), partition=0)}
+    steps = 0
+
+    async def ticker() -> None:
+        nonlocal steps
+        while True:
+            steps += 1
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        before = steps
+        await proc.parse_ahead(batch)
+        task.cancel()
+        assert steps - before >= 4  # 2,000 messages in steps of 500
+
+    asyncio.run(scenario())
