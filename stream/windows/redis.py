@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import chain
+from typing import Any, cast
 
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT
 
 from stream.watermark import PartitionState
@@ -608,12 +610,14 @@ class RedisWindowStore:
             of refused deltas.
         """
         refused = 0
-        args: list[list[EncodableT]] = []
-        for u in items:
+
+        def summed(u: ItemUpdate) -> list[EncodableT]:
+            nonlocal refused
             item_args, item_refused = self._item_args(u, summed=True)
-            args.append(item_args)
             refused += item_refused
-        results = await self._run(items, args, partitions)
+            return item_args
+
+        results = await self._run(items, summed, partitions)
         again = [
             i
             for i, r in enumerate(results[: len(items)])
@@ -623,23 +627,26 @@ class RedisWindowStore:
             # Some keys were seen before (a re-delivery): nothing of those items was
             # written; apply them event by event so that only the duplicates are skipped.
             redo = [items[i] for i in again]
-            redo_args = [self._item_args(u, summed=False)[0] for u in redo]
-            for i, result in zip(again, await self._run(redo, redo_args, []), strict=True):
+            by_event = await self._run(redo, lambda u: self._item_args(u, summed=False)[0], [])
+            for i, result in zip(again, by_event, strict=True):
                 results[i] = result
         return results, refused
 
     async def _run(
         self,
         items: Sequence[ItemUpdate],
-        args: Sequence[list[EncodableT]],
+        args_of: Callable[[ItemUpdate], list[EncodableT]],
         partitions: Sequence[PartitionUpdate],
     ) -> list[Any]:
-        """One pipeline: the items' scripts, then the partitions'; results in that order."""
-        pipe = self._client.pipeline(transaction=False)
-        chunks: list[int] = []  # items per multi-item call (single server)
+        """One pipeline: the items' scripts, then the partitions'; results in that order.
+
+        ``args_of`` builds an item's arguments after the head (see :meth:`_item_args`); it
+        is called as the pipeline is written, item by item.
+        """
         heads = [(self._idx(u.keep_from_ms), self._idx(u.dedupe_from_ms), u.ttl_ms) for u in items]
         if self._cluster:
-            for u, head, item_args in zip(items, heads, args, strict=True):
+            pipe = self._client.pipeline(transaction=False)
+            for u, head in zip(items, heads, strict=True):
                 # execute_command rather than pipe.evalsha: redis-py's cluster pipeline
                 # blocks the evalsha() helper but routes a raw EVALSHA by its keys.
                 pipe.execute_command(
@@ -648,28 +655,57 @@ class RedisWindowStore:
                     2,
                     *item_keys(self._prefix, u.item_id),
                     *head,
-                    *item_args,
+                    *args_of(u),
                 )
-        else:
-            # A call takes consecutive items sharing keep_from/dedupe_from/ttl (in practice
-            # all the items of a batch: they are the partition's bounds), sent once per call.
-            start = 0
-            while start < len(items):
-                head = heads[start]
-                end = start + 1
-                while end < len(items) and end - start < _ITEMS_PER_CALL and heads[end] == head:
-                    end += 1
-                call: list[EncodableT] = ["EVALSHA", self._shas["items"], 2 * (end - start)]
-                for u in items[start:end]:
-                    call += item_keys(self._prefix, u.item_id)
-                call += head
-                for item_args in args[start:end]:
-                    call += item_args
+            for call in self._partition_calls(partitions):
                 pipe.execute_command(*call)
-                chunks.append(end - start)
-                start = end
+            return list(await pipe.execute(raise_on_error=False))
+        chunks: list[int] = []  # items per multi-item call
+        calls = self._item_calls(items, heads, args_of, chunks)
+        results = await self._stream(chain(calls, self._partition_calls(partitions)))
+        # Unfold the multi-item replies to one result per item, like the cluster path.
+        flat: list[Any] = []
+        for n, reply in zip(chunks, results[: len(chunks)], strict=True):
+            flat.extend([reply] * n if isinstance(reply, Exception) else reply)
+        return flat + results[len(chunks) :]
+
+    def _item_calls(
+        self,
+        items: Sequence[ItemUpdate],
+        heads: Sequence[tuple[int, int, int]],
+        args_of: Callable[[ItemUpdate], list[EncodableT]],
+        chunks: list[int],
+    ) -> Iterator[list[EncodableT]]:
+        """Multi-item EVALSHA calls (single server), each built when the pipeline needs it.
+
+        A call takes consecutive items sharing keep_from/dedupe_from/ttl (in practice all the
+        items of a batch: they are the partition's bounds), sent once per call. Appends each
+        call's number of items to ``chunks``.
+        """
+        start = 0
+        while start < len(items):
+            head = heads[start]
+            end = start + 1
+            while end < len(items) and end - start < _ITEMS_PER_CALL and heads[end] == head:
+                end += 1
+            call: list[EncodableT] = ["EVALSHA", self._shas["items"], 2 * (end - start)]
+            for u in items[start:end]:
+                call += item_keys(self._prefix, u.item_id)
+            call += head
+            for u in items[start:end]:
+                call += args_of(u)
+            chunks.append(end - start)
+            yield call
+            start = end
+
+    def _partition_calls(self, partitions: Sequence[PartitionUpdate]) -> Iterator[list[EncodableT]]:
+        """One EVALSHA of the partition script per partition."""
         for p in partitions:
-            pargs: list[str | int] = [
+            call: list[EncodableT] = [
+                "EVALSHA",
+                self._shas["partition"],
+                2,
+                *partition_keys(self._prefix, p.partition),
                 _opt(p.state.max_event_ms),
                 _opt(p.state.emitted_to_ms),
                 _opt(p.forget_before_ms),
@@ -677,22 +713,40 @@ class RedisWindowStore:
                 _opt(p.state.next_offset),
             ]
             for item_id, last in p.last_sale_ms.items():
-                pargs += [item_id, last]
-            pipe.execute_command(
-                "EVALSHA",
-                self._shas["partition"],
-                2,
-                *partition_keys(self._prefix, p.partition),
-                *pargs,
-            )
-        results = list(await pipe.execute(raise_on_error=False))
-        if not chunks:
+                call += [item_id, last]
+            yield call
+
+    async def _stream(self, calls: Iterable[Sequence[EncodableT]]) -> list[Any]:
+        """Send ``calls`` as one pipeline on one connection, each as soon as it is built.
+
+        Why not redis-py's pipeline: it sends nothing before every command is packed, so
+        Redis idles while the worker builds a batch's arguments and the worker idles while
+        Redis runs the scripts. Written call by call, Redis starts on the first call while
+        the next ones are built (one write per call, still one round trip: no reply is
+        awaited before the last call is sent). Replies are read in order; an error reply
+        (NOSCRIPT, a script error) becomes that call's result, as in a pipeline with
+        ``raise_on_error=False``. On any other failure the connection is dropped rather than
+        returned to the pool with replies left unread.
+        """
+        pool = cast(aioredis.Redis, self._client).connection_pool  # single server only
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            sent = 0
+            for call in calls:
+                await conn.send_packed_command(conn.pack_command(*call), check_health=sent == 0)
+                sent += 1
+            results: list[Any] = []
+            for _ in range(sent):
+                try:
+                    results.append(await conn.read_response())
+                except ResponseError as exc:
+                    results.append(exc)
             return results
-        # Unfold the multi-item replies to one result per item, like the cluster path.
-        flat: list[Any] = []
-        for n, reply in zip(chunks, results[: len(chunks)], strict=True):
-            flat.extend([reply] * n if isinstance(reply, Exception) else reply)
-        return flat + results[len(chunks) :]
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
 
     async def read(self, item_ids: Sequence[str]) -> dict[str, ItemWindow]:
         """See :meth:`stream.windows.base.WindowStore.read`."""
@@ -741,11 +795,14 @@ class RedisWindowStore:
             return list(await pipe.execute())
         if "read" not in self._shas:
             await self._load_scripts()
-        pipe = self._client.pipeline(transaction=False)
-        for start in range(0, len(keys), _ITEMS_PER_CALL):
-            chunk = keys[start : start + _ITEMS_PER_CALL]
-            pipe.execute_command("EVALSHA", self._shas["read"], len(chunk), *chunk)
-        replies = await pipe.execute(raise_on_error=False)
+        sha = self._shas["read"]
+        replies = await self._stream(
+            ["EVALSHA", sha, len(chunk), *chunk]
+            for chunk in (
+                keys[start : start + _ITEMS_PER_CALL]
+                for start in range(0, len(keys), _ITEMS_PER_CALL)
+            )
+        )
         if retry and any(isinstance(r, NoScriptError) for r in replies):
             logger.warning("Redis lost the window scripts; reloading them")
             await self._load_scripts()

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -304,3 +305,73 @@ def test_random_batches_match_the_memory_store(store: RedisWindowStore, seed: in
     assert sum(r[1] for r in expected[::2]) > 0  # the scenario has duplicates...
     assert sum(r[2] for r in expected[::2]) > 0  # ... and refused events
     assert run(store, both) == expected
+
+
+def _many(n: int, day: int = 1) -> list[ItemUpdate]:
+    return [upd(f"m{i:04d}", (day, f"m{i}-{day}", 1.0)) for i in range(n)]
+
+
+def test_a_batch_is_written_call_by_call_while_the_next_calls_are_built(
+    store: RedisWindowStore, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis runs the first multi-item call while the worker still builds the later ones."""
+    items = _many(2 * redis_store._ITEMS_PER_CALL + 50)  # three calls
+    first_key = item_keys(store._prefix, items[0].item_id)[0]
+    seen_early: list[bool] = []
+    real = RedisWindowStore._item_args
+
+    def watching(self: RedisWindowStore, u: ItemUpdate, *, summed: bool) -> Any:
+        if u is items[-1]:  # building the last call: the first one was sent and ran
+            deadline = time.monotonic() + 5
+            while not redis_client.exists(first_key) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen_early.append(bool(redis_client.exists(first_key)))
+        return real(self, u, summed=summed)
+
+    monkeypatch.setattr(RedisWindowStore, "_item_args", watching)
+
+    async def scenario(st: RedisWindowStore) -> None:
+        result = await st.apply(items, [])
+        assert len(result.changed) == len(items)
+        pool = st._client.connection_pool  # type: ignore[union-attr]
+        assert not pool._in_use_connections  # handed back
+
+    run(store, scenario)
+    assert seen_early == [True]
+
+
+def test_a_failure_while_writing_leaves_nothing_unread_on_a_pooled_connection(
+    store: RedisWindowStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    items = _many(redis_store._ITEMS_PER_CALL + 10)
+    real = RedisWindowStore._item_args
+    fail = [True]
+
+    def failing(self: RedisWindowStore, u: ItemUpdate, *, summed: bool) -> Any:
+        if u is items[-1] and fail[0]:
+            fail[0] = False
+            raise RuntimeError("boom while building the second call")
+        return real(self, u, summed=summed)
+
+    monkeypatch.setattr(RedisWindowStore, "_item_args", failing)
+
+    async def scenario(st: RedisWindowStore) -> None:
+        with pytest.raises(RuntimeError, match="boom"):
+            await st.apply(items, [])
+        # The first call was sent (and applied); its reply was never read. The retry gets
+        # a clean connection, re-applies idempotently and reads its own replies.
+        result = await st.apply(items, [])
+        assert (result.duplicates, len(result.changed)) == (200, len(items) - 200)
+        windows = await st.read([u.item_id for u in items])
+        assert {days(w)[1] for w in windows.values()} == {1.0}
+
+    run(store, scenario)
+
+
+def test_reads_reload_lost_scripts(store: RedisWindowStore, redis_client: redis.Redis) -> None:
+    async def scenario(st: RedisWindowStore) -> None:
+        await st.apply([upd("a", (1, "e1", 2.0))], [])
+        redis_client.script_flush()
+        assert days((await st.read(["a"]))["a"]) == {1: 2.0}
+
+    run(store, scenario)
