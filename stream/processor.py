@@ -619,7 +619,10 @@ class SalesProcessor:
         """Validate a partition's messages in offset order, advancing its clock.
 
         This loop runs once per event, so it keeps to locals: the late bound only moves
-        when the partition's largest event time does, and the clock is consulted then.
+        when the partition's largest event time does, which in a time-ordered stream is at
+        almost every event, so the loop computes it (:meth:`PartitionClock.late_before_for`)
+        and the clock observes the batch's largest event time once, at the end (and before
+        a late event is judged, so that its ``late_by`` is measured from the same point).
         """
         clock = await self._clock(pid)
         freq = self.model.freq
@@ -630,6 +633,7 @@ class SalesProcessor:
         # after it, and dedupe keys older than it can go (see ItemUpdate.dedupe_from_ms).
         late_before_start = late_before_now = clock.late_before_ms
         max_event = clock.state.max_event_ms
+        late_before_for = clock.late_before_for
         offset_key = f"o:{pid.topic}:{pid.partition}:"
         deltas: dict[str, list[BucketDelta]] = {}
         last_sale: dict[str, int] = {}
@@ -646,12 +650,15 @@ class SalesProcessor:
             ts_ms = event.ts_ms
             bucket = ts_ms - (ts_ms - origin) % step  # freq.floor_ms, inlined: once per event
             if late_before_now is not None and bucket < late_before_now:
+                if max_event is not None:  # always, with a late bound: judge from here
+                    clock.observe(max_event)
                 self._reject(pid, msg, event, clock, now_ms, stats, dead)
                 continue
             valid += 1
             if max_event is None or ts_ms > max_event:
-                clock.observe(ts_ms)
-                max_event, late_before_now = ts_ms, clock.late_before_ms
+                if max_event is None:  # the first event ever also fixes where forecasts start
+                    clock.observe(ts_ms)
+                max_event, late_before_now = ts_ms, late_before_for(ts_ms)
             quantity, price = event.quantity, event.price
             event_id = event.event_id
             dedupe_key = f"e:{event_id}" if event_id is not None else f"{offset_key}{msg.offset}"
@@ -669,6 +676,8 @@ class SalesProcessor:
                 if bucket > last_sale[item_id]:
                     last_sale[item_id] = bucket
         stats.valid += valid
+        if max_event is not None:
+            clock.observe(max_event)  # once per batch rather than at every newer event
 
         open_from, late_before = clock.open_from_ms, clock.late_before_ms
         if open_from is None or late_before is None:

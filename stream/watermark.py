@@ -111,6 +111,19 @@ class PartitionClock:
         open_from = self.open_from_ms
         return None if open_from is None else open_from - self.grace_ms
 
+    def late_before_for(self, max_event_ms: int) -> int:
+        """:attr:`late_before_ms` once the largest event time is ``max_event_ms`` (no change).
+
+        >>> from trendcast.freq import parse_freq
+        >>> clock = PartitionClock(parse_freq("1D"), lateness_buckets=1, grace_buckets=1)
+        >>> day = 86_400_000
+        >>> clock.late_before_for(12 * day + 5) // day  # watermark day 11: day 10 in grace
+        10
+        >>> clock.observe(12 * day + 5); clock.late_before_ms // day
+        10
+        """
+        return self.freq.floor_ms(max_event_ms - self.lateness_ms) - self.grace_ms
+
     def is_late(self, ts_ms: int) -> bool:
         """Whether an event at ``ts_ms`` is too late to be counted."""
         late_before = self.late_before_ms
