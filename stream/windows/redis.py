@@ -17,9 +17,11 @@ tag (the raw id would split the tag) and keep the id in the key for uniqueness.
 
 A batch is one pipeline of EVALSHA calls: per item (atomic for that item: dedupe check,
 sums, trim, TTL; a single server takes up to 200 items per call) and per partition
-(monotonic clock merge, recent sellers). The pipeline
-is not a cross-slot transaction — a crash can leave some items applied — but every script is
-idempotent, so the worker simply re-applies the whole batch when it is re-delivered.
+(monotonic clock merge, recent sellers). On a single server the pipeline is written call by
+call as the calls are built, so Redis starts on the first while the rest are built (see
+``RedisWindowStore._stream``). The pipeline is not a cross-slot transaction — a crash can
+leave some items applied — but every script is idempotent, so the worker simply re-applies
+the whole batch when it is re-delivered.
 
 Redis Cluster (``TRENDCAST_REDIS_CLUSTER=true``, client from :mod:`stream.windows.clients`)
 needs nothing else from this layout, because no script or command spans two slots:
