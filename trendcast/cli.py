@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -103,35 +104,44 @@ def _root(ctx: typer.Context) -> None:
     ctx.obj = settings
 
 
-def _load_panel(
-    data: Path,
-    *,
-    freq: str,
-    item_col: str,
-    time_col: str,
-    qty_col: str,
-    price_col: str,
-    item_pattern: str | None,
-    returns: ReturnsChoice,
-    min_active: int = 0,
-) -> Panel:
-    from trendcast.data import load_sales
-    from trendcast.freq import parse_freq
+@dataclass(frozen=True)
+class _DataFlags:
+    """The data-reading flags of ``forecast``, ``train``, ``evaluate`` and ``replay``.
 
-    return load_sales(
-        data,
-        parse_freq(freq),
-        columns=_columns(item_col, time_col, qty_col, price_col),
-        item_pattern=item_pattern,
-        returns=returns.value,
-        min_active=min_active,
-    )
+    Typer takes options only from a command's own signature, so each command still lists
+    them (as the shared ``Annotated`` aliases above); this keeps what is done with them in
+    one place.
+    """
 
+    data: Path
+    item_col: str
+    time_col: str
+    qty_col: str
+    price_col: str
+    item_pattern: str | None
+    returns: ReturnsChoice
 
-def _columns(item_col: str, time_col: str, qty_col: str, price_col: str) -> ColumnMap:
-    from trendcast.data import ColumnMap
+    @property
+    def columns(self) -> ColumnMap:
+        from trendcast.data import ColumnMap
 
-    return ColumnMap(item=item_col, time=time_col, quantity=qty_col, price=price_col)
+        return ColumnMap(
+            item=self.item_col, time=self.time_col, quantity=self.qty_col, price=self.price_col
+        )
+
+    def panel(self, freq: str, *, min_active: int = 0) -> Panel:
+        """The cleaned panel of ``data`` in buckets of ``freq``."""
+        from trendcast.data import load_sales
+        from trendcast.freq import parse_freq
+
+        return load_sales(
+            self.data,
+            parse_freq(freq),
+            columns=self.columns,
+            item_pattern=self.item_pattern,
+            returns=self.returns.value,
+            min_active=min_active,
+        )
 
 
 def _date(value: str | None, flag: str) -> datetime | None:
@@ -168,16 +178,8 @@ def forecast(
 
     settings = _settings(ctx)
     loaded = load_bundle(bundle or settings.bundle)
-    panel = _load_panel(
-        data,
-        freq=loaded.meta.freq,
-        item_col=item_col,
-        time_col=time_col,
-        qty_col=qty_col,
-        price_col=price_col,
-        item_pattern=item_pattern,
-        returns=returns,
-    )
+    flags = _DataFlags(data, item_col, time_col, qty_col, price_col, item_pattern, returns)
+    panel = flags.panel(loaded.meta.freq)
     forecaster = OnnxForecaster(loaded, quantized=quantized, threads=settings.threads or None)
     batch = windows_from_panel(panel, loaded.meta.window)
     frame = forecast_frame(batch, forecaster.predict(batch), loaded.freq)
@@ -227,17 +229,8 @@ def train(
     from rich.console import Console
 
     settings = _settings(ctx)
-    panel = _load_panel(
-        data,
-        freq=freq,
-        item_col=item_col,
-        time_col=time_col,
-        qty_col=qty_col,
-        price_col=price_col,
-        item_pattern=item_pattern,
-        returns=returns,
-        min_active=min_active,
-    )
+    flags = _DataFlags(data, item_col, time_col, qty_col, price_col, item_pattern, returns)
+    panel = flags.panel(freq, min_active=min_active)
     cutoff = _date(until, "--until")
     if cutoff is not None:
         panel = panel.until(_timestamp(cutoff))
@@ -360,17 +353,8 @@ def evaluate(
     loaded = load_bundle(bundle) if bundle is not None else None
     if loaded is not None:
         freq, horizon = loaded.meta.freq, loaded.meta.horizon
-    panel = _load_panel(
-        data,
-        freq=freq,
-        item_col=item_col,
-        time_col=time_col,
-        qty_col=qty_col,
-        price_col=price_col,
-        item_pattern=item_pattern,
-        returns=returns,
-        min_active=min_active,
-    )
+    flags = _DataFlags(data, item_col, time_col, qty_col, price_col, item_pattern, returns)
+    panel = flags.panel(freq, min_active=min_active)
     panel.require_history(horizon)
     evaluation = run_evaluation(panel, out, bundle=loaded, weeks=weeks, horizon=horizon)
     print_metrics(evaluation.result)
@@ -440,11 +424,9 @@ def replay(
         raise ConfigError("give either --speed or --rate, not both")
     start, end = _date(from_, "--from"), _date(to, "--to")
     settings = _worker_settings()
+    flags = _DataFlags(data, item_col, time_col, qty_col, price_col, item_pattern, returns)
     lines, _ = read_lines(
-        data,
-        columns=_columns(item_col, time_col, qty_col, price_col),
-        item_pattern=item_pattern,
-        returns=returns.value,
+        data, columns=flags.columns, item_pattern=item_pattern, returns=returns.value
     )
     report = run_replay(
         lines,
