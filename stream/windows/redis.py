@@ -728,7 +728,9 @@ class RedisWindowStore:
         awaited before the last call is sent). Replies are read in order; an error reply
         (NOSCRIPT, a script error) becomes that call's result, as in a pipeline with
         ``raise_on_error=False``. On any other failure the connection is dropped rather than
-        returned to the pool with replies left unread.
+        returned to the pool with replies left unread, and the error fails the batch: the
+        worker retries it whole (every script is idempotent) instead of redis-py retrying
+        the pipeline.
         """
         pool = cast(aioredis.Redis, self._client).connection_pool  # single server only
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
