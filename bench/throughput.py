@@ -959,7 +959,9 @@ def _bench_on(
     singles.append(result)
     sizes = (1, 32, settings.inference_batch_size)
     onnx = _timed("onnx", lambda: onnx_rate(bundle, sizes))
-    return report(args, total, ends, raw, a, b_rate, b, result, phases, onnx, singles, groups)
+    return report(
+        args, total, ends, raw, a, b_rate, b, result, phases, onnx, singles, groups, settings
+    )
 
 
 def report(
@@ -975,6 +977,7 @@ def report(
     onnx: dict[int, float],
     singles: Sequence[WorkerResult] = (),
     groups: Sequence[WorkerResult] = (),
+    worker: WorkerSettings | None = None,
 ) -> list[str]:
     """The markdown tables; raises if the worker did not process every event as valid.
 
@@ -1006,7 +1009,13 @@ def report(
         f"## Throughput: {total:,} events, {len(ends)} partitions, {os.cpu_count()} cores",
         "",
         f"Topic per partition: {', '.join(f'{e:,}' for e in ends)}; model: {model}; "
-        f"steady state = events between {LOW:.0%} and {HIGH:.0%} of the topic.",
+        f"steady state = events between {LOW:.0%} and {HIGH:.0%} of the topic"
+        + (
+            f"; workers: batches of {worker.batch_size:,} events, "
+            f"GC threshold {worker.gc_threshold:,} (TRENDCAST_BATCH_SIZE, _GC_THRESHOLD)."
+            if worker is not None
+            else "."
+        ),
         "",
         "| reader | events/s | wall s | notes |",
         "| --- | ---: | ---: | --- |",
