@@ -108,11 +108,12 @@ class PartitionClock:
     @property
     def late_before_ms(self) -> int | None:
         """Events in buckets starting before this are late (closed and out of grace)."""
-        open_from = self.open_from_ms
-        return None if open_from is None else open_from - self.grace_ms
+        max_event = self._state.max_event_ms
+        return None if max_event is None else self.late_before_for(max_event)
 
     def late_before_for(self, max_event_ms: int) -> int:
-        """:attr:`late_before_ms` once the largest event time is ``max_event_ms`` (no change).
+        """:attr:`late_before_ms` once the largest event time is ``max_event_ms`` (no change):
+        the start of the bucket holding that watermark (:attr:`open_from_ms`) less the grace.
 
         >>> from trendcast.freq import parse_freq
         >>> clock = PartitionClock(parse_freq("1D"), lateness_buckets=1, grace_buckets=1)
