@@ -536,11 +536,16 @@ class RedisWindowStore:
             raise StateStoreError(f"Redis failed applying a batch: {errors[0]}") from errors[0]
         changed: dict[str, list[int]] = {}
         duplicates = 0
+        origin, step = self._freq.origin_ms, self._freq.step_ms
         for update, result in zip(items, results[: len(items)], strict=True):
             duplicates += int(result[0])
             if result[1]:
-                known = changed.setdefault(update.item_id, [])
-                known.extend(b for b in (self._ms(int(i)) for i in result[1]) if b not in known)
+                starts = [origin + int(i) * step for i in result[1]]
+                known = changed.get(update.item_id)
+                if known is None:  # the usual case: an item comes once per batch
+                    changed[update.item_id] = starts
+                else:
+                    known.extend(b for b in starts if b not in known)
         active: dict[PartitionId, list[str]] = {}
         for p, result in zip(partitions, results[len(items) :], strict=True):
             if p.active_from_ms is not None:
@@ -572,6 +577,18 @@ class RedisWindowStore:
                 )
                 event_keys.append(key)
             return ["".join(entries), *event_keys], refused
+        first = deltas[0].bucket_ms if deltas else None
+        if first is not None and all(d.bucket_ms == first for d in deltas):  # the usual case
+            idx = (first - origin) // step
+            if idx < dedupe_from:
+                return ["s"], len(keys)
+            # Summed in offset order, as the events path would add them one by one.
+            q, pq, pn = deltas[0].quantity, deltas[0].price_qty, deltas[0].priced_qty
+            for d in deltas[1:]:
+                q += d.quantity
+                pq += d.price_qty
+                pn += d.priced_qty
+            return [f"s{idx},{float(q)!r},{float(pq)!r},{float(pn)!r},{len(keys)};", *keys], 0
         # Sums per bucket in offset order, as the events path would add them one by one.
         buckets: dict[int, list[Any]] = {}
         for d, key in zip(deltas, keys, strict=True):
@@ -583,13 +600,6 @@ class RedisWindowStore:
                 acc[1] += d.price_qty
                 acc[2] += d.priced_qty
                 acc[3].append(key)
-        if len(buckets) == 1:  # the usual case: the batch's events of an item share a bucket
-            ((bucket, (q, pq, pn, bucket_keys)),) = buckets.items()
-            idx = (bucket - origin) // step
-            if idx < dedupe_from:
-                return ["s"], len(bucket_keys)
-            head = f"s{idx},{float(q)!r},{float(pq)!r},{float(pn)!r},{len(bucket_keys)};"
-            return [head, *bucket_keys], 0
         args: list[EncodableT] = [""]
         blocks = ["s"]
         for bucket, (q, pq, pn, bucket_keys) in buckets.items():
