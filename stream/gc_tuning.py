@@ -13,6 +13,11 @@ standard remedies fix it:
 * a higher threshold for the youngest generation (``TRENDCAST_GC_THRESHOLD``, default
   50,000) collects cycles in fewer, larger steps. Cyclic garbage still gets collected,
   only a little later; memory stays bounded.
+
+What freezing costs: a frozen object that later becomes garbage inside a reference cycle is
+never collected. The one startup object meant to go away is the model, when a new bundle is
+swapped in; it holds no cycle, so reference counting frees it
+(``tests/unit/test_gc_tuning.py`` checks this).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +40,19 @@ def test_the_setting_defaults_to_a_raised_threshold(monkeypatch: pytest.MonkeyPa
     assert WorkerSettings().gc_threshold == 50_000
     monkeypatch.setenv("TRENDCAST_GC_THRESHOLD", "0")
     assert WorkerSettings().gc_threshold == 0
+
+
+def test_a_swapped_out_model_is_freed_without_the_collector(tmp_path: Path) -> None:
+    """The startup model is frozen: once swapped out, only reference counting can free it,
+    so it must not sit in a reference cycle."""
+    from stream import reload
+    from tests.bundles import make_fake_bundle
+
+    loaded = reload.load_model(make_fake_bundle(tmp_path / "b", window=14, horizon=7))
+    forecaster = weakref.ref(loaded.forecaster)
+    gc.disable()
+    try:
+        del loaded
+        assert forecaster() is None
+    finally:
+        gc.enable()
