@@ -490,9 +490,6 @@ class RedisWindowStore:
     def _idx(self, ms: int) -> int:
         return (ms - self._freq.origin_ms) // self._freq.step_ms
 
-    def _ms(self, idx: int) -> int:
-        return self._freq.origin_ms + idx * self._freq.step_ms
-
     async def _load_scripts(self) -> None:
         # On a cluster, redis-py sends SCRIPT LOAD to every primary (and returns one sha).
         scripts = [("item", _APPLY_ITEM), ("partition", _APPLY_PARTITION)]
