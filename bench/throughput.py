@@ -60,7 +60,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/throughput.py` puts bench/, not the repo, first
@@ -159,6 +159,53 @@ def steady_rate(progress: Sequence[tuple[float, int]], total: int) -> Rate:
     return Rate(
         (HIGH - LOW) * total / (t_high - t_low), progress[-1][0] - progress[0][0], len(progress)
     )
+
+
+def cpu_jiffies() -> tuple[int, int] | None:
+    """The machine's (total, idle) CPU time so far from ``/proc/stat`` (None without it)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+
+
+def busy_share(cpu: Sequence[tuple[float, int, int]], start: float, end: float) -> float | None:
+    """Share of the machine's CPU time spent busy between the samples in ``[start, end]``.
+
+    >>> busy_share([(0.0, 0, 0), (1.0, 200, 50), (2.0, 400, 100), (3.0, 600, 300)], 0.5, 2.5)
+    0.75
+    """
+    inside = [sample for sample in cpu if start <= sample[0] <= end]
+    if len(inside) < 2 or inside[-1][1] == inside[0][1]:
+        return None
+    (_, total0, idle0), (_, total1, idle1) = inside[0], inside[-1]
+    return 1 - (idle1 - idle0) / (total1 - total0)
+
+
+class Watch(NamedTuple):
+    """What watching a worker (or a group) read: progress, last metrics, CPU samples."""
+
+    by_metric: list[tuple[float, int]]
+    by_commit: list[tuple[float, int]]
+    metrics: dict[str, float]
+    wall_s: float
+    cpu: list[tuple[float, int, int]]
+
+    def result(self, total: int, exit_code: int = 0) -> WorkerResult:
+        """Steady-state rates (by the workers' counters and by commits) and CPU share."""
+        by_metric = steady_rate(self.by_metric, total)
+        t_low = _crossing(self.by_metric, LOW * total)
+        t_high = _crossing(self.by_metric, HIGH * total)
+        return WorkerResult(
+            by_metric,
+            steady_rate(self.by_commit, total),
+            self.metrics,
+            self.wall_s,
+            exit_code,
+            cpu_busy=busy_share(self.cpu, t_low, t_high),
+        )
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -315,6 +362,8 @@ class WorkerResult:
     wall_s: float
     exit_code: int
     memory: dict[str, float] = field(default_factory=dict)
+    #: Share of the machine's CPU time (all cores) spent busy in the steady state.
+    cpu_busy: float | None = None
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
@@ -342,10 +391,11 @@ async def _watch_worker(
     proc: subprocess.Popen[bytes] | Sequence[subprocess.Popen[bytes]],
     timeout_s: float,
     web_ports: Sequence[int] | None = None,
-) -> tuple[list[tuple[float, int]], list[tuple[float, int]], dict[str, float], float]:
+) -> Watch:
     """Progress of one worker (or of a group: ``proc`` a list, one web port each) until the
     group's committed offsets reach ``ends``: events counted by the workers' own
-    ``events_in`` counters (summed), committed offsets, and the last metrics of the first."""
+    ``events_in`` counters (summed), committed offsets, the last metrics of the first, and
+    the machine's CPU time at each sample."""
     procs = [proc] if isinstance(proc, subprocess.Popen) else list(proc)
     urls = [f"http://127.0.0.1:{p}/metrics" for p in (web_ports or [settings.web_port])]
     total = sum(ends)
@@ -357,6 +407,7 @@ async def _watch_worker(
     by_metric: list[tuple[float, int]] = []
     by_commit: list[tuple[float, int]] = []
     metrics: list[dict[str, float]] = [{} for _ in urls]
+    cpu: list[tuple[float, int, int]] = []
     started = time.perf_counter()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
@@ -376,11 +427,14 @@ async def _watch_worker(
                             metrics[i] = parse_metrics(await response.text())
                 seen = sum(int(m.get("trendcast_events_in_total", 0)) for m in metrics)
                 by_metric.append((now, seen))
+                jiffies = cpu_jiffies()
+                if jiffies is not None:
+                    cpu.append((now, *jiffies))
                 # committed() is an OffsetFetch: it does not join the group nor rebalance it.
                 committed = [await committer.committed(tp) or 0 for tp in tps]
                 by_commit.append((now, sum(committed)))
                 if committed == ends and seen >= total:
-                    return by_metric, by_commit, metrics[0], now - started
+                    return Watch(by_metric, by_commit, metrics[0], now - started, cpu)
                 await asyncio.sleep(0.25)
     finally:
         await committer.stop()
@@ -407,9 +461,7 @@ def group_run(
                         cwd=str(REPO),
                     )
                 )
-        by_metric, by_commit, metrics, wall_s = run(
-            _watch_worker(settings, bootstrap, ends, procs, timeout_s, ports)
-        )
+        watch = run(_watch_worker(settings, bootstrap, ends, procs, timeout_s, ports))
     except BaseException:
         for p in procs:
             _stop(p)
@@ -417,14 +469,7 @@ def group_run(
             logger.error("worker log tail (%s):\n%s", log_path.name, _tail(log_path))
         raise
     codes = [_stop(p) for p in procs]
-    total = sum(ends)
-    return WorkerResult(
-        steady_rate(by_metric, total),
-        steady_rate(by_commit, total),
-        metrics,
-        wall_s,
-        next((c for c in codes if c != 0), 0),
-    )
+    return watch.result(sum(ends), next((c for c in codes if c != 0), 0))
 
 
 @dataclass
@@ -629,12 +674,8 @@ def worker_run(
             cwd=str(REPO),
         )
         try:
-            by_metric, by_commit, metrics, wall_s = run(
-                _watch_worker(settings, bootstrap, ends, proc, timeout_s)
-            )
-            total = sum(ends)
-            result = WorkerResult(
-                steady_rate(by_metric, total), steady_rate(by_commit, total), metrics, wall_s, 0
+            result = run(_watch_worker(settings, bootstrap, ends, proc, timeout_s)).result(
+                sum(ends)
             )
             rate = result.by_metric.events_per_s / 2
             phases = _timed(
@@ -1050,8 +1091,13 @@ def report(
             f"| c×{args.group_workers}/a | {g / a:.3f} |",
             f"| c×{args.group_workers}/c | {g / c:.3f} |",
         ]
+    busy = [f"c {_median_share(singles)}"]
+    if groups:
+        busy.append(f"c×{args.group_workers} {_median_share(groups)}")
     lines += [
         f"| cores (os.cpu_count) | {os.cpu_count()} |",
+        f"| machine CPU busy in the steady state (all cores; worker, Redis, broker) | "
+        f"{', '.join(busy)} |",
         "",
         "## Worker internals (from /metrics at the end)",
         "",
@@ -1093,6 +1139,12 @@ def report(
         f"the last record was built {phases.close_built_s:.2f} s after the close) |",
     ]
     return lines
+
+
+def _median_share(results: Sequence[WorkerResult]) -> str:
+    """Median CPU busy share of the reads that have one, as a percentage."""
+    shares = [r.cpu_busy for r in results if r.cpu_busy is not None]
+    return f"{statistics.median(shares):.0%}" if shares else "n/a"
 
 
 def _pct(values: Sequence[float], q: float) -> float:
