@@ -311,3 +311,47 @@ def test_gauges_equal_the_full_metrics_exactly() -> None:
             gauge = METRICS_REGISTRY.get_sample_value(f"trendcast_online_{name}", labels)
             assert gauge is not None
             assert gauge == value or (math.isnan(gauge) and math.isnan(value))
+
+
+def test_growing_past_the_first_blocks_keeps_pending_forecasts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reserving the budget at once and growing by half score the same; items keep their
+    pending forecasts across a growth, and new items arrive while others are pending."""
+    from stream import accuracy
+
+    info = model("grow-1", window=4, horizon=3)
+    n_items, days = 150, 12  # more items than the first allocation (64 blocks)
+
+    def run(reserve_bytes: int) -> tuple[AccuracyTracker, int]:
+        monkeypatch.setattr(accuracy, "_RESERVE_BYTES", reserve_bytes)
+        tracker = AccuracyTracker(rolling_buckets=1000, max_items=1000)
+        rng = np.random.default_rng(3)  # the same rows in the same order in both runs
+        for day in range(3, days):
+            # Items arrive a few dozen at a time, so the arrays grow while forecasts wait.
+            live = min(n_items, 20 * (day - 2))
+            rows = [
+                (
+                    f"i{k}",
+                    day,
+                    [float((k * day + j) % 5) for j in range(4)],
+                    4,
+                    [1.0 + k % 3] * 3,
+                    [0.0] * 3,
+                    [1.0 + k % 2] * 3,
+                    [3.0] * 3,
+                )
+                for k in rng.permutation(live).tolist()
+            ]
+            feed(tracker, rows, info)
+        stream = tracker._streams[("live", "grow-1")]
+        return tracker, len(stream.items)
+
+    reserved, reserved_blocks = run(1 << 30)
+    grown, grown_blocks = run(0)
+    assert reserved_blocks == 1000  # the whole budget at the first growth
+    assert 150 <= grown_blocks < 1000  # grown by half as needed
+    a, b = reserved.accuracy("live", "grow-1"), grown.accuracy("live", "grow-1")
+    assert a is not None and b is not None
+    assert a.n > 0
+    assert a == b
