@@ -381,7 +381,7 @@ class SalesProcessor:
         """
         now_ms = self.clock_ms()
         parsed: dict[int, _Parsed] = {}
-        for msgs in batches.values():
+        for pid, msgs in batches.items():
             events: list[SaleEvent | EventError] = []
             for start in range(0, len(msgs), _PARSE_CHUNK):
                 events += _parse_all(
@@ -391,16 +391,50 @@ class SalesProcessor:
                     self.max_future_ms,
                 )
                 await asyncio.sleep(0)  # let the batch in flight go on when Redis answers
-            parsed[id(msgs)] = _Parsed(msgs, events)
+            ahead = _Parsed(msgs, events)
+            clock = self._clocks.get(pid)
+            if clock is not None:
+                # Summed per item too, from the partition's clock as it is now: usually
+                # already past the batch in flight (its events are counted before it awaits
+                # Redis). Used only if the clock and the model are unchanged at its turn.
+                start_ms = clock.state.max_event_ms
+                ahead = ahead._replace(
+                    aggregate=self._aggregate(pid, msgs, events, clock),
+                    from_max_event_ms=start_ms,
+                    model=self.model,
+                )
+                await asyncio.sleep(0)
+            parsed[id(msgs)] = ahead
         self._parsed_before, self._parsed = self._parsed, parsed
 
-    def _take_parsed(self, msgs: Sequence[Record]) -> list[SaleEvent | EventError] | None:
+    def _take_parsed(self, msgs: Sequence[Record]) -> _Parsed | None:
         """What :meth:`parse_ahead` made of exactly ``msgs`` (the same object), if anything."""
         for store in (self._parsed, self._parsed_before):
             found = store.pop(id(msgs), None)
             if found is not None and found.msgs is msgs:
-                return found.events
+                return found
         return None
+
+    def _aggregate(
+        self,
+        pid: PartitionId,
+        msgs: Sequence[Record],
+        events: Sequence[SaleEvent | EventError],
+        clock: PartitionClock,
+    ) -> _Aggregate:
+        """:func:`_aggregate` of a partition's batch, from ``clock`` as it is now."""
+        freq = self.model.freq
+        return _aggregate(
+            msgs,
+            events,
+            max_event_ms=clock.state.max_event_ms,
+            late_before_ms=clock.late_before_ms,
+            late_before_for=clock.late_before_for,
+            origin_ms=freq.origin_ms,
+            step_ms=freq.step_ms,
+            uses_prices=self.model.uses_prices,
+            offset_key=f"o:{pid.topic}:{pid.partition}:",
+        )
 
     def _dead_letter(
         self,
@@ -618,66 +652,42 @@ class SalesProcessor:
     ) -> _Plan | None:
         """Validate a partition's messages in offset order, advancing its clock.
 
-        This loop runs once per event, so it keeps to locals: the late bound only moves
-        when the partition's largest event time does, which in a time-ordered stream is at
-        almost every event, so the loop computes it (:meth:`PartitionClock.late_before_for`)
-        and the clock observes the batch's largest event time once, at the end (and before
-        a late event is judged, so that its ``late_by`` is measured from the same point).
+        The per-event work is :func:`_aggregate`, which touches no state: it sums the valid
+        events per item and lists the rejected ones, which are dead-lettered here, in
+        offset order, with the clock advanced to where it stood at each of them. So the
+        outcome is that of judging the events one by one, and the sums can be made ahead
+        of the batch's turn (:meth:`parse_ahead`) whenever the clock has not moved since.
         """
         clock = await self._clock(pid)
-        freq = self.model.freq
-        origin, step = freq.origin_ms, freq.step_ms
-        uses_prices = self.model.uses_prices
+        step = self.model.freq.step_ms
         emitted_before = clock.state.emitted_to_ms
         # The late bound as stored before this batch: every event accepted below is at or
         # after it, and dedupe keys older than it can go (see ItemUpdate.dedupe_from_ms).
-        late_before_start = late_before_now = clock.late_before_ms
-        max_event = clock.state.max_event_ms
-        late_before_for = clock.late_before_for
-        offset_key = f"o:{pid.topic}:{pid.partition}:"
-        deltas: dict[str, list[BucketDelta]] = {}
-        last_sale: dict[str, int] = {}
-        valid = 0
-        parsed = self._take_parsed(msgs)
-        if parsed is None:
-            parsed = _parse_all(msgs, self.max_message_bytes, now_ms, self.max_future_ms)
-        for msg, event in zip(msgs, parsed, strict=True):
+        late_before_start = clock.late_before_ms
+        ahead = self._take_parsed(msgs)
+        aggregate: _Aggregate | None = None
+        if ahead is None:
+            events = _parse_all(msgs, self.max_message_bytes, now_ms, self.max_future_ms)
+        else:
+            events = ahead.events
+            if ahead.model is self.model and ahead.from_max_event_ms == clock.state.max_event_ms:
+                aggregate = ahead.aggregate
+        if aggregate is None:
+            aggregate = self._aggregate(pid, msgs, events, clock)
+        if aggregate.first_ms is not None:  # the first event ever fixes where forecasts start
+            clock.observe(aggregate.first_ms)
+        for msg, event, max_event in aggregate.rejects:
             if isinstance(event, EventError):
                 stats.invalid += 1
                 EVENTS.labels("invalid").inc()
                 dead.append(self._dead_letter(pid, msg, event.reason, event.detail, now_ms))
-                continue
-            ts_ms = event.ts_ms
-            bucket = ts_ms - (ts_ms - origin) % step  # freq.floor_ms, inlined: once per event
-            if late_before_now is not None and bucket < late_before_now:
-                if max_event is not None:  # always, with a late bound: judge from here
-                    clock.observe(max_event)
+            else:
+                clock.observe(max_event)  # the late event is judged from where it came
                 self._reject(pid, msg, event, clock, now_ms, stats, dead)
-                continue
-            valid += 1
-            if max_event is None or ts_ms > max_event:
-                if max_event is None:  # the first event ever also fixes where forecasts start
-                    clock.observe(ts_ms)
-                max_event, late_before_now = ts_ms, late_before_for(ts_ms)
-            quantity, price = event.quantity, event.price
-            event_id = event.event_id
-            dedupe_key = f"e:{event_id}" if event_id is not None else f"{offset_key}{msg.offset}"
-            if uses_prices and price is not None and quantity > 0:
-                delta = BucketDelta(bucket, dedupe_key, quantity, price * quantity, quantity)
-            else:
-                delta = BucketDelta(bucket, dedupe_key, quantity)
-            item_id = event.item_id
-            item_deltas = deltas.get(item_id)
-            if item_deltas is None:
-                deltas[item_id] = [delta]
-                last_sale[item_id] = bucket
-            else:
-                item_deltas.append(delta)
-                if bucket > last_sale[item_id]:
-                    last_sale[item_id] = bucket
-        stats.valid += valid
-        if max_event is not None:
-            clock.observe(max_event)  # once per batch rather than at every newer event
+        stats.valid += aggregate.valid
+        if aggregate.max_event_ms is not None:
+            clock.observe(aggregate.max_event_ms)  # once per batch, not at every newer event
+        deltas, last_sale = aggregate.deltas, aggregate.last_sale
 
         open_from, late_before = clock.open_from_ms, clock.late_before_ms
         if open_from is None or late_before is None:
@@ -772,16 +782,106 @@ class _Plan:
     partition: PartitionUpdate
 
 
+class _Aggregate(NamedTuple):
+    """A partition's batch summed per item (:func:`_aggregate`)."""
+
+    deltas: dict[str, list[BucketDelta]]
+    last_sale: dict[str, int]  # item -> start of its latest bucket with a sale
+    valid: int
+    max_event_ms: int | None  # the partition's largest event time after the batch
+    first_ms: int | None  # the partition's first event ever, if in this batch
+    #: Invalid events (their EventError) and late ones (their SaleEvent, with the largest
+    #: event time before them), in offset order.
+    rejects: list[tuple[Record, SaleEvent | EventError, int]]
+
+
+def _aggregate(
+    msgs: Sequence[Record],
+    events: Sequence[SaleEvent | EventError],
+    *,
+    max_event_ms: int | None,
+    late_before_ms: int | None,
+    late_before_for: Callable[[int], int],
+    origin_ms: int,
+    step_ms: int,
+    uses_prices: bool,
+    offset_key: str,
+) -> _Aggregate:
+    """Sum a partition's validated events per item and bucket, and set the rejects apart.
+
+    This loop runs once per event, so it keeps to locals and changes nothing outside: the
+    late bound only moves when the partition's largest event time does, which in a
+    time-ordered stream is at almost every event, so it is computed here
+    (``late_before_for``) rather than by the clock, which the caller advances once.
+
+    Args:
+        msgs: The partition's records, in offset order.
+        events: What validating each record gave.
+        max_event_ms: The partition's largest event time before the batch.
+        late_before_ms: Events of buckets before this are late (the clock's bound).
+        late_before_for: The late bound for a largest event time.
+        origin_ms: Bucket origin.
+        step_ms: Bucket length.
+        uses_prices: Sum ``price * quantity`` of priced sales too.
+        offset_key: Dedupe key prefix of events without an ``event_id``.
+    """
+    late_before_now, max_event = late_before_ms, max_event_ms
+    first_ms: int | None = None
+    deltas: dict[str, list[BucketDelta]] = {}
+    last_sale: dict[str, int] = {}
+    rejects: list[tuple[Record, SaleEvent | EventError, int]] = []
+    valid = 0
+    for msg, event in zip(msgs, events, strict=True):
+        if isinstance(event, EventError):
+            rejects.append((msg, event, 0))
+            continue
+        ts_ms = event.ts_ms
+        bucket = ts_ms - (ts_ms - origin_ms) % step_ms  # freq.floor_ms, inlined
+        if late_before_now is not None and bucket < late_before_now:
+            # A late bound comes with a largest event time: max_event is set.
+            rejects.append((msg, event, max_event or 0))
+            continue
+        valid += 1
+        if max_event is None or ts_ms > max_event:
+            if max_event is None:
+                first_ms = ts_ms
+            max_event, late_before_now = ts_ms, late_before_for(ts_ms)
+        quantity, price = event.quantity, event.price
+        event_id = event.event_id
+        dedupe_key = f"e:{event_id}" if event_id is not None else f"{offset_key}{msg.offset}"
+        if uses_prices and price is not None and quantity > 0:
+            delta = BucketDelta(bucket, dedupe_key, quantity, price * quantity, quantity)
+        else:
+            delta = BucketDelta(bucket, dedupe_key, quantity)
+        item_id = event.item_id
+        item_deltas = deltas.get(item_id)
+        if item_deltas is None:
+            deltas[item_id] = [delta]
+            last_sale[item_id] = bucket
+        else:
+            item_deltas.append(delta)
+            if bucket > last_sale[item_id]:
+                last_sale[item_id] = bucket
+    return _Aggregate(deltas, last_sale, valid, max_event, first_ms, rejects)
+
+
 #: Messages validated per step of :meth:`SalesProcessor.parse_ahead` before it yields to the
 #: event loop (about half a millisecond of work).
 _PARSE_CHUNK = 500
 
 
 class _Parsed(NamedTuple):
-    """A partition's messages and what validating them gave, one result per message."""
+    """A partition's messages and what validating them gave, one result per message.
+
+    With the partition's clock loaded, also the batch summed per item, valid while the
+    clock's largest event time is still ``from_max_event_ms`` and the model ``model``.
+    """
 
     msgs: Sequence[Record]
     events: list[SaleEvent | EventError]
+    aggregate: _Aggregate | None = None
+    from_max_event_ms: int | None = None
+    model: ModelInfo | None = None
 
 
 def _parse_all(

@@ -1,8 +1,10 @@
 """Validating a fetched batch ahead of its turn (``SalesProcessor.parse_ahead``).
 
-The worker validates the batch it fetched ahead while the batch before it awaits Redis. The
-outcome must be exactly that of validating in turn, the results must be used only for the
-very records they were made from, and dropped batches must not pile up.
+The worker validates the batch it fetched ahead while the batch before it awaits Redis, and
+sums it per item when the partition's clock is loaded. The outcome must be exactly that of
+doing both in turn (late and invalid events included), the sums must be redone when the
+clock or the model changed since, the results must be used only for the very records they
+were made from, and dropped batches must not pile up.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from typing import Any
 import pytest
 
 import stream.processor as processor_module
+from stream.inference.batching import ModelInfo
 from stream.processor import RawMessage, Record
 from stream.windows.base import PartitionId
 from stream.windows.memory import MemoryWindowStore
-from tests.unit.test_agent import FREQ, Feed, ListSink, processor, sale
+from tests.unit.test_agent import FREQ, FakeForecaster, Feed, ListSink, processor, sale
 
 P0, P1 = PartitionId("sales", 0), PartitionId("sales", 1)
 
@@ -145,3 +148,100 @@ def test_validating_ahead_yields_to_the_batch_in_flight() -> None:
         assert steps - before >= 4  # 2,000 messages in steps of 500
 
     asyncio.run(scenario())
+
+
+def _mixed(feed: Feed, day: float) -> dict[PartitionId, list[RawMessage]]:
+    """Valid, priced, id-less, invalid, in-grace late and too-late events, in one batch."""
+    return {
+        P0: feed(
+            b"{not json",
+            # Judged against the clock the batch starts from: late after a jump in time.
+            sale("c", day - 6, 1, event_id=f"old-{day}"),
+            sale("a", day, 2, event_id=f"a-{day}"),
+            sale("b", day + 0.25, 1, price=2.5, event_id=f"b-{day}"),
+            sale("a", day - 1.5, 4, event_id=f"late-{day}"),  # in grace, or late
+            sale("b", day + 0.5, -1),  # a return, keyed by its offset
+            b'{"item_id": "a", "ts": 1, "quantity": 1}',
+            partition=0,
+        ),
+        P1: feed(sale("c", day + 0.75, 3), sale("a", day - 4, 1), partition=1),
+    }
+
+
+@pytest.fixture
+def aggregate_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Where each batch was summed per item: "ahead" or "in turn"."""
+    calls: list[str] = []
+    real = processor_module._aggregate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        import inspect
+
+        caller = inspect.stack()[2].function  # through SalesProcessor._aggregate
+        calls.append("ahead" if caller == "parse_ahead" else "in turn")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(processor_module, "_aggregate", counting)
+    return calls
+
+
+def _run_mixed(
+    days: Sequence[float], *, ahead: bool, before: int = 0, swap_at: int | None = None
+) -> Any:
+    """Process ``_mixed`` batches; with ``ahead``, each is prepared ``before`` batches early
+    (0: right before its turn), and the model is swapped before batch ``swap_at``."""
+    feed, sink, store = Feed(), ListSink(), MemoryWindowStore(FREQ)
+    batches = [_mixed(feed, day) for day in days]
+    proc = processor(store=store, sink=sink)
+
+    async def scenario() -> list[Any]:
+        stats = []
+        for i, batch in enumerate(batches):
+            if ahead:
+                await proc.parse_ahead(batches[min(i + before, len(batches) - 1)])
+            if i == swap_at:
+                proc.swap_model(FakeForecaster(), ModelInfo(FREQ, 7, 3, "fake-2"))
+            stats.append(await proc.process_partitions(batch))
+        windows = await store.read(["a", "b", "c"])
+        return [
+            [(s.valid, s.invalid, s.late, s.redelivered, s.forecasts) for s in stats],
+            [(d["reason"], d["source"], d.get("late_by_ms")) for d in sink.dead],
+            sorted(sink.pairs()),
+            {i: w.buckets for i, w in windows.items()},
+        ]
+
+    return asyncio.run(scenario())
+
+
+def test_sums_made_ahead_give_exactly_the_outcome_of_summing_in_turn(
+    aggregate_calls: list[str],
+) -> None:
+    days = [0.5, 1.5, 3.25, 4.5, 11.5]
+    in_turn = _run_mixed(days, ahead=False)
+    assert aggregate_calls == ["in turn"] * 10
+    aggregate_calls.clear()
+    assert _run_mixed(days, ahead=True) == in_turn
+    # The first batch of each partition loads its clock; every later one was summed ahead.
+    assert aggregate_calls.count("in turn") == 2
+    assert aggregate_calls.count("ahead") == 8
+    reasons = {reason for reason, _, _ in in_turn[1]}
+    assert reasons == {"not_json", "bad_timestamp", "late"}
+    assert any(s[2] for s in in_turn[0])  # late events were judged on the way
+
+
+@pytest.mark.parametrize(("before", "swap_at"), [(1, None), (0, 2)])
+def test_sums_made_ahead_are_redone_when_the_clock_or_the_model_changed(
+    aggregate_calls: list[str], before: int, swap_at: int | None
+) -> None:
+    """Prepared a batch early (its partition's clock moves meanwhile), or across a model
+    swap: the sums are made again in turn, and the outcome is still that of in-turn."""
+    # A jump in time: the third batch's first sale (P0, offset 15) is late after the second
+    # batch, not before it, so sums made before the second batch would count it.
+    days = [0.5, 7.5, 8.5, 9.5]
+    in_turn = _run_mixed(days, ahead=False)
+    assert ("late", {"topic": "sales", "partition": 0, "offset": 15}) in [
+        (reason, source) for reason, source, _ in in_turn[1]
+    ]
+    aggregate_calls.clear()
+    assert _run_mixed(days, ahead=True, before=before, swap_at=swap_at) == in_turn
+    assert aggregate_calls.count("in turn") > 2
