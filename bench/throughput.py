@@ -60,7 +60,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/throughput.py` puts bench/, not the repo, first
@@ -184,6 +184,40 @@ def busy_share(cpu: Sequence[tuple[float, int, int]], start: float, end: float) 
     return 1 - (idle1 - idle0) / (total1 - total0)
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, all threads) a process used so far, from ``/proc``."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def redis_cpu_s(client: Any) -> float | None:
+    """CPU seconds the Redis server used so far (``INFO cpu``), None if it cannot tell."""
+    try:
+        info = client.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    except Exception:  # a diagnostic only: the bench goes on without it
+        return None
+
+
+def cores_used(
+    samples: Sequence[tuple[float, float | None]], start: float, end: float
+) -> float | None:
+    """CPU seconds per second between the samples in ``[start, end]``: cores kept busy.
+
+    >>> cores_used([(0.0, 1.0), (1.0, 1.5), (3.0, 2.5), (4.0, 9.0)], 0.5, 3.5)
+    0.5
+    """
+    inside = [(t, v) for t, v in samples if start <= t <= end and v is not None]
+    if len(inside) < 2 or inside[-1][0] == inside[0][0]:
+        return None
+    (t0, v0), (t1, v1) = inside[0], inside[-1]
+    return (v1 - v0) / (t1 - t0)
+
+
 class Watch(NamedTuple):
     """What watching a worker (or a group) read: progress, last metrics, CPU samples."""
 
@@ -192,6 +226,9 @@ class Watch(NamedTuple):
     metrics: dict[str, float]
     wall_s: float
     cpu: list[tuple[float, int, int]]
+    #: CPU seconds used so far by the worker processes (summed) and by Redis, per sample.
+    worker_cpu: list[tuple[float, float | None]]
+    redis_cpu: list[tuple[float, float | None]]
 
     def result(self, total: int, exit_code: int = 0) -> WorkerResult:
         """Steady-state rates (by the workers' counters and by commits) and CPU share."""
@@ -205,6 +242,8 @@ class Watch(NamedTuple):
             self.wall_s,
             exit_code,
             cpu_busy=busy_share(self.cpu, t_low, t_high),
+            worker_cores=cores_used(self.worker_cpu, t_low, t_high),
+            redis_cores=cores_used(self.redis_cpu, t_low, t_high),
         )
 
 
@@ -364,6 +403,9 @@ class WorkerResult:
     memory: dict[str, float] = field(default_factory=dict)
     #: Share of the machine's CPU time (all cores) spent busy in the steady state.
     cpu_busy: float | None = None
+    #: Cores kept busy in the steady state by the worker processes (summed) and by Redis.
+    worker_cores: float | None = None
+    redis_cores: float | None = None
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
@@ -408,6 +450,9 @@ async def _watch_worker(
     by_commit: list[tuple[float, int]] = []
     metrics: list[dict[str, float]] = [{} for _ in urls]
     cpu: list[tuple[float, int, int]] = []
+    worker_cpu: list[tuple[float, float | None]] = []
+    redis_cpu: list[tuple[float, float | None]] = []
+    redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=1)
     started = time.perf_counter()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
@@ -430,13 +475,25 @@ async def _watch_worker(
                 jiffies = cpu_jiffies()
                 if jiffies is not None:
                     cpu.append((now, *jiffies))
+                used = [process_cpu_s(p.pid) for p in procs]
+                worker_cpu.append((now, None if None in used else sum(cast(list[float], used))))
+                redis_cpu.append((now, redis_cpu_s(redis_client)))
                 # committed() is an OffsetFetch: it does not join the group nor rebalance it.
                 committed = [await committer.committed(tp) or 0 for tp in tps]
                 by_commit.append((now, sum(committed)))
                 if committed == ends and seen >= total:
-                    return Watch(by_metric, by_commit, metrics[0], now - started, cpu)
+                    return Watch(
+                        by_metric,
+                        by_commit,
+                        metrics[0],
+                        now - started,
+                        cpu,
+                        worker_cpu,
+                        redis_cpu,
+                    )
                 await asyncio.sleep(0.25)
     finally:
+        redis_client.close()
         await committer.stop()
 
 
@@ -1098,6 +1155,8 @@ def report(
         f"| cores (os.cpu_count) | {os.cpu_count()} |",
         f"| machine CPU busy in the steady state (all cores; worker, Redis, broker) | "
         f"{', '.join(busy)} |",
+        f"| of it, cores kept busy by the worker process(es) / by Redis (medians) | "
+        f"{_cores(singles, groups, args.group_workers)} |",
         "",
         "## Worker internals (from /metrics at the end)",
         "",
@@ -1145,6 +1204,25 @@ def _median_share(results: Sequence[WorkerResult]) -> str:
     """Median CPU busy share of the reads that have one, as a percentage."""
     shares = [r.cpu_busy for r in results if r.cpu_busy is not None]
     return f"{statistics.median(shares):.0%}" if shares else "n/a"
+
+
+def _cores(singles: Sequence[WorkerResult], groups: Sequence[WorkerResult], n: int) -> str:
+    """Median cores used by the workers and by Redis in c (and c×n), e.g. "c 0.93 / 0.41"."""
+
+    def median(values: Sequence[float | None]) -> str:
+        known = [v for v in values if v is not None]
+        return f"{statistics.median(known):.2f}" if known else "n/a"
+
+    out = [
+        f"c {median([r.worker_cores for r in singles])} / "
+        f"{median([r.redis_cores for r in singles])}"
+    ]
+    if groups:
+        out.append(
+            f"c×{n} {median([r.worker_cores for r in groups])} / "
+            f"{median([r.redis_cores for r in groups])}"
+        )
+    return ", ".join(out)
 
 
 def _pct(values: Sequence[float], q: float) -> float:
