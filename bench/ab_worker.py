@@ -29,12 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import throughput as tp  # noqa: E402
-from stream.config import WorkerSettings  # noqa: E402
 from stream.embedded import (  # noqa: E402
     RedisServer,
     TansuBroker,
     ensure_topics,
-    free_port,
     resolve_redis,
 )
 from trendcast.exceptions import TrendcastError  # noqa: E402
@@ -86,21 +84,15 @@ def ab(args: argparse.Namespace, tmp: Path) -> dict[str, list[tp.WorkerResult]]:
             bundle = make_fake_bundle(tmp / "bundle", window=tp.WINDOW_DAYS, horizon=28)
             for i, who in enumerate(order(args.runs)):
                 tp.REPO = repos[who]  # group_run starts `python -m stream` there
-                settings = WorkerSettings(
-                    kafka_brokers=f"kafka://{broker.bootstrap}",
-                    redis_url=redis_url,
-                    bundle=bundle,
-                    bundle_poll_s=0,
-                    sales_topic=topics["sales"],
-                    dlq_topic=topics["dlq"],
-                    forecasts_topic=topics["fc"],
-                    consumer_group=f"ab-{who}{i}-{suffix}",
-                    state_prefix=f"ab-{who}{i}-{suffix}",
-                    web_enabled=True,
-                    web_port=free_port(),
+                settings = tp.worker_settings(
+                    broker.bootstrap,
+                    redis_url,
+                    bundle,
+                    topics,
+                    group=f"ab-{who}{i}-{suffix}",
+                    prefix=f"ab-{who}{i}-{suffix}",
                     data_dir=tmp / f"w{i}",
-                    topic_partitions=4,
-                    fetch_max_wait_ms=50,
+                    partitions=4,
                 )
                 try:
                     result = tp.group_run(settings, broker.bootstrap, ends, tmp, 600, 1)

@@ -704,6 +704,36 @@ async def _phases(
     return out
 
 
+def worker_settings(
+    bootstrap: str,
+    redis_url: str,
+    bundle: Path,
+    topics: dict[str, str],
+    *,
+    group: str,
+    prefix: str,
+    data_dir: Path,
+    partitions: int,
+) -> WorkerSettings:
+    """Settings of a bench worker on Tansu: topics ``sales``/``dlq``/``fc``, web server on."""
+    return WorkerSettings(
+        kafka_brokers=f"kafka://{bootstrap}",
+        redis_url=redis_url,
+        bundle=bundle,
+        bundle_poll_s=0,
+        sales_topic=topics["sales"],
+        dlq_topic=topics["dlq"],
+        forecasts_topic=topics["fc"],
+        consumer_group=group,
+        state_prefix=prefix,
+        web_enabled=True,
+        web_port=free_port(),
+        data_dir=data_dir,
+        topic_partitions=partitions,
+        fetch_max_wait_ms=50,  # Tansu holds a fetch for the full wait (Kafka answers at once)
+    )
+
+
 def worker_run(
     settings: WorkerSettings,
     bootstrap: str,
@@ -988,21 +1018,15 @@ def _bench_on(
 
         bundle = make_fake_bundle(tmp / "bundle", window=WINDOW_DAYS, horizon=28)
     suffix = topics["sales"].rsplit("-", 1)[-1]
-    settings = WorkerSettings(
-        kafka_brokers=f"kafka://{bootstrap}",
-        redis_url=redis_url,
-        bundle=bundle,
-        bundle_poll_s=0,
-        sales_topic=topics["sales"],
-        dlq_topic=topics["dlq"],
-        forecasts_topic=topics["fc"],
-        consumer_group=f"tp-worker-{suffix}",
-        state_prefix=f"tpw-{suffix}",
-        web_enabled=True,
-        web_port=free_port(),
+    settings = worker_settings(
+        bootstrap,
+        redis_url,
+        bundle,
+        topics,
+        group=f"tp-worker-{suffix}",
+        prefix=f"tpw-{suffix}",
         data_dir=tmp / "worker",
-        topic_partitions=parts,
-        fetch_max_wait_ms=50,  # Tansu holds a fetch for the full wait (Kafka answers at once)
+        partitions=parts,
     )
     # The machine is noisy (run-to-run swings of 30% were seen): the worker's rates are the
     # median of --worker-runs reads, single worker and group taking turns. Each read uses a
