@@ -42,7 +42,7 @@ bench-offline: install  ## LSTM vs baselines, AutoETS, LightGBM on the full data
 bench-chaos: install  ## Crash, rebalance, Redis outage, hostile input (~3 min)
 	$(PY) bench/chaos.py
 
-bench-throughput: install  ## Raw Kafka vs plain Faust vs the worker, latency, a close (~5 min)
+bench-throughput: install  ## Raw Kafka vs plain Faust vs the worker, latency, a close (5-9 min)
 	$(PY) bench/throughput.py
 
 clean:
