@@ -32,8 +32,11 @@ Memory. Per ``(role, model_version)`` and tracked item the tracker keeps a ring 
 ``horizon`` origins (a new origin overwrites the one ``horizon`` buckets older, whose steps
 have all come true by then): ``16 * horizon**2 + 24 * horizon`` bytes, 13 KB at horizon 28.
 ``max_items`` (default 10,000: about 130 MB at horizon 28, a quarter of that at 14) caps the
-items tracked over all streams together; beyond it new items are not tracked (counted in
-:attr:`AccuracyTracker.untracked`, a warning is logged once) until items free their slots.
+items tracked over all streams together. The arrays are sized for that budget at once (when
+it is at most 512 MB); the forecasts' pages are zero pages until an item uses them, so
+resident memory follows the items tracked. Beyond the budget new items are not tracked
+(counted in :attr:`AccuracyTracker.untracked`, a warning is logged once) until items free
+their slots.
 An item not forecast for longer than its window is dropped, and rolling sums keep one
 ``[6, horizon]`` array per target bucket, ``rolling_buckets`` of them.
 
