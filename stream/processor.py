@@ -397,10 +397,9 @@ class SalesProcessor:
                 # Summed per item too, from the partition's clock as it is now: usually
                 # already past the batch in flight (its events are counted before it awaits
                 # Redis). Used only if the clock and the model are unchanged at its turn.
-                start_ms = clock.state.max_event_ms
                 ahead = ahead._replace(
                     aggregate=self._aggregate(pid, msgs, events, clock),
-                    from_max_event_ms=start_ms,
+                    from_max_event_ms=clock.state.max_event_ms,
                     model=self.model,
                 )
                 await asyncio.sleep(0)
