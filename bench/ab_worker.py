@@ -29,15 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import throughput as tp  # noqa: E402
-from stream.embedded import (  # noqa: E402
-    RedisServer,
-    TansuBroker,
-    ensure_topics,
-    resolve_redis,
-)
+from stream.embedded import ensure_topics  # noqa: E402
 from trendcast.exceptions import TrendcastError  # noqa: E402
-
-logger = logging.getLogger("bench.ab_worker")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,41 +66,36 @@ def ab(args: argparse.Namespace, tmp: Path) -> dict[str, list[tp.WorkerResult]]:
     events, _ = tp.build_events(args.data, args.events, 14)
     repos = {"a": args.a.resolve(), "b": args.b.resolve()}
     results: dict[str, list[tp.WorkerResult]] = {"a": [], "b": []}
-    with TansuBroker(log_dir=tmp / "tansu") as broker:
-        redis_url, redis_server = resolve_redis(None)
-        try:
-            suffix = uuid.uuid4().hex[:8]
-            topics = {"sales": f"ab-{suffix}", "dlq": f"ab-dlq-{suffix}", "fc": f"ab-fc-{suffix}"}
-            ensure_topics(broker.bootstrap, {topics["sales"]: 4, topics["dlq"]: 1, topics["fc"]: 4})
-            ends = tp.run(tp._produce(broker.bootstrap, topics["sales"], events))
-            events.clear()
-            bundle = make_fake_bundle(tmp / "bundle", window=tp.WINDOW_DAYS, horizon=28)
-            for i, who in enumerate(order(args.runs)):
-                tp.REPO = repos[who]  # group_run starts `python -m stream` there
-                settings = tp.worker_settings(
-                    broker.bootstrap,
-                    redis_url,
-                    bundle,
-                    topics,
-                    group=f"ab-{who}{i}-{suffix}",
-                    prefix=f"ab-{who}{i}-{suffix}",
-                    data_dir=tmp / f"w{i}",
-                    partitions=4,
-                )
-                try:
-                    result = tp.group_run(settings, broker.bootstrap, ends, tmp, 600, 1)
-                finally:
-                    tp.clear_prefix(redis_url, settings.state_prefix)
-                results[who].append(result)
-                cores = "n/a" if result.worker_cores is None else f"{result.worker_cores:.2f}"
-                print(
-                    f"{who.upper()} {result.by_metric.events_per_s:>10,.0f} events/s, "
-                    f"worker {cores} cores",
-                    flush=True,
-                )
-        finally:
-            if isinstance(redis_server, RedisServer):
-                redis_server.stop()
+    with tp.services(tmp) as (broker, redis_url):
+        suffix = uuid.uuid4().hex[:8]
+        topics = {"sales": f"ab-{suffix}", "dlq": f"ab-dlq-{suffix}", "fc": f"ab-fc-{suffix}"}
+        ensure_topics(broker.bootstrap, {topics["sales"]: 4, topics["dlq"]: 1, topics["fc"]: 4})
+        ends = tp.run(tp._produce(broker.bootstrap, topics["sales"], events))
+        events.clear()
+        bundle = make_fake_bundle(tmp / "bundle", window=tp.WINDOW_DAYS, horizon=28)
+        for i, who in enumerate(order(args.runs)):
+            tp.REPO = repos[who]  # group_run starts `python -m stream` there
+            settings = tp.worker_settings(
+                broker.bootstrap,
+                redis_url,
+                bundle,
+                topics,
+                group=f"ab-{who}{i}-{suffix}",
+                prefix=f"ab-{who}{i}-{suffix}",
+                data_dir=tmp / f"w{i}",
+                partitions=4,
+            )
+            try:
+                result = tp.group_run(settings, broker.bootstrap, ends, tmp, 600, 1)
+            finally:
+                tp.clear_prefix(redis_url, settings.state_prefix)
+            results[who].append(result)
+            cores = "n/a" if result.worker_cores is None else f"{result.worker_cores:.2f}"
+            print(
+                f"{who.upper()} {result.by_metric.events_per_s:>10,.0f} events/s, "
+                f"worker {cores} cores",
+                flush=True,
+            )
     return results
 
 

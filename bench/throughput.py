@@ -57,7 +57,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
@@ -971,12 +971,19 @@ def bench(args: argparse.Namespace, tmp: Path) -> list[str]:
     timeout_s = max(180.0, total / 1000)  # generous: 1k events/s would be a failure anyway
     suffix = uuid.uuid4().hex[:8]
     topics = {"sales": f"tp-sales-{suffix}", "dlq": f"tp-dlq-{suffix}", "fc": f"tp-fc-{suffix}"}
+    with services(tmp) as (broker, redis_url):
+        return _bench_on(
+            args, tmp, broker, redis_url, events, item_counts, topics, timeout_s, day_ms
+        )
+
+
+@contextlib.contextmanager
+def services(tmp: Path) -> Iterator[tuple[TansuBroker, str]]:
+    """A Tansu broker and a Redis URL (the local server, or one started here) for a bench."""
     with TansuBroker(log_dir=tmp / "tansu") as broker:
         redis_url, redis_server = resolve_redis(None)
         try:
-            return _bench_on(
-                args, tmp, broker, redis_url, events, item_counts, topics, timeout_s, day_ms
-            )
+            yield broker, redis_url
         finally:
             if isinstance(redis_server, RedisServer):
                 redis_server.stop()
