@@ -3,7 +3,7 @@
 This is the worker's logic without Faust, so it can be unit-tested with the in-memory store
 and a fake sink, and so the Faust app (:mod:`stream.app`) stays pure wiring. Per batch:
 
-1. every message is validated (:func:`stream.events.parse_event`); invalid ones, and events
+1. every message is validated (:func:`stream.events.parse_events`); invalid ones, and events
    older than their partition's grace (``late``), become dead-letter records;
 2. valid events are summed into their items' buckets in ONE store round trip, idempotently
    (dedupe key = ``event_id``, else ``topic/partition/offset``), which also advances the
@@ -37,9 +37,10 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import NamedTuple, Protocol
 
-from stream.events import SaleEvent, dead_letter_value, parse_event
+from stream.events import SaleEvent, dead_letter_value, parse_events
 from stream.inference.batching import ForecastRequest, ModelInfo, forecast
 from stream.observability import (
     BATCH_SECONDS,
@@ -67,6 +68,8 @@ from trendcast.forecasting.base import Forecaster
 __all__ = ["BatchStats", "RawMessage", "Record", "SalesProcessor", "Sink"]
 
 logger = logging.getLogger(__name__)
+
+_VALUE = attrgetter("value")
 
 
 class Record(Protocol):
@@ -886,17 +889,7 @@ class _Parsed(NamedTuple):
 def _parse_all(
     msgs: Sequence[Record], max_bytes: int, now_ms: int, max_future_ms: int | None
 ) -> list[SaleEvent | EventError]:
-    """:func:`~stream.events.parse_event` of each message: the event, or why it is invalid."""
-    out: list[SaleEvent | EventError] = []
-    append = out.append
-    for msg in msgs:
-        try:
-            append(
-                parse_event(
-                    msg.value, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
-                )
-            )
-        except EventError as exc:
-            # Without its traceback: the frames it holds would tie this list into a cycle.
-            append(exc.with_traceback(None))
-    return out
+    """:func:`~stream.events.parse_events` of the messages' values."""
+    return parse_events(
+        map(_VALUE, msgs), max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
+    )

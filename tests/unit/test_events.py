@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import MAX_ID_CHARS, REASONS, SaleEvent, dead_letter_value, parse_event
+from stream.events import (
+    MAX_ID_CHARS,
+    REASONS,
+    SaleEvent,
+    dead_letter_value,
+    parse_event,
+    parse_events,
+)
 from trendcast.exceptions import EventError
 
 TS = "2011-01-05T10:00:00Z"
@@ -248,6 +258,13 @@ def _outcome(fn: object, raw: bytes, **kwargs: object) -> object:
         return ("error", exc.reason)
 
 
+def _outcomes_in_a_batch(raw: bytes, **kwargs: Any) -> list[object]:
+    """What :func:`parse_events` (the worker's loop) makes of ``raw``, twice: the second
+    time its time stamp, if it was valid, comes from the cache."""
+    out = parse_events([raw, raw], **kwargs)
+    return [("error", e.reason) if isinstance(e, EventError) else e for e in out]
+
+
 @settings(max_examples=600, deadline=None)
 @given(_events, st.sampled_from([None, 1_700_000_000_000]))
 def test_the_fast_path_accepts_and_returns_exactly_what_the_checked_path_does(
@@ -264,8 +281,10 @@ def test_the_fast_path_accepts_and_returns_exactly_what_the_checked_path_does(
     kwargs = {"max_bytes": 4096, "now_ms": now_ms, "max_future_ms": 86_400_000}
     fast, checked = _outcome(parse_event, raw, **kwargs), _outcome(_parse_checked, raw, **kwargs)
     assert fast == checked
+    assert _outcomes_in_a_batch(raw, **kwargs) == [checked, checked]
     if isinstance(fast, SaleEvent):
         assert type(fast.quantity) is float and type(fast.ts_ms) is int
+        assert fast.price is None or type(fast.price) is float
 
 
 _VALID_RAW = orjson.dumps(
@@ -305,4 +324,79 @@ def test_the_fast_path_agrees_with_the_checked_path_on_raw_bytes(raw: bytes) -> 
     from stream.events import _parse_checked
 
     kwargs = {"max_bytes": 4096, "now_ms": None, "max_future_ms": None}
-    assert _outcome(parse_event, raw, **kwargs) == _outcome(_parse_checked, raw, **kwargs)
+    checked = _outcome(_parse_checked, raw, **kwargs)
+    assert _outcome(parse_event, raw, **kwargs) == checked
+    assert _outcomes_in_a_batch(raw, **kwargs) == [checked, checked]
+
+
+def test_a_cached_time_stamp_is_still_checked_against_the_wall_clock() -> None:
+    raw = b'{"item_id": "A", "ts": "2030-01-01T00:00:00Z", "quantity": 1}'
+    far_past, day = 1_700_000_000_000, 86_400_000
+    assert isinstance(parse_events([raw])[0], SaleEvent)  # now cached
+    late = parse_events([raw], now_ms=far_past, max_future_ms=day)[0]
+    assert isinstance(late, EventError) and late.reason == "bad_timestamp"
+
+
+def test_the_time_stamp_cache_stays_bounded() -> None:
+    from stream import events
+
+    n = events._TS_CACHE_SIZE + 1000  # more distinct time stamps than it keeps
+    start = 1_294_221_600_000  # 2011-01-05T10:00:00Z
+    stamps = [datetime.fromtimestamp(start / 1000 + i, UTC).isoformat() for i in range(n)]
+    raws = [orjson.dumps({"item_id": "A", "ts": ts, "quantity": 1}) for ts in stamps]
+    for _ in range(3):
+        got = parse_events(raws)
+        assert [e.ts_ms for e in got if isinstance(e, SaleEvent)] == [
+            start + i * 1000 for i in range(n)
+        ]
+        assert len(events._TS_CACHE) <= events._TS_CACHE_SIZE
+
+
+_BASE = {"item_id": "85123A", "ts": "2011-01-05T10:00:00Z", "quantity": 2, "event_id": "e1"}
+_EDGES = (
+    [
+        ("item_id", v)
+        for v in ["a ", " a", "a\u00a0", "x" * MAX_ID_CHARS, "y" * (MAX_ID_CHARS + 1), "", "\u00e9"]
+    ]
+    + [
+        ("event_id", v)
+        for v in [
+            "",
+            "e" * MAX_ID_CHARS,
+            "e" * (MAX_ID_CHARS + 1),
+            None,
+            7,
+            "\u00e9" * MAX_ID_CHARS,
+        ]
+    ]
+    + [
+        (field, v)
+        for field in ("quantity", "price")
+        for v in [0, -0.0, -1, -1e-9, 1e12, -1e12, 10**12 + 1, 1e12 + 0.5, 2**64, True, "1", None]
+    ]
+    + [
+        ("ts", v)
+        for v in [
+            631_152_000_000,
+            631_151_999_999,
+            4_102_444_799_999,
+            4_102_444_800_000,
+            631_152_000_000.4,
+            "2011-01-05T10:00:00+00:00",
+            "2011-01-05 10:00:00Z",
+            "2011-01-05T10:00:00",
+            "x" * 65,
+        ]
+    ]
+)
+
+
+@pytest.mark.parametrize(("field", "value"), _EDGES)
+def test_the_fast_paths_agree_with_the_checked_path_at_the_edges(field: str, value: object) -> None:
+    from stream.events import _parse_checked
+
+    raw = json.dumps({**_BASE, field: value}).encode()  # json: it writes 2**64 too
+    kwargs: dict[str, Any] = {"max_bytes": 4096, "now_ms": None, "max_future_ms": None}
+    checked = _outcome(_parse_checked, raw, **kwargs)
+    assert _outcome(parse_event, raw, **kwargs) == checked
+    assert _outcomes_in_a_batch(raw, **kwargs) == [checked, checked]

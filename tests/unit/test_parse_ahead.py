@@ -10,7 +10,7 @@ were made from, and dropped batches must not pile up.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -42,13 +42,14 @@ def _batch(feed: Feed, first_day: float) -> dict[PartitionId, list[RawMessage]]:
 def parse_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes | None]:
     """Every message the processor validates, in order."""
     calls: list[bytes | None] = []
-    real = processor_module.parse_event
+    real = processor_module.parse_events
 
-    def counting(raw: bytes | None, **kwargs: Any) -> Any:
-        calls.append(raw)
-        return real(raw, **kwargs)
+    def counting(raws: Iterable[bytes | None], **kwargs: Any) -> Any:
+        raws = list(raws)
+        calls.extend(raws)
+        return real(raws, **kwargs)
 
-    monkeypatch.setattr(processor_module, "parse_event", counting)
+    monkeypatch.setattr(processor_module, "parse_events", counting)
     return calls
 
 
