@@ -24,7 +24,7 @@ __all__ = ["build_app", "main"]
 
 logger = logging.getLogger(__name__)
 
-#: Events per ``stream.take`` batch: the worker's default ``TRENDCAST_BATCH_SIZE``.
+#: Events per ``stream.take`` batch (Faust's own batching; the floor is per-event anyway).
 BATCH = 500
 
 

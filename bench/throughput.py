@@ -406,6 +406,8 @@ class WorkerResult:
     #: Cores kept busy in the steady state by the worker processes (summed) and by Redis.
     worker_cores: float | None = None
     redis_cores: float | None = None
+    #: The ceiling (a) read just before this read, on the same machine a few seconds earlier.
+    ceiling: float | None = None
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
@@ -1008,8 +1010,12 @@ def _bench_on(
     events.clear()  # the topic holds them now; free the memory for the readers
     logger.info("topic %s: %s events per partition", topics["sales"], ends)
 
+    topic = topics["sales"]
+    # The ceiling is read --raw-runs times here and once more just before every worker read:
+    # this machine's speed drifts within minutes, so each worker read is also compared with
+    # the ceiling read next to it (the paired ratios below).
     raw = [
-        _timed("a: raw read", lambda: run(_raw_consume(bootstrap, topics["sales"], ends, 300)))
+        _timed("a: raw read", lambda: run(_raw_consume(bootstrap, topic, ends, 300)))
         for _ in range(args.raw_runs)
     ]
     a = statistics.median(r.events_per_s for r in raw)
@@ -1052,6 +1058,10 @@ def _bench_on(
                     "state_prefix": f"tpw{n}r{run_no}-{suffix}",
                 }
             )
+            ceiling = _timed(
+                "a: raw read (paired)", lambda: run(_raw_consume(bootstrap, topic, ends, 300))
+            )
+            raw.append(ceiling)
             try:
                 read = _timed(
                     f"c: {n} worker(s), run {run_no + 1}",
@@ -1063,8 +1073,11 @@ def _bench_on(
                 clear_prefix(redis_url, fresh.state_prefix)
             if read.exit_code != 0:
                 raise BenchError(f"a worker exited {read.exit_code} after SIGTERM")
+            read.ceiling = ceiling.events_per_s
             into.append(read)
     top = [item for item, _ in item_counts.most_common(MEMORY_SAMPLE)]
+    ceiling = _timed("a: raw read (paired)", lambda: run(_raw_consume(bootstrap, topic, ends, 300)))
+    raw.append(ceiling)
     try:
         result, phases = _timed(
             "c: worker",
@@ -1085,7 +1098,9 @@ def _bench_on(
         result.memory |= window_memory(redis_url, args.data, top, 56)
     finally:
         clear_prefix(redis_url, settings.state_prefix)
+    result.ceiling = ceiling.events_per_s
     singles.append(result)
+    a = statistics.median(r.events_per_s for r in raw)
     sizes = (1, 32, settings.inference_batch_size)
     onnx = _timed("onnx", lambda: onnx_rate(bundle, sizes))
     return report(
@@ -1170,13 +1185,16 @@ def report(
         "",
         "| ratio | value |",
         "| --- | ---: |",
-        f"| c/a | {c / a:.3f} |",
+        f"| c/a (medians) | {c / a:.3f} |",
+        f"| c/a (paired: each read against the ceiling read just before it; median) | "
+        f"{paired_ratio(singles)} |",
         f"| c/b | {c / b:.3f} |",
         f"| b/a | {b / a:.3f} |",
     ]
     if groups:
         lines += [
-            f"| c×{args.group_workers}/a | {g / a:.3f} |",
+            f"| c×{args.group_workers}/a (medians) | {g / a:.3f} |",
+            f"| c×{args.group_workers}/a (paired, median) | {paired_ratio(groups)} |",
             f"| c×{args.group_workers}/c | {g / c:.3f} |",
         ]
     busy = [f"c {_median_share(singles)}"]
@@ -1229,6 +1247,21 @@ def report(
         f"the last record was built {phases.close_built_s:.2f} s after the close) |",
     ]
     return lines
+
+
+def paired_ratio(results: Sequence[WorkerResult]) -> str:
+    """Median of each read's rate over the ceiling read just before it, with the ratios.
+
+    >>> r = [WorkerResult(Rate(10.0, 1, 2), Rate(0, 1, 2), {}, 1, 0, ceiling=40.0),
+    ...      WorkerResult(Rate(12.0, 1, 2), Rate(0, 1, 2), {}, 1, 0, ceiling=30.0),
+    ...      WorkerResult(Rate(9.0, 1, 2), Rate(0, 1, 2), {}, 1, 0)]
+    >>> paired_ratio(r)
+    '0.325 (0.250, 0.400)'
+    """
+    ratios = sorted(r.by_metric.events_per_s / r.ceiling for r in results if r.ceiling is not None)
+    if not ratios:
+        return "n/a"
+    return f"{statistics.median(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)})"
 
 
 def _median_share(results: Sequence[WorkerResult]) -> str:

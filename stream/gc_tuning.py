@@ -1,7 +1,7 @@
 """Garbage collector settings for a long-running worker.
 
 Why: CPython's cyclic garbage collector runs its youngest generation every 700 container
-allocations and, every so often, walks everything older too. A batch of 5,000 events
+allocations and, every so often, walks everything older too. A batch of thousands of events
 allocates hundreds of thousands of short-lived containers (records, parsed events, deltas,
 Redis arguments and replies) and nearly none of them are in cycles: reference counting frees
 them. Measured with the processor alone (real Redis, ``bench/throughput.py`` shows the worker),

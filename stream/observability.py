@@ -117,11 +117,11 @@ PREDICTIONS = Counter(
     "Forecast rows produced, by the model or by its fallback (e.g. too short a history)",
     ["source"],
 )
-#: Batches are at most TRENDCAST_BATCH_SIZE (default 500): buckets cover 1 to 10x that.
+#: Batches are at most TRENDCAST_BATCH_SIZE (default 15,000); a worker keeping up takes less.
 BATCH_SIZE = Histogram(
     "trendcast_batch_size",
     "Events per processed batch",
-    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, float("inf")),
+    buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 15_000, 25_000, float("inf")),
 )
 BATCH_SECONDS = Histogram("trendcast_batch_seconds", "Time to process one batch")
 INFERENCE_SECONDS = Histogram(
