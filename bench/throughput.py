@@ -1011,13 +1011,14 @@ def _bench_on(
     logger.info("topic %s: %s events per partition", topics["sales"], ends)
 
     topic = topics["sales"]
+
     # The ceiling is read --raw-runs times here and once more just before every worker read:
     # this machine's speed drifts within minutes, so each worker read is also compared with
     # the ceiling read next to it (the paired ratios below).
-    raw = [
-        _timed("a: raw read", lambda: run(_raw_consume(bootstrap, topic, ends, 300)))
-        for _ in range(args.raw_runs)
-    ]
+    def read_ceiling(label: str = "a: raw read") -> Rate:
+        return _timed(label, lambda: run(_raw_consume(bootstrap, topic, ends, 300)))
+
+    raw = [read_ceiling() for _ in range(args.raw_runs)]
     a = statistics.median(r.events_per_s for r in raw)
     b_rate = _timed(
         "b: faust agent", lambda: faust_floor(bootstrap, topics["sales"], total, tmp, timeout_s)
@@ -1058,9 +1059,7 @@ def _bench_on(
                     "state_prefix": f"tpw{n}r{run_no}-{suffix}",
                 }
             )
-            ceiling = _timed(
-                "a: raw read (paired)", lambda: run(_raw_consume(bootstrap, topic, ends, 300))
-            )
+            ceiling = read_ceiling("a: raw read (paired)")
             raw.append(ceiling)
             try:
                 read = _timed(
@@ -1076,7 +1075,7 @@ def _bench_on(
             read.ceiling = ceiling.events_per_s
             into.append(read)
     top = [item for item, _ in item_counts.most_common(MEMORY_SAMPLE)]
-    ceiling = _timed("a: raw read (paired)", lambda: run(_raw_consume(bootstrap, topic, ends, 300)))
+    ceiling = read_ceiling("a: raw read (paired)")
     raw.append(ceiling)
     try:
         result, phases = _timed(

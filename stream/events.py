@@ -333,8 +333,9 @@ def parse_events(
 
     The worker's per-event loop: the fast path of :func:`parse_event` is written out here,
     so that the usual ASCII event costs a decode in C and a few checks, not a call with
-    keywords as well; anything else goes through :func:`parse_event` itself. The errors are
-    kept without their tracebacks: the frames they hold would tie the list into a cycle.
+    keywords as well; an ASCII event it does not accept goes straight to the checked path,
+    anything else through :func:`parse_event` itself. The errors are kept without their
+    tracebacks: the frames they hold would tie the list into a cycle.
 
     >>> [type(e).__name__ for e in parse_events([b'{"item_id":"A","ts":0,"quantity":1}', b"x"])]
     ['EventError', 'EventError']
@@ -343,20 +344,22 @@ def parse_events(
     append = out.append
     decode, fast = _DECODE_SALE, _fast
     for raw in raws:
-        if raw and len(raw) <= max_bytes and raw.isascii():
-            try:
-                sale = decode(raw)
-            except (msgspec.DecodeError, ValueError, RecursionError):
-                sale = None
-            if sale is not None:
-                event = fast(sale, now_ms, max_future_ms)
-                if event is not None:
-                    append(event)
-                    continue
         try:
-            append(
-                parse_event(raw, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms)
-            )
+            if raw and len(raw) <= max_bytes and raw.isascii():
+                try:
+                    sale = decode(raw)
+                except (msgspec.DecodeError, ValueError, RecursionError):
+                    sale = None
+                event = None if sale is None else fast(sale, now_ms, max_future_ms)
+                if event is None:
+                    event = _parse_checked(
+                        raw, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
+                    )
+            else:
+                event = parse_event(
+                    raw, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
+                )
+            append(event)
         except EventError as exc:
             append(exc.with_traceback(None))
     return out
