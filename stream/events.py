@@ -218,25 +218,10 @@ def parse_event(
     ...
     trendcast.exceptions.EventError: bad_timestamp: expected a ts with a time zone (e.g. Z), ...
     """
-    # Fast path for the well-formed common case (this runs once per event, and the checks
-    # one by one cost several times the JSON decoding). msgspec decodes straight into a typed
-    # struct in C (types, required fields, UTF-8), which leaves a few range checks here. It
-    # accepts exactly what the checked path accepts, with the same result
-    # (tests/unit/test_events.py compares them on generated input); anything unusual goes to
-    # the checked path, which names the problem.
-    if raw and len(raw) <= max_bytes:
-        try:
-            if not raw.isascii():
-                # msgspec checks the UTF-8 of the fields it reads, not of those it skips.
-                raw.decode("utf-8")
-            sale = _DECODE_SALE(raw)
-        except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: bad UTF-8
-            sale = None
-        if sale is not None:
-            event = _fast(sale, now_ms, max_future_ms)
-            if event is not None:
-                return event
-    return _parse_checked(raw, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms)
+    event = parse_events([raw], max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms)[0]
+    if isinstance(event, EventError):
+        raise event
+    return event
 
 
 #: What the checked path accepts, as msgspec constraints, so that the decoder checks them in
@@ -331,10 +316,13 @@ def parse_events(
 ) -> list[SaleEvent | EventError]:
     """:func:`parse_event` of each value: the event, or the error that says why it is invalid.
 
-    The worker's per-event loop: the fast path of :func:`parse_event` is written out here,
-    so that the usual ASCII event costs a decode in C and a few checks, not a call with
-    keywords as well; an ASCII event it does not accept goes straight to the checked path,
-    anything else through :func:`parse_event` itself. The errors are kept without their
+    The worker's per-event loop, and :func:`parse_event`'s too. Fast path for the
+    well-formed common case (this runs once per event, and the checks one by one cost
+    several times the JSON decoding): msgspec decodes straight into a typed struct in C
+    (types, required fields, lengths and ranges, UTF-8), which leaves a few checks to
+    :func:`_fast`. It accepts exactly what the checked path accepts, with the same result
+    (tests/unit/test_events.py compares them on generated input); anything unusual goes to
+    the checked path, which names the problem. The errors are kept without their
     tracebacks: the frames they hold would tie the list into a cycle.
 
     >>> [type(e).__name__ for e in parse_events([b'{"item_id":"A","ts":0,"quantity":1}', b"x"])]
@@ -345,18 +333,19 @@ def parse_events(
     decode, fast = _DECODE_SALE, _fast
     for raw in raws:
         try:
-            if raw and len(raw) <= max_bytes and raw.isascii():
+            event = None
+            if raw and len(raw) <= max_bytes:
                 try:
+                    if not raw.isascii():
+                        # msgspec checks the UTF-8 of the fields it reads, not of those it skips.
+                        raw.decode("utf-8")
                     sale = decode(raw)
-                except (msgspec.DecodeError, ValueError, RecursionError):
+                except (msgspec.DecodeError, ValueError, RecursionError):  # ValueError: UTF-8
                     sale = None
-                event = None if sale is None else fast(sale, now_ms, max_future_ms)
-                if event is None:
-                    event = _parse_checked(
-                        raw, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
-                    )
-            else:
-                event = parse_event(
+                if sale is not None:
+                    event = fast(sale, now_ms, max_future_ms)
+            if event is None:
+                event = _parse_checked(
                     raw, max_bytes=max_bytes, now_ms=now_ms, max_future_ms=max_future_ms
                 )
             append(event)
