@@ -280,7 +280,9 @@ def create_app(
         size = sum(len(records) for records in batch.values())
         while True:
             try:
-                await processor.process_partitions(batch)
+                # Returns once the batch's state is stored; its forecasts are made and sent
+                # while the next batch is fetched and stored (SalesProcessor.submit).
+                await processor.submit(batch)
                 health.recovered(PROCESSING)
                 return True
             except Exception as exc:

@@ -26,8 +26,9 @@ What changes, and what does not:
 * Faust still owns the worker's lifecycle, the consumer group and rebalances, the producer,
   timers and the web server. Topics stay subscribed through the app's conductor.
 * Stop (SIGTERM): Faust cancels the fetcher; the batch in flight is shielded from that
-  cancellation, finishes (or gives up its retries, uncommitted) and commits, and only then
-  does the fetcher stop — so a clean stop re-delivers nothing.
+  cancellation, finishes (or gives up its retries, uncommitted); the flusher delivers the
+  forecasts still on their way and stores the clocks, the offsets they cover are committed,
+  and only then does the fetcher stop — so a clean stop re-delivers nothing.
 * Rebalance: :meth:`BatchConsumer.wait_idle` lets the revoke handler wait until the batch
   in flight has stored its effects, so partitions change hands between batches.
 * Fetch ahead: the next fetch runs while a batch is processed (Faust's consumer thread
@@ -63,9 +64,10 @@ __all__ = ["BatchConsumer", "BatchHandler", "BatchPreparer", "Flusher", "install
 logger = logging.getLogger(__name__)
 
 #: Receives the records of one fetch per partition (aiokafka ``ConsumerRecord`` objects, in
-#: offset order) and returns once their effects are stored, with the offsets that may be
-#: committed now (they may trail the batch), or None: the worker is stopping and gave the
-#: batch up; it will be re-delivered.
+#: offset order) and returns once their state is stored (their forecasts may still be on
+#: their way: ``SalesProcessor.submit``), with the offsets that may be committed now (they
+#: trail the batch: only those whose outputs are delivered and clocks stored), or None: the
+#: worker is stopping and gave the batch up; it will be re-delivered.
 BatchHandler = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[Mapping[TP, int] | None]]
 #: Gets each fetched batch as soon as it is fetched, while the batch before it is still
 #: processed (validation ahead of time, see ``SalesProcessor.parse_ahead``); the same

@@ -11,22 +11,27 @@ and a fake sink, and so the Faust app (:mod:`stream.app`) stays pure wiring. Per
 3. for each bucket the watermark closed, every item with a sale in that bucket's window gets
    a forecast; items whose already-forecast buckets received late (in-grace) events get a new
    forecast as of the last closed bucket; one ``predict`` per micro-batch;
-4. dead letters and forecasts are sent and their delivery awaited; only then is the
-   partition's clock advanced (largest event time, "forecast up to" mark, next offset — all
+4. dead letters and forecasts are sent and their delivery awaited; only then may the
+   partition's clock be stored (largest event time, "forecast up to" mark, next offset — all
    three together, so the stored clock never counts events whose outputs may be missing; a
    re-delivered message below the stored next offset that now looks late was counted
    before and is dropped as a duplicate instead of being dead-lettered as ``late``). The
-   advanced clock is stored with the *next* batch's round trip (or by :meth:`flush` at
-   revoke, at stop and every second), so a batch costs one round trip, plus one window
-   read when buckets close. The caller commits only :meth:`take_committable` offsets:
-   those whose clock is stored, i.e. whose state and outputs are stored too. So a worker
-   that continues a partition from its committed offset always finds a clock at least
-   that far (the invariant recovery needs); commits trail by one batch or one second, and
-   a crash re-delivers at most that much, which dedupe absorbs.
+   clock is stored with the *next* batch's round trip (or by :meth:`flush` at revoke, at
+   stop and every second), so a batch costs one round trip, plus one window read when
+   buckets close. The caller commits only :meth:`take_committable` offsets: those whose
+   clock is stored, i.e. whose state and outputs are stored too. So a worker that continues
+   a partition from its committed offset always finds a clock at least that far (the
+   invariant recovery needs); commits trail by a batch or two or one second, and a crash
+   re-delivers at most that much, which dedupe absorbs.
 
-A failure anywhere leaves the batch un-acked and the cached clocks dropped; re-processing it
-is safe because every store write is idempotent and clocks only move forward. Forecasts are
-therefore at-least-once across crashes and exactly-once in a clean run.
+The worker overlaps step 4 of a batch with steps 1-3 of the next (:meth:`submit`): the
+cached clock moves at step 3 (the due buckets are *claimed*, so the next batch plans after
+them), while the state to store is set aside until step 4 delivered. A batch whose step 4
+fails keeps its forecast requests and windows and sends them again before anything else;
+the claims stay, so nothing is planned twice meanwhile. A failure in steps 1-3 puts the
+cached clocks back where they were before the batch and leaves it un-acked; re-processing
+it is safe because every store write is idempotent and clocks only move forward. Forecasts
+are therefore at-least-once across crashes and exactly-once in a clean run.
 """
 
 from __future__ import annotations
@@ -225,12 +230,19 @@ class SalesProcessor:
         # Messages validated ahead of their batch (parse_ahead), by id() of their sequence.
         self._parsed: dict[int, _Parsed] = {}
         self._parsed_before: dict[int, _Parsed] = {}
+        # The batch forecasting in the background (submit), and batches whose forecasting
+        # failed, in batch order: their forecasts are made and sent again before anything.
+        self._tail: asyncio.Future[BatchStats] | None = None
+        self._tail_staged: _Staged | None = None
+        self._failed: list[_Staged] = []
+        self._resending = asyncio.Lock()
 
     def swap_model(self, forecaster: Forecaster, model: ModelInfo) -> None:
         """Serve ``model`` from the next batch on (now, when no batch is in progress).
 
-        A batch reads the forecaster and model from start to end, so a swap requested while
-        one runs (e.g. by a timer while the batch awaits Redis) waits for it to finish: one
+        A batch plans with the model it started with and is forecast with it too (also in
+        the background, see :meth:`submit`), so a swap requested while one is planned (e.g.
+        by a timer while the batch awaits Redis) waits for the planning to finish: one
         batch never mixes two models. Offsets and window state are untouched, so no event is
         lost or counted twice; a batch that failed and is retried after a swap is forecast
         with the new model (forecasts are at-least-once anyway).
@@ -279,11 +291,14 @@ class SalesProcessor:
         self.shadow = (forecaster, model)
 
     async def _score_shadow(
-        self, requests: Sequence[ForecastRequest], windows: Mapping[str, ItemWindow]
+        self,
+        shadow: tuple[Forecaster, ModelInfo] | None,
+        requests: Sequence[ForecastRequest],
+        windows: Mapping[str, ItemWindow],
     ) -> None:
-        if self.shadow is None:
+        if shadow is None:
             return
-        forecaster, model = self.shadow
+        forecaster, model = shadow
         try:
             await forecast(
                 forecaster,
@@ -302,11 +317,21 @@ class SalesProcessor:
     async def flush(self) -> None:
         """Store the clocks of delivered batches now (at revoke, at stop, on a timer).
 
+        Batches before are delivered first (:meth:`drain`), so that their clocks are stored
+        too; if one's forecasting fails (again), that is logged, its clocks are not stored,
+        and it is kept for the next call.
+
         Raises:
             StateStoreError: The store failed; the clocks stay pending.
         """
-        if self._busy or not self._unsaved:
+        if self._busy:
             return  # a running batch stores them with its own round trip
+        try:
+            await self.drain()
+        except Exception as exc:  # kept: sent again by the next call (a second from now)
+            logger.warning("could not send a batch's forecasts (%s); they are kept", exc)
+        if self._busy or not self._unsaved:
+            return
         unsaved = dict(self._unsaved)
         await self.store.apply([], [PartitionUpdate(pid, st) for pid, st in unsaved.items()])
         for pid, state in unsaved.items():
@@ -334,7 +359,7 @@ class SalesProcessor:
         return out
 
     def forget(self, partitions: Iterable[PartitionId] | None = None) -> None:
-        """Drop cached clocks (all, or of ``partitions``), e.g. on revoke or after a failure.
+        """Drop cached clocks (all, or of ``partitions``), e.g. when partitions are assigned.
 
         The next batch of such a partition reloads its clock from the store, which is how a
         worker continues a partition another worker had.
@@ -348,6 +373,9 @@ class SalesProcessor:
     def release(self, partitions: Iterable[PartitionId]) -> None:
         """Forget revoked partitions entirely: clocks, unstored clocks, committable offsets.
 
+        A batch of theirs whose forecasts failed keeps its requests (they are sent again,
+        harmless duplicates if the next owner makes them too) but not its clocks.
+
         Call after :meth:`flush` and committing: what is left belongs to the next owner,
         which reloads the stored clock and restarts from the committed offset.
         """
@@ -355,11 +383,16 @@ class SalesProcessor:
             self._clocks.pop(p, None)
             self._unsaved.pop(p, None)
             self._committable.pop(p, None)
+            for staged in self._failed:  # the next owner plans these from its clocks
+                staged.states.pop(p, None)
 
     async def _clock(self, partition: PartitionId) -> PartitionClock:
         clock = self._clocks.get(partition)
         if clock is None:
             state = await self.store.load_partition(partition)
+            unsaved = self._unsaved.get(partition)
+            if unsaved is not None:  # delivered, not stored yet: ahead of the stored clock
+                state = _later(state, unsaved)
             clock = PartitionClock(
                 self.model.freq,
                 lateness_buckets=self.lateness_buckets,
@@ -495,31 +528,139 @@ class SalesProcessor:
     ) -> BatchStats:
         """Process one batch given as records per partition, each in offset order.
 
-        This is what the worker calls with the records of one fetch; :meth:`process` is the
-        same for a flat list of :class:`RawMessage`.
+        Returns once the batch is done: its state stored, its dead letters and forecasts
+        delivered (:meth:`submit` returns before the forecasts). Batches submitted before
+        are finished first. :meth:`process` is the same for a flat list of
+        :class:`RawMessage`.
 
         Raises:
             StateStoreError: The store failed; nothing was acked, retry the same batch.
-            BrokerError: Sending output failed; retry the same batch.
+            BrokerError: Sending output failed; retry the same batch (its forecasts are
+                kept and sent again first).
             ForecastError: The forecaster failed; retry the same batch.
         """
+        await self.drain()
+        staged = await self._staged(batches)
+        try:
+            return await self._emit(staged)
+        except BaseException:
+            self._failed.append(staged)
+            raise
+
+    async def submit(self, batches: Mapping[PartitionId, Sequence[Record]]) -> BatchStats:
+        """Process a batch like :meth:`process_partitions`, forecasting it in the background.
+
+        Returns once the batch's state is stored and its forecast windows are read; its
+        forecasts are made and sent while the caller fetches and submits the next batch,
+        whose Redis work (on the server's core) then overlaps this batch's inference and
+        delivery (ONNX Runtime in a thread, the broker's acks). Why this is safe:
+
+        * Redis sees the same commands in the same order as without overlap (this batch's
+          window read comes before the next batch's writes), so forecasts are identical.
+        * The next batch plans from the clocks as this batch left them (its due buckets
+          claimed), but a batch's clocks reach :meth:`take_committable` only once its
+          forecasts are delivered, in batch order. The caller commits only those offsets.
+        * A batch whose forecasting fails is kept with its requests and windows and made
+          again, before anything else, by the next call (:meth:`submit`,
+          :meth:`process_partitions`, :meth:`drain`, :meth:`flush`), which also raises the
+          failure; the clocks keep their claims, so nothing is planned twice meanwhile.
+
+        Raises:
+            StateStoreError, BrokerError, ForecastError: This batch failed, or a batch
+                before it failed to deliver its forecasts: retry this batch (one that was
+                already staged is not staged again).
+        """
+        again = next((f for f in self._failed if f.batches is batches), None)
+        await self._resend()
+        if again is not None:
+            return again.stats  # staged before, its forecasts delivered just now
+        staged = await self._staged(batches)
+        try:
+            await self.drain()
+        except BaseException:
+            self._failed.append(staged)  # after the failed one: delivered in batch order
+            raise
+        self._tail = asyncio.ensure_future(self._emit(staged))
+        self._tail_staged = staged
+        return staged.stats
+
+    async def drain(self) -> None:
+        """Deliver the forecasts of every batch before: the one in the background
+        (:meth:`submit`), then any whose forecasting failed.
+
+        Raises:
+            Exception: A batch's forecasting failed (again). It is kept, and made again by
+                the next call, unless :meth:`release` gives its partitions away.
+        """
+        await self._collect_tail()
+        await self._resend()
+
+    async def _collect_tail(self) -> None:
+        """Wait for the batch in the background; keep it, first in line, if it failed."""
+        tail, staged = self._tail, self._tail_staged
+        if tail is None or staged is None:
+            return
+        await asyncio.wait([tail])  # a cancelled caller leaves the tail running
+        if self._tail is tail:  # else another caller collected it
+            self._tail = self._tail_staged = None
+            if tail.cancelled() or tail.exception() is not None:
+                # Older than any batch kept so far: one is scheduled only when none is kept.
+                self._failed.insert(0, staged)
+
+    async def _resend(self) -> None:
+        """Make and send again the forecasts of batches whose delivery failed, in order."""
+        if not self._failed:
+            return
+        await self._collect_tail()  # kept while one ran (a cancelled submit): it goes first
+        async with self._resending:  # the batch loop and the flush timer may both get here
+            while self._failed:
+                staged = self._failed[0]
+                logger.warning(
+                    "sending again the forecasts of a batch of %d events",
+                    sum(len(m) for m in staged.batches.values()),
+                )
+                await self._emit(staged)
+                self._failed.pop(0)
+
+    async def _staged(self, batches: Mapping[PartitionId, Sequence[Record]]) -> _Staged:
+        """:meth:`_stage`, with the model fixed for the batch and the clocks put back on failure.
+
+        Why put back rather than reload: the cached clocks hold the claims of batches whose
+        forecasts are still on their way (not stored yet), and a batch staged again after a
+        failure must be judged exactly as the first time.
+        """
         started = time.perf_counter()
+        before = {pid: self._clocks[pid] for pid in batches if pid in self._clocks}
+        kept = {pid: clock.state for pid, clock in before.items()}
         self._busy = True
         try:
-            return await self._process(batches)
+            staged = await self._stage(batches)
         except BaseException:
-            # The cached clocks may be ahead of what was stored: reload them next time.
-            self.forget(batches.keys())
+            for pid in batches:
+                clock = before.get(pid)
+                if clock is None:
+                    self._clocks.pop(pid, None)
+                else:
+                    clock.restore(kept[pid])
+                    self._clocks[pid] = clock
             raise
         finally:
             self._busy = False
             if self._pending is not None:  # swapped while this batch ran: serve it from now
                 (self.forecaster, self.model), self._pending = self._pending, None
-            BATCH_SECONDS.observe(time.perf_counter() - started)
+        staged.started = started
+        return staged
 
-    async def _process(self, by_partition: Mapping[PartitionId, Sequence[Record]]) -> BatchStats:
+    async def _stage(self, by_partition: Mapping[PartitionId, Sequence[Record]]) -> _Staged:
+        """Steps 1-3 up to inference: validate, store, plan forecasts and read their windows.
+
+        The cached clocks are advanced here (due buckets claimed, offsets marked), so the
+        next batch plans after this one; the states to store are kept apart and stored only
+        once :meth:`_emit` delivered the forecasts.
+        """
         stats = BatchStats()
         now_ms = self.clock_ms()
+        forecaster, model, shadow = self.forecaster, self.model, self.shadow
 
         started = time.perf_counter()
         # 1. Validate and classify; plan the store writes of each partition.
@@ -552,41 +693,60 @@ class SalesProcessor:
         EVENTS.labels("valid").inc(stats.valid - result.duplicates - result.refused)
         EVENTS.labels("duplicate").inc(result.duplicates)
 
-        # 3. Forecast closed buckets (and items whose forecast buckets changed), then mark.
+        # 3. Who to forecast (closed buckets, items whose forecast buckets changed) and
+        #    their windows, read before any later batch writes.
         started = time.perf_counter()
         requests, windows = await self._forecast_requests(plans, result, stats)
         stats.timings["read"] = time.perf_counter() - started
-        if requests:
-            started = time.perf_counter()
-            records = await forecast(
-                self.forecaster,
-                requests,
-                windows,
-                self.model,
-                self.inference_batch_size,
-                observers=self.observers,
-            )
-            stats.timings["forecast"] = time.perf_counter() - started
-            started = time.perf_counter()
-            await self.sink.send_forecasts(records)
-            stats.timings["send"] = time.perf_counter() - started
-            await self._score_shadow(requests, windows)
-            stats.forecasts = len(records)
-            FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
-            FORECASTS.labels("late").inc(stats.reforecasts)
+        states: dict[PartitionId, PartitionState] = {}
         for plan in plans:
             watermark = plan.clock.watermark_ms
             if watermark is not None:
                 WATERMARK.labels(plan.pid.topic, str(plan.pid.partition)).set(watermark)
             if plan.due:
-                # Only now, with the forecasts delivered: a crash before this line re-emits
-                # them (at-least-once) instead of losing them.
-                plan.clock.mark_emitted()
+                plan.clock.mark_emitted()  # claimed: the next batch plans the buckets after
             plan.clock.mark_processed(plan.next_offset)
-            # Stored with the next batch's round trip, not in a second one now: until then
-            # the stored clock lags, which is safe (it may re-emit a forecast after a crash,
-            # never skip one); flush() stores it at revoke, at stop and every second.
-            self._unsaved[plan.pid] = plan.clock.state
+            states[plan.pid] = plan.clock.state
+        return _Staged(
+            batches=by_partition,
+            stats=stats,
+            states=states,
+            requests=requests,
+            windows=windows,
+            forecaster=forecaster,
+            model=model,
+            shadow=shadow,
+        )
+
+    async def _emit(self, staged: _Staged) -> BatchStats:
+        """Step 4: forecast, deliver, and only then let the batch's clocks be stored."""
+        stats, requests, windows = staged.stats, staged.requests, staged.windows
+        try:
+            if requests:
+                started = time.perf_counter()
+                records = await forecast(
+                    staged.forecaster,
+                    requests,
+                    windows,
+                    staged.model,
+                    self.inference_batch_size,
+                    observers=self.observers,
+                )
+                stats.timings["forecast"] = time.perf_counter() - started
+                started = time.perf_counter()
+                await self.sink.send_forecasts(records)
+                stats.timings["send"] = time.perf_counter() - started
+                await self._score_shadow(staged.shadow, requests, windows)
+                stats.forecasts = len(records)
+                FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
+                FORECASTS.labels("late").inc(stats.reforecasts)
+        finally:
+            BATCH_SECONDS.observe(time.perf_counter() - staged.started)
+        # Only now, with the forecasts delivered: the states ride along with the next
+        # batch's round trip (or flush(), at revoke, at stop and every second). A failure
+        # before this line leaves the stored clocks where they were, so the forecasts are
+        # made again (at-least-once), never skipped.
+        self._unsaved.update(staged.states)
         if stats.invalid or stats.late or stats.forecasts:
             logger.info(
                 "batch: %d valid, %d invalid, %d late, %d duplicate, %d forecasts "
@@ -772,6 +932,23 @@ class SalesProcessor:
 
 
 @dataclass
+class _Staged:
+    """A batch whose state is stored and whose forecasts are planned (:meth:`_stage`)."""
+
+    batches: Mapping[PartitionId, Sequence[Record]]
+    stats: BatchStats
+    #: The clocks as the batch leaves them: stored once its forecasts are delivered.
+    states: dict[PartitionId, PartitionState]
+    requests: list[ForecastRequest]
+    windows: dict[str, ItemWindow]
+    #: The model of the whole batch (a swap takes effect from the next batch).
+    forecaster: Forecaster
+    model: ModelInfo
+    shadow: tuple[Forecaster, ModelInfo] | None
+    started: float = 0.0
+
+
+@dataclass
 class _Plan:
     """One partition's share of a batch, between validation and forecasting."""
 
@@ -884,6 +1061,24 @@ class _Parsed(NamedTuple):
     aggregate: _Aggregate | None = None
     from_max_event_ms: int | None = None
     model: ModelInfo | None = None
+
+
+def _later(a: PartitionState, b: PartitionState) -> PartitionState:
+    """The later of two states of one partition's clock: each field's maximum.
+
+    Every field only grows, and each state is consistent on its own (see
+    :class:`~stream.watermark.PartitionState`), so for two states of the same history the
+    later one is at least the other in every field, and this is that state.
+    """
+
+    def most(x: int | None, y: int | None) -> int | None:
+        return y if x is None else x if y is None else max(x, y)
+
+    return PartitionState(
+        max_event_ms=most(a.max_event_ms, b.max_event_ms),
+        emitted_to_ms=most(a.emitted_to_ms, b.emitted_to_ms),
+        next_offset=most(a.next_offset, b.next_offset),
+    )
 
 
 def _parse_all(

@@ -148,6 +148,14 @@ class PartitionClock:
         if self._state.emitted_to_ms is None:
             self._state = replace(self._state, emitted_to_ms=self.open_from_ms)
 
+    def restore(self, state: PartitionState) -> None:
+        """Put the clock back to ``state``, taken from it before a batch that then failed.
+
+        The only way a clock goes back: the failed batch is judged again from where the
+        clock stood, exactly as the first time.
+        """
+        self._state = state
+
     def due_buckets(self) -> list[int]:
         """Starts of the buckets closed but not yet forecast, oldest first."""
         start, end = self._state.emitted_to_ms, self.open_from_ms

@@ -487,12 +487,15 @@ def test_a_failed_batch_keeps_the_previous_clock_pending_and_nothing_committable
 
     async def scenario() -> None:
         await proc.process(feed(sale("a", 0), sale("a", 3)))
-        sink.fail_forecasts = 1
+        sink.fail_forecasts = 2
         with pytest.raises(BrokerError):
             await proc.process(feed(sale("a", 5)))  # closes buckets, forecasts fail
         # The first batch's clock went out with the failed batch's round trip: stored.
         assert proc.take_committable() == {PartitionId("sales", 0): 2}
-        await proc.flush()
+        await proc.flush()  # sends the failed batch's forecasts again: they fail again
         assert proc.take_committable() == {}  # the failed batch advanced nothing
+        await proc.flush()  # the broker is back: delivered, then the clock is stored
+        assert proc.take_committable() == {PartitionId("sales", 0): 3}
 
     asyncio.run(scenario())
+    assert sink.pairs() == [("a", day_iso(d)) for d in (1, 2, 3, 4)]  # each once

@@ -64,19 +64,19 @@ def test_a_genuinely_late_event_after_the_processed_offsets_is_still_dead_letter
 
 
 def test_the_clock_is_stored_only_after_the_outputs() -> None:
-    """A batch whose forecasts fail leaves the stored clock where it was, so its retry
-    sees the same events as on time (and the store deduplicates them)."""
+    """A batch whose forecasts fail leaves the stored clock where it was; its forecasts are
+    sent again, and its retry is known as processed (nothing late, nothing counted twice)."""
     store = MemoryWindowStore(FREQ)
-    sink = ListSink(fail_forecasts=1)
+    sink = ListSink(fail_forecasts=2)
     proc = processor(store=store, sink=sink)
     feed = Feed()
     batch = feed(sale("a", 0), sale("a", 3), sale("b", 6))
     with pytest.raises(BrokerError):
         asyncio.run(proc.process(batch))
-    asyncio.run(proc.flush())  # nothing to store: the failed batch advanced no clock
+    asyncio.run(proc.flush())  # sends the forecasts again, which fail again: nothing stored
     state = asyncio.run(store.load_partition(PartitionId("sales", 0)))
     assert state.max_event_ms is None and state.next_offset is None
     stats = asyncio.run(proc.process(batch))  # the retry
-    assert sink.dead == [] and stats.late == 0 and stats.duplicates == 3
+    assert sink.dead == [] and stats.late == 0 and stats.duplicates + stats.redelivered == 3
     assert _windows(store, ["a"])["a"] != {}
     assert sink.forecasts
