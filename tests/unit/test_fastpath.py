@@ -59,6 +59,70 @@ def test_the_fetch_wait_still_reaches_aiokafka_through_the_attribute_we_set() ->
     assert "_new_consumer_thread" in vars(AIOKafkaConsumer)
 
 
+def _fetched_partition(value_deserializer: Any) -> list[Any]:
+    """Records of one fetched partition, as aiokafka's fetcher iterates them."""
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+    from aiokafka.record.memory_records import MemoryRecords
+    from aiokafka.structs import TopicPartition
+
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    for i in range(3):
+        builder.append(
+            i, timestamp=1_700_000_000_000 + i, key=b"k%d" % i, value=b"v%d" % i, headers=[]
+        )
+    records = MemoryRecords(bytes(builder.build()))
+    cls = fastpath.fetcher_module.PartitionRecords
+    partition = cls(TopicPartition("t", 0), records, [], 1, None, value_deserializer, True, 0)
+    return list(partition)
+
+
+def test_aiokafka_still_builds_its_records_through_the_hook_we_replace() -> None:
+    from aiokafka.consumer import fetcher
+    from aiokafka.structs import ConsumerRecord
+
+    fastpath._install_raw_records()
+    # The fetcher finds the class in its module when it makes one, with the consumer's
+    # value deserializer, and makes each record with _consumer_record(tp, record).
+    assert "PartitionRecords(" in inspect.getsource(fetcher.Fetcher)
+    assert "self._value_deserializer," in inspect.getsource(fetcher.Fetcher)
+    assert "self._consumer_record(tp, record)" in inspect.getsource(
+        fetcher.PartitionRecords._unpack_records
+    )
+    assert _params(fetcher.PartitionRecords._consumer_record) == ["self", "tp", "record"]
+    # Marked: the C records, with what the worker reads (offset 0 is below the fetch offset).
+    raw = _fetched_partition(fastpath._raw_value)
+    assert [(r.offset, r.key, r.value, r.timestamp) for r in raw] == [
+        (1, b"k1", b"v1", 1_700_000_000_001),
+        (2, b"k2", b"v2", 1_700_000_000_002),
+    ]
+    assert not isinstance(raw[0], ConsumerRecord)
+    # Unmarked consumers (any other in the process) get ConsumerRecords as before.
+    plain = _fetched_partition(None)
+    assert all(isinstance(r, ConsumerRecord) for r in plain)
+    assert [(r.topic, r.offset, r.value) for r in plain] == [("t", 1, b"v1"), ("t", 2, b"v2")]
+
+
+def test_the_worker_consumer_is_marked_for_raw_records(tmp_path: Path) -> None:
+    settings = WorkerSettings(web_enabled=False, data_dir=tmp_path)
+    app = create_app(settings, FakeForecaster(), MemoryWindowStore(FREQ), MODEL, sink=ListSink())
+
+    async def made() -> Any:
+        thread = app.consumer._new_consumer_thread()  # type: ignore[attr-defined]
+        return thread._create_worker_consumer(app.transport)  # aiokafka's, not started
+
+    raw = asyncio.run(made())
+    assert raw._value_deserializer is fastpath._raw_value
+    assert fastpath.fetcher_module.PartitionRecords is fastpath._RawPartitionRecords
+
+
 def test_the_app_consumes_through_the_batch_consumer(tmp_path: Path) -> None:
     settings = WorkerSettings(web_enabled=False, data_dir=tmp_path, batch_size=7)
     app = create_app(settings, FakeForecaster(), MemoryWindowStore(FREQ), MODEL, sink=ListSink())
