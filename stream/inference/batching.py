@@ -107,21 +107,6 @@ def build_batch(
     )
 
 
-def _runs_inline(forecaster: Forecaster, batch: WindowBatch) -> bool:
-    """Whether ``forecaster.predict(batch)`` is cheap enough to call on the event loop.
-
-    Why: a thread pays off for ONNX Runtime, which releases the GIL while it computes, but
-    the numpy fallback of items with a short history takes about a microsecond per window,
-    and handing it to a thread made it wait for the GIL between its numpy calls while the
-    event loop ran the next batch: 7 ms per call of 256 windows instead of 0.3 ms, on the
-    path that delivers forecasts (``bench/ab_worker.py``: 7% more events/s inline, every
-    pair of reads). A forecaster opts in with ``runs_inline(batch) -> bool``
-    (:class:`~trendcast.forecasting.onnx.OnnxForecaster`: no window for the ONNX model).
-    """
-    runs_inline = getattr(forecaster, "runs_inline", None)
-    return bool(runs_inline(batch)) if callable(runs_inline) else False
-
-
 def _check(result: ForecastBatch, n: int, horizon: int) -> None:
     for name in ("mean", "p10", "p50", "p90"):
         shape = getattr(result, name).shape
@@ -269,10 +254,9 @@ async def forecast(
     """Forecast every request, ``batch_size`` windows per ``predict`` call.
 
     ``predict`` runs in a thread so that a large batch does not stall the event loop (the
-    Kafka consumer's heartbeats and fetches keep going while ONNX computes), unless the
-    forecaster says the batch is cheap (:func:`_runs_inline`). Every result is shown to
-    ``observers`` (online accuracy, trends) on the event loop; an observer that fails is
-    logged and never fails the forecast.
+    Kafka consumer's heartbeats and fetches keep going while ONNX computes). Every result is
+    shown to ``observers`` (online accuracy, trends) on the event loop; an observer that
+    fails is logged and never fails the forecast.
 
     Args:
         forecaster: The model.
@@ -292,10 +276,7 @@ async def forecast(
         chunk = requests[start : start + batch_size]
         batch = build_batch(chunk, windows, model)
         try:
-            if _runs_inline(forecaster, batch):
-                result = forecaster.predict(batch)
-            else:
-                result = await asyncio.to_thread(forecaster.predict, batch)
+            result = await asyncio.to_thread(forecaster.predict, batch)
         except ForecastError:
             raise
         except Exception as exc:  # a model bug must surface as ours, with the cause kept

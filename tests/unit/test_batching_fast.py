@@ -11,7 +11,6 @@ odd item ids and buckets outside the window or off the frequency grid.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -186,68 +185,3 @@ def test_tiny_batches(n: int):
     batch = build_batch([ForecastRequest("a", 5 * DAY)] * n, {}, model)
     result = ForecastBatch(*(np.ones((n, 2), np.float32) for _ in range(4)), np.zeros(n, bool))
     assert forecast_records(batch, result, model, 1) == _records_slow(batch, result, model, 1)
-
-
-# --- where predict runs -------------------------------------------------------------------------
-
-
-class _ThreadNoting:
-    """Forecasts zeros and notes the thread each predict ran in."""
-
-    def __init__(self, inline: bool | None) -> None:
-        self.threads: list[str] = []
-        if inline is not None:
-            self.runs_inline = lambda batch: inline
-
-    name = "noting"
-    horizon = 3
-
-    def predict(self, batch: WindowBatch) -> ForecastBatch:
-        import threading
-
-        self.threads.append(threading.current_thread().name)
-        zeros = np.zeros((len(batch), 3), dtype=np.float32)
-        return ForecastBatch(zeros, zeros, zeros, zeros, np.zeros(len(batch), dtype=bool))
-
-
-@pytest.mark.parametrize("inline", [True, False, None])
-def test_predict_runs_on_the_loop_only_when_the_forecaster_says_it_is_cheap(
-    inline: bool | None,
-) -> None:
-    import asyncio
-    import threading
-
-    from stream.inference.batching import forecast
-
-    model = ModelInfo(parse_freq("1D"), window=4, horizon=3, model_version="m")
-    forecaster = _ThreadNoting(inline)
-    requests = [ForecastRequest("a", 10 * DAY), ForecastRequest("b", 10 * DAY)]
-    records = asyncio.run(forecast(forecaster, requests, {}, model, batch_size=1))
-    assert [key for key, _ in records] == ["a", "b"]
-    on_loop = [name == threading.main_thread().name for name in forecaster.threads]
-    assert on_loop == [bool(inline)] * 2
-
-
-def test_the_onnx_forecaster_runs_inline_only_without_a_full_window(tmp_path: Path) -> None:
-    from tests.bundles import make_fake_bundle
-    from trendcast.bundle import load_bundle
-    from trendcast.forecasting.onnx import OnnxForecaster
-
-    forecaster = OnnxForecaster(load_bundle(make_fake_bundle(tmp_path / "b", window=4)))
-
-    def batch(history: list[int], window: int = 4) -> WindowBatch:
-        n = len(history)
-        return WindowBatch(
-            item_ids=[f"i{k}" for k in range(n)],
-            quantities=np.ones((n, window), dtype=np.float32),
-            prices=None,
-            last_start_ms=np.full(n, 10 * DAY, dtype=np.int64),
-            history_len=np.array(history, dtype=np.int64),
-        )
-
-    assert forecaster.runs_inline(batch([1, 3, 2]))  # fallback only: numpy, cheap
-    assert not forecaster.runs_inline(batch([1, 4, 2]))  # one window for ONNX Runtime
-    assert forecaster.runs_inline(batch([9], window=5))  # refused at once anyway
-    # Inline or not, the same forecasts.
-    short = batch([1, 3, 2])
-    assert forecaster.predict(short).fallback.all()

@@ -147,12 +147,6 @@ class OnnxForecaster:
         """The bundle's model version (``<UTC timestamp>-<sha8 of model.onnx>``)."""
         return self.bundle.meta.model_version
 
-    def runs_inline(self, batch: WindowBatch) -> bool:
-        """Whether :meth:`predict` needs no ONNX Runtime call for ``batch`` (every window is
-        shorter than the model's: the numpy fallback alone, cheap enough for the caller's
-        event loop; see ``stream.inference.batching``)."""
-        return bool(batch.window != self.window or (batch.history_len < self.window).all())
-
     def predict(self, batch: WindowBatch) -> ForecastBatch:
         """Forecast every window of ``batch`` with one ONNX Runtime call.
 
