@@ -3,10 +3,12 @@
 Observers (online accuracy in :mod:`stream.accuracy`, trends in :mod:`stream.trends`) see
 every ``predict`` call's inputs and outputs together, so they need no state reads of their
 own: a later window of an item carries the actuals of buckets forecast earlier. The worker
-calls :meth:`ForecastObserver.on_forecasts` synchronously on its hot path, once per
-micro-batch of thousands of rows, so an observer must be cheap (numpy over the batch, no
-I/O, no awaiting) and must not raise for ordinary data; it publishes what it learned when
-the worker asks (``drain_records``/``snapshot``), not per batch.
+calls :meth:`ForecastObserver.on_forecasts` on its event loop, once per micro-batch of
+thousands of rows, in batch order, just after the batch's forecasts are delivered (off the
+delivery path, while the next batch awaits Redis; ``SalesProcessor._observe``), so an
+observer must be cheap (numpy over the batch, no I/O, no awaiting) and must not raise for
+ordinary data; it publishes what it learned when the worker asks
+(``drain_records``/``snapshot``), not per batch.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class ScoredBatch:
 
 @runtime_checkable
 class ForecastObserver(Protocol):
-    """Anything told about every forecast batch (synchronously, on the worker's hot path)."""
+    """Anything told about every forecast batch (on the worker's event loop, in order)."""
 
     def on_forecasts(self, scored: ScoredBatch) -> None:
         """Take note of one batch; must be cheap and must not keep references to its arrays."""

@@ -46,7 +46,7 @@ from operator import attrgetter
 from typing import NamedTuple, Protocol
 
 from stream.events import SaleEvent, dead_letter_value, parse_events
-from stream.inference.batching import ForecastRequest, ModelInfo, forecast
+from stream.inference.batching import ForecastRequest, ModelInfo, forecast, notify
 from stream.observability import (
     BATCH_SECONDS,
     DEAD_LETTERS,
@@ -56,7 +56,7 @@ from stream.observability import (
     SHADOW_FAILURES,
     WATERMARK,
 )
-from stream.observers import ForecastObserver
+from stream.observers import ForecastObserver, ScoredBatch
 from stream.watermark import PartitionClock, PartitionState
 from stream.windows.base import (
     ApplyResult,
@@ -173,7 +173,8 @@ class SalesProcessor:
         max_future_ms: How far ahead of the wall clock an event may be.
         state_ttl_ms: TTL of item keys; ``None`` derives it from the kept span.
         on_late: Hook called for every late event (after counting it).
-        observers: Shown every forecast micro-batch (online accuracy, trends).
+        observers: Shown every forecast micro-batch (online accuracy, trends), once the
+            batch's forecasts are delivered.
         shadow: A second model scored on the same windows, never emitted.
         clock_ms: Wall clock (injectable for tests).
     """
@@ -236,6 +237,8 @@ class SalesProcessor:
         self._tail_staged: _Staged | None = None
         self._failed: list[_Staged] = []
         self._resending = asyncio.Lock()
+        # Observers being told about the last delivered batch (_observe).
+        self._observing: asyncio.Future[None] | None = None
 
     def swap_model(self, forecaster: Forecaster, model: ModelInfo) -> None:
         """Serve ``model`` from the next batch on (now, when no batch is in progress).
@@ -289,6 +292,35 @@ class SalesProcessor:
             return
         self._check_feedable(model)
         self.shadow = (forecaster, model)
+
+    async def _observe(
+        self,
+        scored: Sequence[ScoredBatch],
+        shadow: tuple[Forecaster, ModelInfo] | None,
+        requests: Sequence[ForecastRequest],
+        windows: Mapping[str, ItemWindow],
+    ) -> None:
+        """Tell the observers about a delivered batch, then score the shadow model on it.
+
+        Why in the background: online accuracy and trends cost a tenth of the worker's
+        time (``bench/ab_worker.py`` with them switched off), and none of it needs to hold
+        up delivering forecasts or storing clocks; run after delivery, it fills the time
+        the next batch awaits Redis. Batches are told in order (one is told before the next
+        batch forecasts, :meth:`_observed`), exactly what they would have been told inline.
+        """
+        for one in scored:
+            notify(self.observers, one)
+        await self._score_shadow(shadow, requests, windows)
+
+    async def _observed(self) -> None:
+        """Wait until the observers have been told about every delivered batch."""
+        observing = self._observing
+        if observing is not None:
+            await asyncio.wait([observing])
+            if self._observing is observing:
+                self._observing = None
+                if not observing.cancelled() and observing.exception() is not None:
+                    logger.warning("telling the observers failed: %s", observing.exception())
 
     async def _score_shadow(
         self,
@@ -542,10 +574,12 @@ class SalesProcessor:
         await self.drain()
         staged = await self._staged(batches)
         try:
-            return await self._emit(staged)
+            stats = await self._emit(staged)
         except BaseException:
             self._failed.append(staged)
             raise
+        await self._observed()
+        return stats
 
     async def submit(self, batches: Mapping[PartitionId, Sequence[Record]]) -> BatchStats:
         """Process a batch like :meth:`process_partitions`, forecasting it in the background.
@@ -576,7 +610,8 @@ class SalesProcessor:
             return again.stats  # staged before, its forecasts delivered just now
         staged = await self._staged(batches)
         try:
-            await self.drain()
+            await self._collect_tail()  # not the observers: they run on in the background
+            await self._resend()
         except BaseException:
             self._failed.append(staged)  # after the failed one: delivered in batch order
             raise
@@ -594,6 +629,7 @@ class SalesProcessor:
         """
         await self._collect_tail()
         await self._resend()
+        await self._observed()
 
     async def _collect_tail(self) -> None:
         """Wait for the batch in the background; keep it, first in line, if it failed."""
@@ -721,6 +757,10 @@ class SalesProcessor:
     async def _emit(self, staged: _Staged) -> BatchStats:
         """Step 4: forecast, deliver, and only then let the batch's clocks be stored."""
         stats, requests, windows = staged.stats, staged.requests, staged.windows
+        scored: list[ScoredBatch] = []
+        # The observers of the batch before are told in the background (see _observe); at
+        # most one batch waits to be told, so they can never fall behind by more.
+        await self._observed()
         try:
             if requests:
                 started = time.perf_counter()
@@ -730,13 +770,12 @@ class SalesProcessor:
                     windows,
                     staged.model,
                     self.inference_batch_size,
-                    observers=self.observers,
+                    scored=scored,
                 )
                 stats.timings["forecast"] = time.perf_counter() - started
                 started = time.perf_counter()
                 await self.sink.send_forecasts(records)
                 stats.timings["send"] = time.perf_counter() - started
-                await self._score_shadow(staged.shadow, requests, windows)
                 stats.forecasts = len(records)
                 FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
                 FORECASTS.labels("late").inc(stats.reforecasts)
@@ -747,6 +786,10 @@ class SalesProcessor:
         # before this line leaves the stored clocks where they were, so the forecasts are
         # made again (at-least-once), never skipped.
         self._unsaved.update(staged.states)
+        if scored or (requests and staged.shadow is not None):
+            self._observing = asyncio.ensure_future(
+                self._observe(scored, staged.shadow, requests, windows)
+            )
         if stats.invalid or stats.late or stats.forecasts:
             logger.info(
                 "batch: %d valid, %d invalid, %d late, %d duplicate, %d forecasts "

@@ -34,7 +34,15 @@ from trendcast.exceptions import ForecastError
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 from trendcast.freq import Freq
 
-__all__ = ["ForecastRequest", "ModelInfo", "build_batch", "forecast", "forecast_records", "iso_utc"]
+__all__ = [
+    "ForecastRequest",
+    "ModelInfo",
+    "build_batch",
+    "forecast",
+    "forecast_records",
+    "iso_utc",
+    "notify",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +113,15 @@ def build_batch(
         last_start_ms=last,
         history_len=history,
     )
+
+
+def notify(observers: Sequence[ForecastObserver], scored: ScoredBatch) -> None:
+    """Show ``scored`` to every observer; one that fails is logged, never raised."""
+    for observer in observers:
+        try:
+            observer.on_forecasts(scored)
+        except Exception:  # scoring is a side show: it must not stop forecasts
+            logger.exception("forecast observer %r failed", observer)
 
 
 def _check(result: ForecastBatch, n: int, horizon: int) -> None:
@@ -250,6 +267,7 @@ async def forecast(
     observers: Sequence[ForecastObserver] = (),
     role: Role = "live",
     emit: bool = True,
+    scored: list[ScoredBatch] | None = None,
 ) -> list[tuple[str, bytes]]:
     """Forecast every request, ``batch_size`` windows per ``predict`` call.
 
@@ -267,6 +285,8 @@ async def forecast(
         observers: Shown every scored micro-batch.
         role: ``live`` (emitted) or ``shadow`` (scored only).
         emit: Build forecast records (False for a shadow model: nothing is returned).
+        scored: Where to append every scored micro-batch, for observers told later
+            (:func:`notify`), off the path that delivers the forecasts.
 
     Raises:
         ForecastError: The forecaster failed or returned wrongly shaped arrays.
@@ -282,13 +302,11 @@ async def forecast(
         except Exception as exc:  # a model bug must surface as ours, with the cause kept
             raise ForecastError(f"{forecaster.name} failed on {len(chunk)} windows: {exc}") from exc
         _check(result, len(chunk), model.horizon)
-        if observers:
-            scored = ScoredBatch(model, role, batch, result)
-            for observer in observers:
-                try:
-                    observer.on_forecasts(scored)
-                except Exception:  # scoring is a side show: it must not stop forecasts
-                    logger.exception("forecast observer %r failed", observer)
+        if observers or scored is not None:
+            one = ScoredBatch(model, role, batch, result)
+            if scored is not None:
+                scored.append(one)
+            notify(observers, one)
         if emit:
             records += forecast_records(batch, result, model, int(time.time() * 1000))
     return records

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from stream.observers import ScoredBatch
 from stream.processor import RawMessage, SalesProcessor
 from stream.windows.base import ApplyResult, ItemUpdate, PartitionId, PartitionUpdate
 from stream.windows.memory import MemoryWindowStore
@@ -92,23 +93,46 @@ async def state(store: MemoryWindowStore) -> tuple[Any, ...]:
     )
 
 
+class Told:
+    """An observer noting what it is told, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.seen = 0
+
+    def on_forecasts(self, scored: ScoredBatch) -> None:
+        batch, result = scored.batch, scored.result
+        self.seen += len(batch.item_ids)
+        self.calls.append(
+            (
+                scored.role,
+                scored.model.model_version,
+                list(batch.item_ids),
+                batch.last_start_ms.tolist(),
+                batch.quantities.tolist(),
+                result.mean.tolist(),
+            )
+        )
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_submitted_batches_give_what_processed_batches_give(seed: int) -> None:
     batches = scenario_batches(seed)
 
     async def run(submit: bool) -> tuple[Any, ...]:
-        store, sink = MemoryWindowStore(FREQ), ListSink()
-        proc = processor(store=store, sink=sink)
+        store, sink, told = MemoryWindowStore(FREQ), ListSink(), Told()
+        proc = processor(store=store, sink=sink, observers=[told])
         committed: dict[PartitionId, int] = {}
         for batch in batches:
             if submit:
                 await proc.submit(by_partition(batch))
             else:
                 await proc.process(batch)
+                assert told.seen == len(sink.forecasts)  # told before process returns
             committed |= proc.take_committable()
         await proc.flush()
         committed |= proc.take_committable()
-        return outputs(sink), await state(store), committed
+        return outputs(sink), await state(store), committed, told.calls
 
     assert asyncio.run(run(submit=True)) == asyncio.run(run(submit=False))
 
