@@ -228,6 +228,9 @@ class SalesProcessor:
         self._unsaved: dict[PartitionId, PartitionState] = {}
         # Next offsets whose clocks are stored: what may be committed (take_committable).
         self._committable: dict[PartitionId, int] = {}
+        # The clocks known to be stored (loaded, or stored by a round trip that returned):
+        # what a worker taking over would start from, which bounds what may be forgotten.
+        self._stored_states: dict[PartitionId, PartitionState] = {}
         # Messages validated ahead of their batch (parse_ahead), by id() of their sequence.
         self._parsed: dict[int, _Parsed] = {}
         self._parsed_before: dict[int, _Parsed] = {}
@@ -373,6 +376,8 @@ class SalesProcessor:
 
     def _stored(self, states: Mapping[PartitionId, PartitionState]) -> None:
         for pid, state in states.items():
+            known_state = self._stored_states.get(pid)
+            self._stored_states[pid] = state if known_state is None else _later(known_state, state)
             if state.next_offset is not None:
                 known = self._committable.get(pid)
                 if known is None or state.next_offset > known:
@@ -415,6 +420,7 @@ class SalesProcessor:
             self._clocks.pop(p, None)
             self._unsaved.pop(p, None)
             self._committable.pop(p, None)
+            self._stored_states.pop(p, None)
             for staged in self._failed:  # the next owner plans these from its clocks
                 staged.states.pop(p, None)
 
@@ -422,6 +428,7 @@ class SalesProcessor:
         clock = self._clocks.get(partition)
         if clock is None:
             state = await self.store.load_partition(partition)
+            self._stored_states[partition] = state
             unsaved = self._unsaved.get(partition)
             if unsaved is not None:  # delivered, not stored yet: ahead of the stored clock
                 state = _later(state, unsaved)
@@ -866,9 +873,19 @@ class SalesProcessor:
         clock = await self._clock(pid)
         step = self.model.freq.step_ms
         emitted_before = clock.state.emitted_to_ms
-        # The late bound as stored before this batch: every event accepted below is at or
-        # after it, and dedupe keys older than it can go (see ItemUpdate.dedupe_from_ms).
+        # The late bound before this batch: every event accepted below is at or after it.
         late_before_start = clock.late_before_ms
+        # The late bound of the clock known to be stored: dedupe keys older than it can go
+        # (see ItemUpdate.dedupe_from_ms), and no older ones. A worker that takes over after
+        # a crash judges re-delivered events by the stored clock, which lags this one by
+        # the batches whose forecasts are still on their way (submit): an event it accepts
+        # must still find its key, or it would be counted twice.
+        stored = self._stored_states.get(pid)
+        late_before_stored = (
+            None
+            if stored is None or stored.max_event_ms is None
+            else clock.late_before_for(stored.max_event_ms)
+        )
         ahead = self._take_parsed(msgs)
         aggregate: _Aggregate | None = None
         if ahead is None:
@@ -900,10 +917,16 @@ class SalesProcessor:
         due = clock.due_buckets()
         # Oldest bucket a later forecast can end with: the first not yet forecast, the last
         # closed one (re-forecasts after late events) or the oldest still writable one.
-        candidates = (clock.state.emitted_to_ms, open_from - step, late_before, late_before_start)
+        candidates = (
+            clock.state.emitted_to_ms,
+            open_from - step,
+            late_before,
+            late_before_start,
+            late_before_stored,
+        )
         oldest_end = min(x for x in candidates if x is not None)
         keep_from = oldest_end - (self.state_window - 1) * step
-        dedupe_from = keep_from if late_before_start is None else late_before_start
+        dedupe_from = keep_from if late_before_stored is None else late_before_stored
         return _Plan(
             pid=pid,
             clock=clock,
