@@ -1169,7 +1169,7 @@ def report(
         f"| c. trendcast worker (events_in) | {c:,.0f} | {result.wall_s:.1f} | "
         f"validate, Redis windows, forecasts; median of {len(singles)}: {c_runs} |",
         f"| c. trendcast worker (committed offsets) | {c_commit:,.0f} | "
-        f"{result.wall_s:.1f} | cross-check (commits trail by one batch) |",
+        f"{result.wall_s:.1f} | cross-check (commits trail by one or two batches) |",
     ]
     g = statistics.median(r.by_metric.events_per_s for r in groups) if groups else 0.0
     if groups:

@@ -20,7 +20,7 @@ What changes, and what does not:
 * Offsets are committed through Faust (``Consumer._commit_offsets``: only assigned
   partitions, producer flushed first, ``committed_offset`` bookkeeping kept) after the
   handler returned, and only the offsets it hands back: those of events whose state,
-  outputs and partition clock are stored (they trail the batch by one batch or one
+  outputs and partition clock are stored (they trail the batch by one or two batches or one
   second; :meth:`BatchConsumer.commit_processed` also runs on a timer, at revoke and at
   stop). Faust's own periodic commit finds nothing acked and stays idle.
 * Faust still owns the worker's lifecycle, the consumer group and rebalances, the producer,
