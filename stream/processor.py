@@ -673,19 +673,21 @@ class SalesProcessor:
         failure must be judged exactly as the first time.
         """
         started = time.perf_counter()
-        before = {pid: self._clocks[pid] for pid in batches if pid in self._clocks}
-        kept = {pid: clock.state for pid, clock in before.items()}
+        before = {
+            pid: (self._clocks[pid], self._clocks[pid].state)
+            for pid in batches
+            if pid in self._clocks
+        }
         self._busy = True
         try:
             staged = await self._stage(batches)
         except BaseException:
             for pid in batches:
-                clock = before.get(pid)
-                if clock is None:
-                    self._clocks.pop(pid, None)
-                else:
-                    clock.restore(kept[pid])
-                    self._clocks[pid] = clock
+                clock = self._clocks.get(pid)
+                if pid not in before:
+                    self._clocks.pop(pid, None)  # loaded by this batch: load it again
+                elif clock is before[pid][0]:  # (not forgotten meanwhile, e.g. reassigned)
+                    clock.restore(before[pid][1])
             raise
         finally:
             self._busy = False
