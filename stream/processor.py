@@ -389,8 +389,9 @@ class SalesProcessor:
         Committing only these keeps the invariant the recovery relies on: whoever continues
         a partition from its committed offset finds a stored clock at least that far (so it
         neither skips forecasts of buckets closed before nor mistakes its events for late
-        ones). A batch's offsets therefore become committable with the next batch's round
-        trip or the next :meth:`flush`, one batch or one second after the batch.
+        ones). A batch's offsets therefore become committable with the round trip of the
+        first batch staged after its forecasts were delivered, or the next :meth:`flush`:
+        one or two batches, or one second, after the batch.
         """
         out, self._committable = self._committable, {}
         return out
