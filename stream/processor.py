@@ -377,7 +377,7 @@ class SalesProcessor:
     def _stored(self, states: Mapping[PartitionId, PartitionState]) -> None:
         for pid, state in states.items():
             known_state = self._stored_states.get(pid)
-            self._stored_states[pid] = state if known_state is None else _later(known_state, state)
+            self._stored_states[pid] = state if known_state is None else known_state.merged(state)
             if state.next_offset is not None:
                 known = self._committable.get(pid)
                 if known is None or state.next_offset > known:
@@ -432,7 +432,7 @@ class SalesProcessor:
             self._stored_states[partition] = state
             unsaved = self._unsaved.get(partition)
             if unsaved is not None:  # delivered, not stored yet: ahead of the stored clock
-                state = _later(state, unsaved)
+                state = state.merged(unsaved)
             clock = PartitionClock(
                 self.model.freq,
                 lateness_buckets=self.lateness_buckets,
@@ -1130,24 +1130,6 @@ class _Parsed(NamedTuple):
     aggregate: _Aggregate | None = None
     from_max_event_ms: int | None = None
     model: ModelInfo | None = None
-
-
-def _later(a: PartitionState, b: PartitionState) -> PartitionState:
-    """The later of two states of one partition's clock: each field's maximum.
-
-    Every field only grows, and each state is consistent on its own (see
-    :class:`~stream.watermark.PartitionState`), so for two states of the same history the
-    later one is at least the other in every field, and this is that state.
-    """
-
-    def most(x: int | None, y: int | None) -> int | None:
-        return y if x is None else x if y is None else max(x, y)
-
-    return PartitionState(
-        max_event_ms=most(a.max_event_ms, b.max_event_ms),
-        emitted_to_ms=most(a.emitted_to_ms, b.emitted_to_ms),
-        next_offset=most(a.next_offset, b.next_offset),
-    )
 
 
 def _parse_all(

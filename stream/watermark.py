@@ -45,6 +45,26 @@ class PartitionState:
     emitted_to_ms: int | None = None
     next_offset: int | None = None
 
+    def merged(self, other: PartitionState) -> PartitionState:
+        """Each field's maximum of the two states: how a stored clock takes an update.
+
+        Every field only grows, and each state is consistent on its own, so for two states
+        of one partition's history this is the later of them (and storing an older state
+        again changes nothing).
+
+        >>> PartitionState(5, None, 3).merged(PartitionState(4, 2, None))
+        PartitionState(max_event_ms=5, emitted_to_ms=2, next_offset=3)
+        """
+        return PartitionState(
+            max_event_ms=_most(self.max_event_ms, other.max_event_ms),
+            emitted_to_ms=_most(self.emitted_to_ms, other.emitted_to_ms),
+            next_offset=_most(self.next_offset, other.next_offset),
+        )
+
+
+def _most(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
 
 class PartitionClock:
     """Event-time clock of one partition (pure logic, no I/O).

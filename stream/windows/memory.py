@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from stream.watermark import PartitionState
 from stream.windows.base import (
@@ -31,12 +31,6 @@ class _Item:
     first_ms: int | None = None
     buckets: dict[int, BucketSums] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)  # dedupe key -> bucket start
-
-
-def _merge_max(old: int | None, new: int | None) -> int | None:
-    if old is None:
-        return new
-    return old if new is None else max(old, new)
 
 
 class MemoryWindowStore:
@@ -92,12 +86,7 @@ class MemoryWindowStore:
         active: dict[PartitionId, list[str]] = {}
         for p in partitions:
             stored = self._clocks.get(p.partition, PartitionState())
-            self._clocks[p.partition] = replace(
-                stored,
-                max_event_ms=_merge_max(stored.max_event_ms, p.state.max_event_ms),
-                emitted_to_ms=_merge_max(stored.emitted_to_ms, p.state.emitted_to_ms),
-                next_offset=_merge_max(stored.next_offset, p.state.next_offset),
-            )
+            self._clocks[p.partition] = stored.merged(p.state)
             sellers = self._sellers.setdefault(p.partition, {})
             for item_id, last in p.last_sale_ms.items():
                 sellers[item_id] = max(last, sellers.get(item_id, last))
