@@ -19,13 +19,15 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
 from operator import attrgetter
+from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from stream.observers import ForecastObserver, Role, ScoredBatch
@@ -33,6 +35,25 @@ from stream.windows.base import ItemWindow, stack_windows
 from trendcast.exceptions import ForecastError
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 from trendcast.freq import Freq
+
+#: ``stream._recordfmt.format_rows`` (see :func:`forecast_records`).
+_FormatRows = Callable[
+    [npt.NDArray[np.float64], bytes, list[bytes], Sequence[tuple[bytes, ...]], list[bytes]],
+    list[bytes | None],
+]
+
+
+def _load_format_rows() -> _FormatRows | None:
+    """The C record writer, or None: it is optional at install (no C compiler there), and
+    the Python path writes the same bytes."""
+    try:
+        from stream._recordfmt import format_rows
+    except ImportError:  # pragma: no cover - depends on the build
+        return None
+    return format_rows
+
+
+_format_rows = _load_format_rows()
 
 __all__ = [
     "ForecastRequest",
@@ -143,22 +164,52 @@ def forecast_records(
     Values are rounded to 4 decimals like the offline forecast table, which also keeps
     float32 noise (``0.10000000149011612``) out of the records.
 
-    A bucket close forecasts thousands of items at once, so this is written for few Python
-    operations per record (a record of 28 steps costs ~14 µs; one %-template per record,
-    the previous way, ~25 µs; a dict per record, :func:`_records_slow`, more still).
-    orjson formats every number of the batch in one call and
-    one ``bytes.split`` cuts them apart; each record is then one ``bytes.join`` of a
-    per-forecast-date list of fixed fragments (cached) into which the numbers, the item id
-    and the fallback tail were dropped with strided slice assignments (C loops over the
-    batch, not Python loops over the numbers). Rows with a non-finite value take the dict
-    path, which writes ``null`` for them. Both give the same bytes (tests compare them).
+    A bucket close forecasts thousands of items at once, and making records was the
+    largest single cost of the worker's GIL, so the records are written in C
+    (``stream/_recordfmt.c``: about 1 µs a record against 8 to 12 in Python) when the
+    package was built with it, and by :func:`_records_py` otherwise; rows with a value
+    either cannot write (not finite, or 10^9 and beyond) take the dict path,
+    :func:`_records_slow`. All three give the same bytes (tests compare them).
+    """
+    if len(batch) == 0:
+        return []
+    if _format_rows is not None:
+        return _records_c(batch, result, model, emitted_at_ms)
+    return _records_py(batch, result, model, emitted_at_ms)
+
+
+def _rounded(result: ForecastBatch, horizon: int) -> npt.NDArray[np.float64]:
+    """``[n, 4 * horizon]``: each step's mean, p10, p50 and p90, rounded to 4 decimals."""
+    stacked = np.stack([result.mean, result.p10, result.p50, result.p90], axis=-1)
+    rounded = np.round(stacked.astype(np.float64), 4).reshape(len(result), horizon * 4)
+    return cast(npt.NDArray[np.float64], rounded)
+
+
+def _tails(model: ModelInfo, emitted_at_ms: int) -> tuple[bytes, bytes]:
+    """The end of a record after its last number: (not fallback, fallback)."""
+    head = b'}],"model_version":' + orjson.dumps(model.model_version) + b',"fallback":'
+    tail = b',"emitted_at_ms":%d}' % emitted_at_ms
+    return head + b"false" + tail, head + b"true" + tail
+
+
+def _records_py(
+    batch: WindowBatch, result: ForecastBatch, model: ModelInfo, emitted_at_ms: int
+) -> list[tuple[str, bytes]]:
+    """:func:`forecast_records` in Python (a package built without its C part).
+
+    Written for few Python operations per record (8 to 12 µs for 28 steps; one %-template
+    per record, the way before, ~25 µs; a dict per record, :func:`_records_slow`, more
+    still): orjson formats every number of the batch in one call and one ``bytes.split``
+    cuts them apart; each record is then one ``bytes.join`` of a per-forecast-date list of
+    fixed fragments (cached) into which the numbers, the item id and the fallback tail were
+    dropped with strided slice assignments (C loops over the batch, not Python loops over
+    the numbers). Rows with a non-finite value take the dict path, which writes ``null``.
     """
     n, horizon = len(batch), model.horizon
     if n == 0:
         return []
     per_row = horizon * 4
-    stacked = np.stack([result.mean, result.p10, result.p50, result.p90], axis=-1)
-    values = np.round(stacked.astype(np.float64), 4).reshape(n * per_row)
+    values = _rounded(result, horizon).reshape(n * per_row)
     finite: list[bool] = np.isfinite(values).reshape(n, per_row).all(axis=1).astype(bool).tolist()
     # orjson writes a float of an array exactly as the same Python float (shortest repr).
     numbers = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
@@ -175,9 +226,7 @@ def forecast_records(
     parts[1::width] = map(orjson.dumps, batch.item_ids)
     for j in range(per_row):
         parts[3 + 2 * j :: width] = numbers[j::per_row]
-    head = b'}],"model_version":' + orjson.dumps(model.model_version) + b',"fallback":'
-    tail = b',"emitted_at_ms":%d}' % emitted_at_ms
-    tails = (head + b"false" + tail, head + b"true" + tail)
+    tails = _tails(model, emitted_at_ms)
     parts[width - 1 :: width] = [tails[f] for f in result.fallback.tolist()]
     join = b"".join
     out = [
@@ -189,6 +238,54 @@ def forecast_records(
             one = np.array([row], dtype=np.int64)
             out[row] = _records_slow(batch.take(one), result.take(one), model, emitted_at_ms)[0]
     return out
+
+
+def _records_c(
+    batch: WindowBatch, result: ForecastBatch, model: ModelInfo, emitted_at_ms: int
+) -> list[tuple[str, bytes]]:
+    """:func:`forecast_records` written by ``stream._recordfmt.format_rows`` (C).
+
+    Python passes the fixed text (the same fragments as :func:`_records_py`, cached per
+    last bucket) and the rounded numbers; C writes each number as orjson would and joins
+    one record per row. Rows it hands back (None: a value not finite, or 10^9 and beyond)
+    take the dict path, as non-finite rows do in Python.
+    """
+    n, format_rows = len(batch), _format_rows
+    if format_rows is None:  # pragma: no cover - depends on the build
+        return _records_py(batch, result, model, emitted_at_ms)
+    if n == 0:
+        return []
+    step, horizon, name = model.freq.step_ms, model.horizon, model.freq.name
+    lasts: list[int] = batch.last_start_ms.tolist()
+    first = lasts[0]
+    if lasts.count(first) == n:  # the usual case: one bucket close per batch
+        seps = [_separators(first, step, horizon, name)] * n
+    else:
+        seps = [_separators(last, step, horizon, name) for last in lasts]
+    tails = _tails(model, emitted_at_ms)
+    formatted = format_rows(
+        _rounded(result, horizon),
+        b'{"item_id":',
+        list(map(orjson.dumps, batch.item_ids)),
+        seps,
+        [tails[f] for f in result.fallback.tolist()],
+    )
+    out: list[tuple[str, bytes | None]] = list(zip(batch.item_ids, formatted, strict=True))
+    if None in formatted:
+        for row, value in enumerate(formatted):
+            if value is None:
+                one = np.array([row], dtype=np.int64)
+                out[row] = _records_slow(batch.take(one), result.take(one), model, emitted_at_ms)[0]
+    return cast(list[tuple[str, bytes]], out)
+
+
+@functools.lru_cache(maxsize=256)
+def _separators(
+    last_start_ms: int, step_ms: int, horizon: int, freq_name: str
+) -> tuple[bytes, ...]:
+    """The text before each number of a record (:func:`_fragments` without the gaps)."""
+    parts = _fragments(last_start_ms, step_ms, horizon, freq_name)
+    return parts[2 : 2 + 8 * horizon : 2]
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,8 +1,9 @@
 """The vectorised batch paths equal their simple references, byte for byte.
 
-``forecast_records`` builds records by joining cached fragments with numbers formatted by
-orjson for the whole batch; ``_records_slow`` (a dict per record, then orjson) is the
-readable definition of the record and must give the same bytes. ``stack_windows``
+``forecast_records`` writes records in C (``stream/_recordfmt.c``) and ``_records_py``, the
+path of a package built without it, joins cached fragments with numbers formatted by orjson
+for the whole batch; ``_records_slow`` (a dict per record, then orjson) is the readable
+definition of the record and both must give its bytes. ``stack_windows``
 assembles a batch of windows with numpy; stacking :meth:`ItemWindow.window` row by row is
 its definition. Random inputs include NaN, infinities, negative zero, huge and tiny values,
 odd item ids and buckets outside the window or off the frequency grid.
@@ -11,6 +12,7 @@ odd item ids and buckets outside the window or off the frequency grid.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import orjson
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from stream.inference.batching import (
     ForecastRequest,
     ModelInfo,
+    _records_py,
     _records_slow,
     build_batch,
     forecast_records,
@@ -81,16 +84,22 @@ def record_cases(draw: st.DrawFn) -> tuple[WindowBatch, ForecastBatch, ModelInfo
     return (*_records(rows, freq, horizon, version), emitted)
 
 
+#: The worker's path (C where built) and the Python one.
+RECORD_PATHS = [pytest.param(forecast_records, id="c"), pytest.param(_records_py, id="python")]
+
+
+@pytest.mark.parametrize("records", RECORD_PATHS)
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(record_cases())
-def test_records_equal_the_dict_path(case: tuple[WindowBatch, ForecastBatch, ModelInfo, int]):
+@given(case=record_cases())
+def test_records_equal_the_dict_path(
+    records: Any, case: tuple[WindowBatch, ForecastBatch, ModelInfo, int]
+):
     batch, result, model, emitted = case
-    assert forecast_records(batch, result, model, emitted) == _records_slow(
-        batch, result, model, emitted
-    )
+    assert records(batch, result, model, emitted) == _records_slow(batch, result, model, emitted)
 
 
-def test_records_of_a_bucket_close_equal_the_dict_path():
+@pytest.mark.parametrize("records", RECORD_PATHS)
+def test_records_of_a_bucket_close_equal_the_dict_path(records: Any):
     rng = np.random.default_rng(7)
     n, horizon = 300, 28
     model = ModelInfo(parse_freq("1D"), 56, horizon, "v1")
@@ -107,7 +116,7 @@ def test_records_of_a_bucket_close_equal_the_dict_path():
     )
     mean[5, 3], mean[9, 0] = np.nan, np.inf
     result = ForecastBatch(mean, mean * 0.5, mean * 0.9, mean * 1.7, rng.random(n) < 0.3)
-    fast = forecast_records(batch, result, model, 1_700_000_000_123)
+    fast = records(batch, result, model, 1_700_000_000_123)
     assert fast == _records_slow(batch, result, model, 1_700_000_000_123)
     value = orjson.loads(fast[5][1])
     assert value["horizon"][3]["mean"] is None and value["item_id"] == "item-5"
@@ -179,9 +188,10 @@ def test_build_batch_reads_unknown_items_as_empty():
     assert batch.last_start_ms.tolist() == [10 * DAY, 10 * DAY]
 
 
+@pytest.mark.parametrize("records", RECORD_PATHS)
 @pytest.mark.parametrize("n", [0, 1])
-def test_tiny_batches(n: int):
+def test_tiny_batches(records: Any, n: int):
     model = ModelInfo(parse_freq("1D"), 4, 2, "v1")
     batch = build_batch([ForecastRequest("a", 5 * DAY)] * n, {}, model)
     result = ForecastBatch(*(np.ones((n, 2), np.float32) for _ in range(4)), np.zeros(n, bool))
-    assert forecast_records(batch, result, model, 1) == _records_slow(batch, result, model, 1)
+    assert records(batch, result, model, 1) == _records_slow(batch, result, model, 1)
