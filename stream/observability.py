@@ -18,7 +18,7 @@ Metrics (``{labels}``)::
     trendcast_forecasts_total{kind}               forecast records sent: closed / late
     trendcast_predictions_total{source}           forecast rows by model / fallback
     trendcast_batch_size                          events per processed batch (histogram)
-    trendcast_batch_seconds                       time to process one batch (histogram)
+    trendcast_batch_seconds                       batch staged -> forecasts delivered (histogram)
     trendcast_inference_seconds                   one Forecaster.predict call (histogram)
     trendcast_inference_batch_size                windows per predict call (histogram)
     trendcast_redis_seconds{operation}            window store round trips (histogram)
@@ -123,7 +123,10 @@ BATCH_SIZE = Histogram(
     "Events per processed batch",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 15_000, 25_000, float("inf")),
 )
-BATCH_SECONDS = Histogram("trendcast_batch_seconds", "Time to process one batch")
+BATCH_SECONDS = Histogram(
+    "trendcast_batch_seconds",
+    "Time from a batch's staging to its forecasts delivered (once per batch, retries included)",
+)
 INFERENCE_SECONDS = Histogram(
     "trendcast_inference_seconds",
     "Duration of one Forecaster.predict call",

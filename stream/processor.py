@@ -771,26 +771,26 @@ class SalesProcessor:
         # The observers of the batch before are told in the background (see _observe); at
         # most one batch waits to be told, so they can never fall behind by more.
         await self._observed()
-        try:
-            if requests:
-                started = time.perf_counter()
-                records = await forecast(
-                    staged.forecaster,
-                    requests,
-                    windows,
-                    staged.model,
-                    self.inference_batch_size,
-                    scored=scored,
-                )
-                stats.timings["forecast"] = time.perf_counter() - started
-                started = time.perf_counter()
-                await self.sink.send_forecasts(records)
-                stats.timings["send"] = time.perf_counter() - started
-                stats.forecasts = len(records)
-                FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
-                FORECASTS.labels("late").inc(stats.reforecasts)
-        finally:
-            BATCH_SECONDS.observe(time.perf_counter() - staged.started)
+        if requests:
+            started = time.perf_counter()
+            records = await forecast(
+                staged.forecaster,
+                requests,
+                windows,
+                staged.model,
+                self.inference_batch_size,
+                scored=scored,
+            )
+            stats.timings["forecast"] = time.perf_counter() - started
+            started = time.perf_counter()
+            await self.sink.send_forecasts(records)
+            stats.timings["send"] = time.perf_counter() - started
+            stats.forecasts = len(records)
+            FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
+            FORECASTS.labels("late").inc(stats.reforecasts)
+        # Once per batch, when its forecasts are delivered: a batch whose delivery failed is
+        # timed when it is sent again, from its first staging (what it really took).
+        BATCH_SECONDS.observe(time.perf_counter() - staged.started)
         # Only now, with the forecasts delivered: the states ride along with the next
         # batch's round trip (or flush(), at revoke, at stop and every second). A failure
         # before this line leaves the stored clocks where they were, so the forecasts are

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from stream.observers import ScoredBatch
 from stream.processor import RawMessage, SalesProcessor
@@ -213,7 +214,10 @@ def test_a_failed_background_batch_is_raised_by_the_next_call_and_processed_agai
         await proc.flush()
         assert proc.take_committable() == {P0: 5}
 
+    timed = REGISTRY.get_sample_value("trendcast_batch_seconds_count") or 0.0
     asyncio.run(scenario())
+    # Two batches, timed once each when delivered (not at each failed delivery).
+    assert REGISTRY.get_sample_value("trendcast_batch_seconds_count") == timed + 2
     # Every closed day forecast, none twice; every sale counted once.
     assert sink.pairs() == [
         ("a", day_iso(1)),
