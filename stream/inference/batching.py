@@ -167,9 +167,9 @@ def forecast_records(
     A bucket close forecasts thousands of items at once, and making records was the
     largest single cost of the worker's GIL, so the records are written in C
     (``stream/_recordfmt.c``: about 1 µs a record against 8 to 12 in Python) when the
-    package was built with it, and by :func:`_records_py` otherwise; rows with a value
-    either cannot write (not finite, or 10^9 and beyond) take the dict path,
-    :func:`_records_slow`. All three give the same bytes (tests compare them).
+    package was built with it, and by :func:`_records_py` otherwise. Rows with a value
+    not finite (and, in C, 10^9 or beyond) take the dict path, :func:`_records_slow`. All
+    three give the same bytes (tests compare them).
     """
     if len(batch) == 0:
         return []
