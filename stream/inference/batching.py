@@ -19,12 +19,12 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import chain
 from operator import attrgetter
-from typing import cast
+from typing import TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +36,9 @@ from trendcast.exceptions import ForecastError
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 from trendcast.freq import Freq
 
+_T = TypeVar("_T")
+#: A record's fixed text for one last bucket (``_fragments``, ``_separators``): cached.
+_RecordText = Callable[[int, int, int, str], _T]
 #: ``stream._recordfmt.format_rows`` (see :func:`forecast_records`).
 _FormatRows = Callable[
     [npt.NDArray[np.float64], bytes, list[bytes], Sequence[tuple[bytes, ...]], list[bytes]],
@@ -174,7 +177,7 @@ def forecast_records(
     if len(batch) == 0:
         return []
     if _format_rows is not None:
-        return _records_c(batch, result, model, emitted_at_ms)
+        return _records_c(batch, result, model, emitted_at_ms, _format_rows)
     return _records_py(batch, result, model, emitted_at_ms)
 
 
@@ -190,6 +193,30 @@ def _tails(model: ModelInfo, emitted_at_ms: int) -> tuple[bytes, bytes]:
     head = b'}],"model_version":' + orjson.dumps(model.model_version) + b',"fallback":'
     tail = b',"emitted_at_ms":%d}' % emitted_at_ms
     return head + b"false" + tail, head + b"true" + tail
+
+
+def _per_row_text(batch: WindowBatch, model: ModelInfo, text: _RecordText[_T]) -> list[_T]:
+    """``text`` (cached per last bucket) of each row's last bucket, in row order."""
+    step, horizon, name = model.freq.step_ms, model.horizon, model.freq.name
+    lasts: list[int] = batch.last_start_ms.tolist()
+    first = lasts[0]
+    if lasts.count(first) == len(lasts):  # the usual case: one bucket close per batch
+        return [text(first, step, horizon, name)] * len(lasts)
+    return [text(last, step, horizon, name) for last in lasts]
+
+
+def _dict_path_rows(
+    out: list[tuple[str, bytes]],
+    rows: Iterable[int],
+    batch: WindowBatch,
+    result: ForecastBatch,
+    model: ModelInfo,
+    emitted_at_ms: int,
+) -> None:
+    """Replace ``rows`` of ``out`` with the records of :func:`_records_slow`."""
+    for row in rows:
+        one = np.array([row], dtype=np.int64)
+        out[row] = _records_slow(batch.take(one), result.take(one), model, emitted_at_ms)[0]
 
 
 def _records_py(
@@ -213,15 +240,7 @@ def _records_py(
     finite: list[bool] = np.isfinite(values).reshape(n, per_row).all(axis=1).astype(bool).tolist()
     # orjson writes a float of an array exactly as the same Python float (shortest repr).
     numbers = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
-    step = model.freq.step_ms
-    lasts: list[int] = batch.last_start_ms.tolist()
-    first = lasts[0]
-    if lasts.count(first) == n:  # the usual case: one bucket close per batch
-        parts = list(_fragments(first, step, horizon, model.freq.name)) * n
-    else:
-        parts = list(
-            chain.from_iterable(_fragments(last, step, horizon, model.freq.name) for last in lasts)
-        )
+    parts = list(chain.from_iterable(_per_row_text(batch, model, _fragments)))
     width = per_row * 2 + 3
     parts[1::width] = map(orjson.dumps, batch.item_ids)
     for j in range(per_row):
@@ -233,15 +252,17 @@ def _records_py(
         (item_id, join(parts[start : start + width]))
         for item_id, start in zip(batch.item_ids, range(0, n * width, width), strict=True)
     ]
-    for row, ok in enumerate(finite):
-        if not ok:
-            one = np.array([row], dtype=np.int64)
-            out[row] = _records_slow(batch.take(one), result.take(one), model, emitted_at_ms)[0]
+    rows = (row for row, ok in enumerate(finite) if not ok)
+    _dict_path_rows(out, rows, batch, result, model, emitted_at_ms)
     return out
 
 
 def _records_c(
-    batch: WindowBatch, result: ForecastBatch, model: ModelInfo, emitted_at_ms: int
+    batch: WindowBatch,
+    result: ForecastBatch,
+    model: ModelInfo,
+    emitted_at_ms: int,
+    format_rows: _FormatRows,
 ) -> list[tuple[str, bytes]]:
     """:func:`forecast_records` written by ``stream._recordfmt.format_rows`` (C).
 
@@ -250,33 +271,19 @@ def _records_c(
     one record per row. Rows it hands back (None: a value not finite, or 10^9 and beyond)
     take the dict path, as non-finite rows do in Python.
     """
-    n, format_rows = len(batch), _format_rows
-    if format_rows is None:  # pragma: no cover - depends on the build
-        return _records_py(batch, result, model, emitted_at_ms)
-    if n == 0:
-        return []
-    step, horizon, name = model.freq.step_ms, model.horizon, model.freq.name
-    lasts: list[int] = batch.last_start_ms.tolist()
-    first = lasts[0]
-    if lasts.count(first) == n:  # the usual case: one bucket close per batch
-        seps = [_separators(first, step, horizon, name)] * n
-    else:
-        seps = [_separators(last, step, horizon, name) for last in lasts]
     tails = _tails(model, emitted_at_ms)
     formatted = format_rows(
-        _rounded(result, horizon),
+        _rounded(result, model.horizon),
         b'{"item_id":',
         list(map(orjson.dumps, batch.item_ids)),
-        seps,
+        _per_row_text(batch, model, _separators),
         [tails[f] for f in result.fallback.tolist()],
     )
-    out: list[tuple[str, bytes | None]] = list(zip(batch.item_ids, formatted, strict=True))
+    out = cast(list[tuple[str, bytes]], list(zip(batch.item_ids, formatted, strict=True)))
     if None in formatted:
-        for row, value in enumerate(formatted):
-            if value is None:
-                one = np.array([row], dtype=np.int64)
-                out[row] = _records_slow(batch.take(one), result.take(one), model, emitted_at_ms)[0]
-    return cast(list[tuple[str, bytes]], out)
+        rows = (row for row, value in enumerate(formatted) if value is None)
+        _dict_path_rows(out, rows, batch, result, model, emitted_at_ms)
+    return out
 
 
 @functools.lru_cache(maxsize=256)
