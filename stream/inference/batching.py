@@ -71,6 +71,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _DAY_MS = 86_400_000
+#: The text of every record before its item id (both record paths start with it).
+_RECORD_HEAD = b'{"item_id":'
 _ITEM_ID = attrgetter("item_id")
 _LAST_START = attrgetter("last_start_ms")
 #: The window of an item the store does not know (its id is never looked at).
@@ -274,7 +276,7 @@ def _records_c(
     tails = _tails(model, emitted_at_ms)
     formatted = format_rows(
         _rounded(result, model.horizon),
-        b'{"item_id":',
+        _RECORD_HEAD,
         list(map(orjson.dumps, batch.item_ids)),
         _per_row_text(batch, model, _separators),
         [tails[f] for f in result.fallback.tolist()],
@@ -317,7 +319,7 @@ def _fragments(last_start_ms: int, step_ms: int, horizon: int, freq_name: str) -
         + orjson.dumps(freq_name)
         + b',"horizon":['
     )
-    parts: list[bytes] = [b'{"item_id":', b""]
+    parts: list[bytes] = [_RECORD_HEAD, b""]
     for h, date in enumerate(dates):
         opening = b'{"date":"' + date + b'","mean":'
         parts += [head + opening if h == 0 else b"}," + opening, b"", b',"p10":', b""]
