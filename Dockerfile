@@ -1,7 +1,7 @@
 # Two targets: `worker` (ONNX Runtime, Faust, Redis: no TensorFlow) and `trainer` (+ TensorFlow).
 # The worker stage installs the base package only (`pip install .`, no extras): pyproject's
 # base dependencies hold no TensorFlow/Keras/tf2onnx, and the training/export sources are not
-# even copied, so nothing in the image can import them (tests/unit/test_deploy.py checks).
+# even copied, so nothing in the image can import them (tests/unit/deploy/test_deploy.py checks).
 FROM python:3.11-slim AS base
 WORKDIR /app
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -10,11 +10,11 @@ COPY trendcast ./trendcast
 COPY stream ./stream
 
 FROM base AS worker
-# gcc only while installing: it builds the C record writer (stream/_recordfmt.c), which the
+# gcc only while installing: it builds the C record writer (stream/inference/_recordfmt.c), which the
 # package would otherwise skip, writing the same forecast records several times slower.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install --no-cache-dir . \
-    && (cd /tmp && python -c "import stream._recordfmt") \
+    && (cd /tmp && python -c "import stream.inference._recordfmt") \
     && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home trendcast
 USER trendcast

@@ -10,7 +10,7 @@ EXTRAS ?= train,embedded,bench,dev
 
 install: $(STAMP)  ## Create ./.venv with everything (idempotent; fast when done)
 
-$(STAMP): pyproject.toml stream/_recordfmt.c
+$(STAMP): pyproject.toml stream/inference/_recordfmt.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'

@@ -2,7 +2,8 @@
 
 Kept apart from :mod:`bench.chaos` (which only says *what* each scenario does) so the slow
 integration test can drive the same code with smaller numbers. Nothing here is product code:
-it may work around Tansu's quirks (see :mod:`stream.embedded`) — ends of partitions come from
+it may work around Tansu's quirks (see :mod:`trendcast.devtools.embedded`) — ends of partitions
+come from
 the producer's own acknowledgements, committed offsets from a group consumer's
 ``committed()`` that never joins the group.
 """
@@ -29,14 +30,14 @@ import orjson
 import pandas as pd
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream._sync import run_sync
-from stream.cli import inspect_items
-from stream.config import WorkerSettings
-from stream.embedded import free_port, to_bootstrap
-from stream.up import worker_env
-from tests.kafka_helpers import consume_all
+from stream.settings.worker import WorkerSettings
+from stream.worker.runner import inspect_items
 from trendcast.data import bucketize
+from trendcast.devtools.embedded import free_port, to_bootstrap
+from trendcast.devtools.testkit.kafka import consume_all
+from trendcast.devtools.up import worker_env
 from trendcast.freq import Freq
+from trendcast.sync_bridge import run_sync
 
 __all__ = [
     "Checks",

@@ -8,7 +8,7 @@ Two families, drawn from :mod:`hypothesis.strategies` with a seeded random (no `
   missing, naive or absurd timestamps, negative price, control characters, huge values,
   overlong ids), or valid JSON cut short, or wrapped in the wrong container.
 
-Every record is checked with the worker's own validator, :func:`stream.events.parse_event`,
+Every record is checked with the worker's own validator, :func:`stream.pipeline.events.parse_event`,
 and kept only if it is invalid; the reason it gives is the one the dead-letter topic must
 show. A record the validator accepts would be a real sale, and would silently change the
 windows the bench compares, so it is dropped (and counted) instead.
@@ -29,7 +29,7 @@ from hypothesis.control import BuildContext
 from hypothesis.errors import StopTest
 from hypothesis.internal.conjecture.data import ConjectureData
 
-from stream.events import parse_event
+from stream.pipeline.events import parse_event
 from trendcast.exceptions import EventError
 
 __all__ = ["BadRecord", "bad_records"]
@@ -174,7 +174,7 @@ def _draw(strategy: st.SearchStrategy[Any], rng: random.Random) -> Any:
 
 
 def bad_records(n: int, *, seed: int = 0, now_ms: int | None = None) -> list[BadRecord]:
-    """``n`` records that :func:`stream.events.parse_event` refuses, with their reasons.
+    """``n`` records that :func:`stream.pipeline.events.parse_event` refuses, with their reasons.
 
     Besides the generated ones, the list always holds a tombstone (``empty``) and an
     oversized value (``too_large``), which generation would rarely hit.

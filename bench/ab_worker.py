@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import throughput as tp  # noqa: E402
-from stream.embedded import ensure_topics  # noqa: E402
+from trendcast.devtools.embedded import ensure_topics  # noqa: E402
 from trendcast.exceptions import TrendcastError  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def order(runs: int) -> list[str]:
 
 def ab(args: argparse.Namespace, tmp: Path) -> dict[str, list[tp.WorkerResult]]:
     """Fill a topic, then let A and B read it in turns."""
-    from tests.bundles import make_fake_bundle
+    from trendcast.devtools.testkit.bundles import make_fake_bundle
 
     events, _ = tp.build_events(args.data, args.events, 14)
     repos = {"a": args.a.resolve(), "b": args.b.resolve()}

@@ -32,7 +32,8 @@ is 1 if any check failed.
 
 "Time to recover" is the longest time, after a disruption (a kill, a join or leave, the
 restart of Redis), until every partition that still had events to process committed again.
-The model is a tiny fake bundle (tests/bundles.py): this bench checks state, not accuracy.
+The model is a tiny fake bundle (trendcast/devtools/testkit/bundles.py): this bench checks state,
+not accuracy.
 """
 
 from __future__ import annotations
@@ -65,11 +66,11 @@ from bench._chaos_harness import (  # noqa: E402
     produce_tracked,
 )
 from bench._chaos_hostile import bad_records  # noqa: E402
-from stream.config import WorkerSettings  # noqa: E402
-from stream.embedded import RedisServer, TansuBroker, ensure_topics  # noqa: E402
-from stream.replay import encode_events  # noqa: E402
-from tests.bundles import make_fake_bundle  # noqa: E402
+from stream.settings.worker import WorkerSettings  # noqa: E402
 from trendcast.data import ColumnMap, read_lines  # noqa: E402
+from trendcast.devtools.embedded import RedisServer, TansuBroker, ensure_topics  # noqa: E402
+from trendcast.devtools.replay import encode_events  # noqa: E402
+from trendcast.devtools.testkit.bundles import make_fake_bundle  # noqa: E402
 from trendcast.exceptions import TrendcastError  # noqa: E402
 from trendcast.freq import parse_freq  # noqa: E402
 

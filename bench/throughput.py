@@ -34,7 +34,8 @@ of ``--close-items`` new items. Also printed: Redis round trips per batch, where
 batch time went, ``MEMORY USAGE`` of item keys (and of full 56-day windows), and ONNX Runtime
 windows/s at the batch sizes the worker uses. ``--profile`` runs the worker under pyinstrument
 (slower: use it for where the time goes, not for the rates). The model is the TF-free fake
-bundle of ``tests/bundles.py`` (window 56, horizon 28) unless ``--bundle`` names a real one.
+bundle of ``trendcast/devtools/testkit/bundles.py`` (window 56, horizon 28) unless ``--bundle``
+names a real one.
 
 The exit code is 1 on any error (a service that does not start, a reader that does not reach
 the end in time, a worker that dead-letters valid events or exits non-zero).
@@ -73,18 +74,18 @@ import redis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from aiokafka.partitioner import DefaultPartitioner  # noqa: E402
 
-from stream.app import send_batches  # noqa: E402
-from stream.config import WorkerSettings  # noqa: E402
-from stream.embedded import (  # noqa: E402
+from stream.settings.worker import WorkerSettings  # noqa: E402
+from stream.state.redis_store import item_keys  # noqa: E402
+from stream.worker.app import send_batches  # noqa: E402
+from trendcast.data import ColumnMap, read_lines  # noqa: E402
+from trendcast.devtools.embedded import (  # noqa: E402
     RedisServer,
     TansuBroker,
     ensure_topics,
     free_port,
     resolve_redis,
 )
-from stream.up import worker_env  # noqa: E402
-from stream.windows.redis import item_keys  # noqa: E402
-from trendcast.data import ColumnMap, read_lines  # noqa: E402
+from trendcast.devtools.up import worker_env  # noqa: E402
 from trendcast.exceptions import TrendcastError  # noqa: E402
 
 __all__ = ["Rate", "build_events", "main", "steady_rate"]
@@ -816,8 +817,8 @@ def window_memory(url: str, path: Path, items: Sequence[str], window: int) -> di
     window (what capacity planning needs) are measured here: the same store and scripts,
     one update per day with the item's real daily quantity and price sums.
     """
-    from stream.windows.base import BucketDelta, ItemUpdate
-    from stream.windows.redis import RedisWindowStore
+    from stream.state.base import BucketDelta, ItemUpdate
+    from stream.state.redis_store import RedisWindowStore
     from trendcast.freq import parse_freq
 
     lines, _ = read_lines(path, columns=COLUMNS, item_pattern=ITEM_PATTERN)
@@ -1028,7 +1029,7 @@ def _bench_on(
     if args.bundle is not None:
         bundle = args.bundle
     else:
-        from tests.bundles import make_fake_bundle
+        from trendcast.devtools.testkit.bundles import make_fake_bundle
 
         bundle = make_fake_bundle(tmp / "bundle", window=WINDOW_DAYS, horizon=28)
     suffix = topics["sales"].rsplit("-", 1)[-1]
@@ -1302,7 +1303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )
-    for noisy in ("aiokafka", "stream.embedded"):
+    for noisy in ("aiokafka", "trendcast.devtools.embedded"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         with tempfile.TemporaryDirectory(prefix="trendcast-throughput-") as tmp:

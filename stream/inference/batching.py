@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from itertools import chain
 from operator import attrgetter
 from typing import TypeVar, cast
@@ -30,16 +29,17 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from stream.observers import ForecastObserver, Role, ScoredBatch
-from stream.windows.base import ItemWindow, stack_windows
+from stream.inference.model_info import ModelInfo, iso_utc
+from stream.inference.observers import ForecastObserver, Role, ScoredBatch, notify
+from stream.inference.stacking import stack_windows
+from stream.state.base import ItemWindow
 from trendcast.exceptions import ForecastError
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
-from trendcast.freq import Freq
 
 _T = TypeVar("_T")
 #: A record's fixed text for one last bucket (``_fragments``, ``_separators``): cached.
 _RecordText = Callable[[int, int, int, str], _T]
-#: ``stream._recordfmt.format_rows`` (see :func:`forecast_records`).
+#: ``stream.inference._recordfmt.format_rows`` (see :func:`forecast_records`).
 _FormatRows = Callable[
     [npt.NDArray[np.float64], bytes, list[bytes], Sequence[tuple[bytes, ...]], list[bytes]],
     list[bytes | None],
@@ -50,7 +50,7 @@ def _load_format_rows() -> _FormatRows | None:
     """The C record writer, or None: it is optional at install (no C compiler there), and
     the Python path writes the same bytes."""
     try:
-        from stream._recordfmt import format_rows
+        from stream.inference._recordfmt import format_rows
     except ImportError:  # pragma: no cover - depends on the build
         return None
     return format_rows
@@ -60,12 +60,9 @@ _format_rows = _load_format_rows()
 
 __all__ = [
     "ForecastRequest",
-    "ModelInfo",
     "build_batch",
     "forecast",
     "forecast_records",
-    "iso_utc",
-    "notify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,26 +77,6 @@ _UNKNOWN = ItemWindow("", None, {})
 
 
 @dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """What the worker needs to know about the model besides the forecaster itself.
-
-    Attributes:
-        freq: Bucket frequency the model was trained on.
-        window: Input buckets per window.
-        horizon: Forecast buckets.
-        model_version: Written into every forecast record.
-        uses_prices: Whether windows must carry prices (the model has a price feature);
-            otherwise the store skips price sums and items stay smaller.
-    """
-
-    freq: Freq
-    window: int
-    horizon: int
-    model_version: str
-    uses_prices: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class ForecastRequest:
     """Forecast ``item_id`` from its window ending with the bucket starting ``last_start_ms``."""
 
@@ -107,22 +84,12 @@ class ForecastRequest:
     last_start_ms: int
 
 
-def iso_utc(ms: int, *, date_only: bool = False) -> str:
-    """Epoch ms as ISO-8601 UTC.
-
-    >>> iso_utc(86_400_000), iso_utc(86_400_000, date_only=True)
-    ('1970-01-02T00:00:00Z', '1970-01-02')
-    """
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.strftime("%Y-%m-%d") if date_only else moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def build_batch(
     requests: Sequence[ForecastRequest], windows: Mapping[str, ItemWindow], model: ModelInfo
 ) -> WindowBatch:
     """Assemble the model input for ``requests`` from the items' stored windows.
 
-    Vectorised over the batch by :func:`~stream.windows.base.stack_windows` (the same
+    Vectorised over the batch by :func:`~stream.state.base.stack_windows` (the same
     arrays as :meth:`ItemWindow.window` per row, at a fraction of the Python work).
     """
     item_ids = list(map(_ITEM_ID, requests))
@@ -139,15 +106,6 @@ def build_batch(
         last_start_ms=last,
         history_len=history,
     )
-
-
-def notify(observers: Sequence[ForecastObserver], scored: ScoredBatch) -> None:
-    """Show ``scored`` to every observer; one that fails is logged, never raised."""
-    for observer in observers:
-        try:
-            observer.on_forecasts(scored)
-        except Exception:  # scoring is a side show: it must not stop forecasts
-            logger.exception("forecast observer %r failed", observer)
 
 
 def _check(result: ForecastBatch, n: int, horizon: int) -> None:
@@ -171,7 +129,7 @@ def forecast_records(
 
     A bucket close forecasts thousands of items at once, and making records was the
     largest single cost of the worker's GIL, so the records are written in C
-    (``stream/_recordfmt.c``: about 1 µs a record against 8 to 12 in Python) when the
+    (``stream/inference/_recordfmt.c``: about 1 µs a record against 8 to 12 in Python) when the
     package was built with it, and by :func:`_records_py` otherwise. Rows with a value
     not finite (and, in C, 10^9 or beyond) take the dict path, :func:`_records_slow`. All
     three give the same bytes (tests compare them).
@@ -266,7 +224,7 @@ def _records_c(
     emitted_at_ms: int,
     format_rows: _FormatRows,
 ) -> list[tuple[str, bytes]]:
-    """:func:`forecast_records` written by ``stream._recordfmt.format_rows`` (C).
+    """:func:`forecast_records` written by ``stream.inference._recordfmt.format_rows`` (C).
 
     Python passes the fixed text (the same fragments as :func:`_records_py`, cached per
     last bucket) and the rounded numbers; C writes each number as orjson would and joins

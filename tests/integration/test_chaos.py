@@ -35,13 +35,12 @@ from bench._chaos_harness import (
     produce_tracked,
 )
 from bench.chaos import DATA, FREQ, HORIZON, WINDOW, ChaosPlan, format_table, load_lines, run_chaos
-from stream.config import WorkerSettings
-from stream.replay import encode_events
-from stream.watermark import PartitionState
-from stream.windows.base import PartitionId
-from tests.bundles import make_fake_bundle
-from tests.kafka_helpers import committed_offsets, wait_until
+from stream.settings.worker import WorkerSettings
+from stream.state.base import PartitionId, PartitionState
 from trendcast.data import read_lines, sample_data_path
+from trendcast.devtools.replay import encode_events
+from trendcast.devtools.testkit.bundles import make_fake_bundle
+from trendcast.devtools.testkit.kafka import committed_offsets, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -78,7 +77,7 @@ def test_combined_chaos() -> None:
 
 
 def _partition_state(url: str, prefix: str, topic: str, partition: int) -> PartitionState:
-    from stream.windows.redis import partition_keys
+    from stream.state.redis_store import partition_keys
 
     client = redis.Redis.from_url(url, decode_responses=True)
     try:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 import redis
 
-from stream.embedded import (
+from trendcast.devtools.embedded import (
     RedisServer,
     TansuBroker,
     ensure_topics,
@@ -20,7 +20,7 @@ from stream.embedded import (
     redis_answers,
     resolve_redis,
 )
-from tests.kafka_helpers import committed_offsets, consume_all, produce
+from trendcast.devtools.testkit.kafka import committed_offsets, consume_all, produce
 from trendcast.exceptions import BrokerError, StateStoreError
 
 pytestmark = pytest.mark.integration

@@ -18,20 +18,19 @@ import redis.asyncio as aioredis
 from rich.console import Console
 from typer.testing import CliRunner
 
-from stream.cli import build_worker_app, load_model
-from stream.config import WorkerSettings
-from stream.embedded import free_port
-from stream.reload import BundleWatcher, LoadedModel
-from stream.reload import load_model as load_bundle_model
-from stream.up import live_bundle, run_up
-from stream.versions import PointerFile, RedisKey, write_pointer
-from stream.windows.memory import MemoryWindowStore
-from tests.bundles import make_fake_bundle
-from tests.kafka_helpers import delete_topics
-from tests.unit.test_agent import FREQ, ListSink
-from tests.unit.test_cli import assert_one_line_error, run_cli
-from tests.unit.test_reload import _failures
+from stream.lifecycle.hot_reload import BundleWatcher, LoadedModel
+from stream.lifecycle.hot_reload import load_model as load_bundle_model
+from stream.lifecycle.live_pointer import PointerFile, RedisKey, write_pointer
+from stream.settings.worker import WorkerSettings
+from stream.state.memory import MemoryWindowStore
+from stream.worker.runner import build_worker_app, load_model
 from trendcast.cli import app
+from trendcast.devtools.embedded import free_port
+from trendcast.devtools.testkit.bundles import make_fake_bundle
+from trendcast.devtools.testkit.cli import assert_one_line_error, run_cli
+from trendcast.devtools.testkit.doubles import FREQ, ListSink, bundle_reload_failures
+from trendcast.devtools.testkit.kafka import delete_topics
+from trendcast.devtools.up import live_bundle, run_up
 from trendcast.exceptions import BundleError, StateStoreError
 
 pytestmark = pytest.mark.integration
@@ -99,7 +98,7 @@ def test_the_key_names_the_live_bundle_and_the_file_decides_while_it_is_absent(
         finally:
             await source.aclose()
 
-    with caplog.at_level(logging.WARNING, logger="stream.versions"):
+    with caplog.at_level(logging.WARNING, logger="stream.lifecycle.live_pointer"):
         assert asyncio.run(run()) == ["v1", "v1", "v2"]
     [line] = [r.getMessage() for r in caplog.records]  # said once, not at every poll
     assert f"Redis key {key!r} is not set" in line and str(bundles / "current") in line
@@ -141,7 +140,7 @@ def test_a_key_naming_a_missing_or_corrupt_bundle_is_refused_and_the_old_keeps_s
     redis_client.set(key, "v1")
     served = Served(bundles, _source(redis_url, key, bundles), "v1")
     v1 = served.model.model.model_version
-    before = _failures()
+    before = bundle_reload_failures()
 
     async def run() -> None:
         try:
@@ -153,9 +152,9 @@ def test_a_key_naming_a_missing_or_corrupt_bundle_is_refused_and_the_old_keeps_s
         finally:
             await served.source.aclose()
 
-    with caplog.at_level(logging.ERROR, logger="stream.reload"):
+    with caplog.at_level(logging.ERROR, logger="stream.lifecycle.hot_reload"):
         asyncio.run(run())
-    assert _failures() == before + 1
+    assert bundle_reload_failures() == before + 1
     [line] = [r.getMessage() for r in caplog.records]
     assert f"refused, still serving {v1}" in line and reason in line
     assert served.model.model.model_version == _version(bundles, "v2")
@@ -170,7 +169,7 @@ def test_a_redis_outage_during_a_poll_swaps_nothing_and_is_logged_once(
     served = Served(bundles, source, "v1")
     v1 = served.model.model.model_version
     redis_client.set(key, "v2")
-    before = _failures()
+    before = bundle_reload_failures()
 
     async def run() -> None:
         try:
@@ -183,9 +182,9 @@ def test_a_redis_outage_during_a_poll_swaps_nothing_and_is_logged_once(
         finally:
             await source.aclose()
 
-    with caplog.at_level(logging.INFO, logger="stream.reload"):
+    with caplog.at_level(logging.INFO, logger="stream.lifecycle.hot_reload"):
         asyncio.run(run())
-    assert _failures() == before  # an outage is not a refused bundle
+    assert bundle_reload_failures() == before  # an outage is not a refused bundle
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(messages) == 1
     assert f"still serving {v1}" in messages[0] and "cannot read the Redis key" in messages[0]

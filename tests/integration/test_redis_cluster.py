@@ -23,24 +23,23 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from stream.cli import _check_redis, inspect_items
-from stream.config import WorkerSettings
-from stream.embedded import free_port
-from stream.inference.batching import ModelInfo
-from stream.processor import RawMessage, SalesProcessor
-from stream.watermark import PartitionState
-from stream.windows.base import (
+from stream.inference.model_info import ModelInfo
+from stream.pipeline.processor import RawMessage, SalesProcessor
+from stream.settings.worker import WorkerSettings
+from stream.state.base import (
     BucketDelta,
     ItemUpdate,
     ItemWindow,
     PartitionId,
+    PartitionState,
     PartitionUpdate,
     WindowStore,
 )
-from stream.windows.memory import MemoryWindowStore
-from stream.windows.redis import RedisWindowStore, item_keys, partition_keys
-from tests.cluster import redis_cluster_url  # noqa: F401 - the session fixture
-from tests.store_helpers import run
+from stream.state.memory import MemoryWindowStore
+from stream.state.redis_store import RedisWindowStore, item_keys, partition_keys
+from stream.worker.runner import _check_redis, inspect_items
+from trendcast.devtools.embedded import free_port
+from trendcast.devtools.testkit.stores import run
 from trendcast.exceptions import ConfigError, StateStoreError
 from trendcast.forecasting.base import ForecastBatch, WindowBatch
 from trendcast.freq import parse_freq
@@ -59,7 +58,7 @@ PARTITIONS = [PartitionId("sales", n) for n in range(4)]
 
 
 @pytest.fixture
-def cluster_prefix(redis_cluster_url: str) -> Iterator[str]:  # noqa: F811 - fixture argument
+def cluster_prefix(redis_cluster_url: str) -> Iterator[str]:
     """A key prefix unique to the test; its keys are deleted from every node afterwards."""
     prefix = f"tccl-{uuid.uuid4().hex[:12]}"
     yield prefix
@@ -73,7 +72,7 @@ def cluster_prefix(redis_cluster_url: str) -> Iterator[str]:  # noqa: F811 - fix
 
 
 @pytest.fixture
-def cluster_client(redis_cluster_url: str) -> Iterator[RedisCluster]:  # noqa: F811
+def cluster_client(redis_cluster_url: str) -> Iterator[RedisCluster]:
     """A synchronous cluster client (bytes responses)."""
     client = RedisCluster.from_url(redis_cluster_url)
     try:
@@ -151,7 +150,7 @@ def test_every_script_touches_one_slot_and_items_spread_over_slots() -> None:
 
 
 def test_batch_over_many_items_sums_like_memory_and_is_idempotent(
-    redis_cluster_url: str,  # noqa: F811
+    redis_cluster_url: str,
     cluster_prefix: str,
 ) -> None:
     first, second = _batch(1, range(4)), _batch(2, range(3, 6))
@@ -178,7 +177,7 @@ def test_batch_over_many_items_sums_like_memory_and_is_idempotent(
 
 
 def test_items_land_on_every_primary(
-    redis_cluster_url: str,  # noqa: F811
+    redis_cluster_url: str,
     cluster_prefix: str,
     cluster_client: RedisCluster,
 ) -> None:
@@ -198,7 +197,7 @@ def test_items_land_on_every_primary(
 
 
 def test_partition_state_only_moves_forward(
-    redis_cluster_url: str,  # noqa: F811
+    redis_cluster_url: str,
     cluster_prefix: str,
 ) -> None:
     async def scenario(s: WindowStore) -> list[PartitionState]:
@@ -212,7 +211,7 @@ def test_partition_state_only_moves_forward(
 
 
 def test_scripts_are_reloaded_when_one_primary_lost_them(
-    redis_cluster_url: str,  # noqa: F811
+    redis_cluster_url: str,
     cluster_prefix: str,
     cluster_client: RedisCluster,
     caplog: pytest.LogCaptureFixture,
@@ -228,7 +227,7 @@ def test_scripts_are_reloaded_when_one_primary_lost_them(
             client.script_flush()
         finally:
             client.close()
-        with caplog.at_level(logging.WARNING, logger="stream.windows.redis"):
+        with caplog.at_level(logging.WARNING, logger="stream.state.redis_store"):
             await s.apply(second, _partition_updates())
         return await s.read(ITEMS)
 
@@ -245,7 +244,7 @@ async def _apply_and_read(s: WindowStore, *batches: list[ItemUpdate]) -> dict[st
 
 
 def test_listpack_check_asks_every_primary(
-    redis_cluster_url: str,  # noqa: F811
+    redis_cluster_url: str,
     cluster_client: RedisCluster,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -258,7 +257,7 @@ def test_listpack_check_asks_every_primary(
             pytest.skip("Redis < 7 has no hash-max-listpack-entries (the check is skipped too)")
         client.config_set("hash-max-listpack-entries", 33)
         try:
-            with caplog.at_level(logging.WARNING, logger="stream.cli"):
+            with caplog.at_level(logging.WARNING, logger="stream.worker.runner"):
                 _check_redis(redis_cluster_url, 30, cluster=True)
                 assert "hash-max-listpack-entries" not in caplog.text
                 _check_redis(redis_cluster_url, 34, cluster=True)
@@ -270,7 +269,7 @@ def test_listpack_check_asks_every_primary(
 
 
 def test_inspect_reads_windows_from_the_cluster(
-    redis_cluster_url: str,  # noqa: F811
+    redis_cluster_url: str,
     cluster_prefix: str,
 ) -> None:
     run(_store(redis_cluster_url, cluster_prefix), lambda s: s.apply(_batch(6, range(2)), []))
@@ -297,7 +296,8 @@ MODEL = ModelInfo(freq=FREQ, window=7, horizon=3, model_version="fake-1")
 
 
 class LastValueForecaster:
-    """Forecasts the last window value for every step (like tests/unit/test_agent.py)."""
+    """Forecasts the last window value for every step (like
+    tests/unit/stream/worker/test_app.py)."""
 
     name = "last-value"
     horizon = MODEL.horizon
@@ -349,7 +349,7 @@ def _messages() -> list[list[RawMessage]]:
 
 
 def test_processor_on_the_cluster_forecasts_like_on_memory(
-    redis_cluster_url: str,  # noqa: F811
+    redis_cluster_url: str,
     cluster_prefix: str,
 ) -> None:
     batches = _messages()
@@ -373,13 +373,13 @@ def test_processor_on_the_cluster_forecasts_like_on_memory(
 
 
 def test_worker_app_gets_a_cluster_store_from_the_environment(
-    redis_cluster_url: str,  # noqa: F811
+    redis_cluster_url: str,
     cluster_prefix: str,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    import stream.app
-    from stream.cli import build_worker_app
+    import stream.worker.app
+    from stream.worker.runner import build_worker_app
 
     monkeypatch.setenv("TRENDCAST_REDIS_URL", redis_cluster_url)
     monkeypatch.setenv("TRENDCAST_REDIS_CLUSTER", "true")
@@ -387,7 +387,9 @@ def test_worker_app_gets_a_cluster_store_from_the_environment(
     settings = WorkerSettings(web_enabled=False, data_dir=tmp_path)
     assert settings.redis_cluster
     built: dict[str, Any] = {}
-    monkeypatch.setattr(stream.app, "create_app", lambda *a, **kw: built.setdefault("args", a))
+    monkeypatch.setattr(
+        stream.worker.app, "create_app", lambda *a, **kw: built.setdefault("args", a)
+    )
     build_worker_app(settings, LastValueForecaster(), MODEL)
     store = built["args"][2]
     assert isinstance(store, RedisWindowStore)

@@ -19,15 +19,14 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from stream.cli import _check_redis
-from stream.config import WorkerSettings
-from stream.embedded import RedisServer
-from stream.security import redis_client_kwargs
-from stream.watermark import PartitionState
-from stream.windows.base import BucketDelta, ItemUpdate, PartitionId, PartitionUpdate
-from stream.windows.clients import async_client
-from stream.windows.redis import RedisWindowStore
-from tests.certs import TlsFiles, make_tls_files, openssl_available
+from stream.settings.security import redis_client_kwargs
+from stream.settings.worker import WorkerSettings
+from stream.state.base import BucketDelta, ItemUpdate, PartitionId, PartitionState, PartitionUpdate
+from stream.state.redis_clients import async_client
+from stream.state.redis_store import RedisWindowStore
+from stream.worker.runner import _check_redis
+from trendcast.devtools.embedded import RedisServer
+from trendcast.devtools.testkit.certs import TlsFiles, make_tls_files, openssl_available
 from trendcast.exceptions import StateStoreError
 from trendcast.freq import parse_freq
 

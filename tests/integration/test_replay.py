@@ -10,11 +10,11 @@ import orjson
 import pandas as pd
 import pytest
 
-from stream.embedded import ensure_topics, kafka_answers
-from stream.replay import event_ids, replay
-from stream.tail import print_tail, tail
-from tests.kafka_helpers import consume_all, consume_values, produce
 from trendcast.data import read_lines, sample_data_path
+from trendcast.devtools.embedded import ensure_topics, kafka_answers
+from trendcast.devtools.replay import event_ids, replay
+from trendcast.devtools.tail import print_tail, tail
+from trendcast.devtools.testkit.kafka import consume_all, consume_values, produce
 from trendcast.exceptions import BrokerError, ConfigError, DataError
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from tests.unit.test_report import run_cli, tracker_records
+from trendcast.devtools.testkit.cli import run_cli
+from trendcast.devtools.testkit.doubles import tracker_records
 
 
 def test_report_reads_the_topic_to_its_end(
@@ -18,7 +19,7 @@ def test_report_reads_the_topic_to_its_end(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from tests.kafka_helpers import produce
+    from trendcast.devtools.testkit.kafka import produce
 
     topic = unique_topic(partitions=2, prefix="accuracy")
     records = tracker_records(days=4)

@@ -14,8 +14,13 @@ import pandas as pd
 import pytest
 from onnx import TensorProto, helper
 
-from tests.helpers_bundle import TINY_HORIZON, TINY_WINDOW, tiny_panel, train_tiny_bundle
 from trendcast.bundle import load_bundle
+from trendcast.devtools.testkit.trained_bundle import (
+    TINY_HORIZON,
+    TINY_WINDOW,
+    tiny_panel,
+    train_tiny_bundle,
+)
 from trendcast.exceptions import BundleError, ModelError
 from trendcast.features import build_inputs
 from trendcast.forecasting.base import Forecaster, WindowBatch

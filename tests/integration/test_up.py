@@ -16,10 +16,10 @@ import orjson
 import pytest
 from rich.console import Console
 
-from stream.config import WorkerSettings
-from stream.embedded import kafka_answers, to_bootstrap
-from stream.up import run_up, worker_env
-from tests.bundles import make_fake_bundle
+from stream.settings.worker import WorkerSettings
+from trendcast.devtools.embedded import kafka_answers, to_bootstrap
+from trendcast.devtools.testkit.bundles import make_fake_bundle
+from trendcast.devtools.up import run_up, worker_env
 from trendcast.exceptions import ConfigError, StreamError
 
 pytestmark = pytest.mark.integration

@@ -20,11 +20,11 @@ from typing import Any
 import orjson
 import pytest
 
-from stream.config import WorkerSettings
-from stream.embedded import RedisServer, ensure_topics, free_port
-from tests.bundles import make_fake_bundle
-from tests.integration.test_worker import start_worker
-from tests.kafka_helpers import produce, wait_until
+from stream.settings.worker import WorkerSettings
+from trendcast.devtools.embedded import RedisServer, ensure_topics, free_port
+from trendcast.devtools.testkit.bundles import make_fake_bundle
+from trendcast.devtools.testkit.kafka import produce, wait_until
+from trendcast.devtools.testkit.processes import start_worker
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -25,15 +24,15 @@ import pandas as pd
 import pytest
 import redis
 
-from stream.cli import inspect_items
-from stream.config import WorkerSettings
-from stream.embedded import free_port
-from stream.replay import encode_events
-from stream.up import worker_env
-from tests.bundles import make_fake_bundle
-from tests.kafka_helpers import committed_offsets, consume_all, produce, wait_until
+from stream.settings.worker import WorkerSettings
+from stream.worker.runner import inspect_items
 from trendcast.bundle import load_bundle
 from trendcast.data import bucketize, read_lines, sample_data_path
+from trendcast.devtools.embedded import free_port
+from trendcast.devtools.replay import encode_events
+from trendcast.devtools.testkit.bundles import make_fake_bundle
+from trendcast.devtools.testkit.kafka import committed_offsets, consume_all, produce, wait_until
+from trendcast.devtools.testkit.processes import start_worker
 from trendcast.freq import parse_freq
 
 pytestmark = pytest.mark.integration
@@ -106,21 +105,10 @@ def _settings(bootstrap: str, url: str, tmp: Path, topics: dict[str, str]) -> Wo
     )
 
 
-def start_worker(settings: WorkerSettings, log: Any) -> subprocess.Popen[bytes]:
-    """``python -m stream`` with ``settings`` passed as ``TRENDCAST_*`` variables."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "stream"],
-        env=worker_env(settings),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=str(Path(__file__).resolve().parents[2]),
-    )
-
-
 @pytest.fixture(scope="module")
 def run(kafka_bootstrap, redis_url, tmp_path_factory) -> Iterator[Run]:  # noqa: F811
     tmp = tmp_path_factory.mktemp("worker")
-    from stream.embedded import ensure_topics
+    from trendcast.devtools.embedded import ensure_topics
 
     suffix = tmp.name.replace("_", "-")[-12:]
     topics = {"sales": f"sales-{suffix}", "dlq": f"dlq-{suffix}", "forecasts": f"fc-{suffix}"}

@@ -1,6 +1,7 @@
 """A worker refuses to start on a bundle it cannot verify: one line, exit code 1, no forecast.
 
-Loader-level cases live in tests/unit/test_bundle.py; these check the same refusals where an
+Loader-level cases live in tests/unit/trendcast/test_bundle.py; these check the same refusals where
+an
 operator meets them: ``python -m stream`` and ``trendcast worker``. The bundle is verified
 before anything connects, so the broker and Redis addresses point at closed ports: reaching
 them would be a failure of its own (a hang or a different message), not a pass.
@@ -17,9 +18,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream.embedded import free_port
-from tests.bundles import fake_onnx, make_fake_bundle
 from trendcast.bundle import sha256_file
+from trendcast.devtools.embedded import free_port
+from trendcast.devtools.testkit.bundles import fake_onnx, make_fake_bundle
 
 pytestmark = pytest.mark.integration
 

@@ -61,7 +61,8 @@ def row_nanquantiles(values: F32, quantiles: tuple[float, ...] = QUANTILES) -> F
     items with a short history. This sorts every row at once (NaN last) and interpolates
     as numpy does — the same virtual index ``(n - 1) * q``, the same two-sided lerp with
     the difference taken in the input's dtype — so the results are bit-identical once cast
-    back to float32 (tests/unit/test_baselines.py compares them). Rows without a value
+    back to float32 (tests/unit/trendcast/forecasting/test_baselines.py compares them). Rows
+    without a value
     give NaN, as numpy's do.
 
     >>> row_nanquantiles(np.array([[1, 2, np.nan, 4], [np.nan] * 4], dtype=np.float32)).tolist()

@@ -1,0 +1,1 @@
+"""What the worker tells operators and observers: metrics, health, online accuracy, trends."""

@@ -1,0 +1,227 @@
+"""Trends: which items the live model expects to sell much more, or much less, next week.
+
+:class:`TrendTracker` keeps, per item, the latest live forecast reduced to two numbers: the
+expected sales of the next week (the sum of ``mean`` over the next week's buckets) and the
+actual sales of the last week (the sum of the same number of the window's last buckets).
+:meth:`TrendTracker.snapshot` ranks items by the absolute change and returns one record for
+the ``trends`` topic::
+
+    {"emitted_at_ms", "freq", "buckets", "items_considered",
+     "rising":  [{"item_id", "last_week", "next_week", "change", "change_pct", "as_of",
+                  "model_version"}, ...],
+     "falling": [...]}
+
+"A week" is ``7 * 86_400_000 // step_ms`` buckets (7 daily, 168 hourly buckets), capped at
+the model's horizon and window, and at least one bucket, so both sides always cover the same
+number of buckets (``buckets`` in the record):
+
+* a horizon shorter than a week (e.g. hourly with horizon 24) compares the next ``horizon``
+  buckets with the last ``horizon`` buckets, a like-for-like change over less than a week;
+* a weekly frequency compares next week's bucket with last week's; a coarser one (``2W``)
+  compares one bucket each side, so "week" then means that bucket.
+
+Absolute change ranks: a big seller moving 10% matters more to stock than a slow one doubling.
+``change_pct`` is ``100 * change / last_week``, None when the item sold nothing last week.
+An item with less than a week of history looks rising (its padded buckets count as 0).
+
+Shadow forecasts are ignored: trends describe what the published model says. Memory is one
+slot per item (about 100 bytes with its dict entry); an item not forecast for longer than a
+window is dropped, and at most ``max_items`` items are kept (newer ones are ignored until
+slots free up). Time is bucket time: the newest bucket of any batch is "now".
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from stream.inference.model_info import ModelInfo, iso_utc
+from stream.inference.observers import ScoredBatch
+from trendcast.freq import Freq
+
+__all__ = ["TrendTracker", "week_buckets"]
+
+logger = logging.getLogger(__name__)
+
+_DAY_MS = 86_400_000
+_WEEK_MS = 7 * _DAY_MS
+_EMPTY = np.iinfo(np.int64).min  # last_start of a free slot
+
+
+def week_buckets(step_ms: int, horizon: int, window: int) -> int:
+    """Buckets summed on each side: a week's worth, capped at horizon and window, at least 1.
+
+    >>> week_buckets(86_400_000, 28, 56), week_buckets(3_600_000, 24, 168)
+    (7, 24)
+    >>> week_buckets(7 * 86_400_000, 4, 8), week_buckets(14 * 86_400_000, 4, 8)
+    (1, 1)
+    """
+    return max(1, min(_WEEK_MS // step_ms, horizon, window))
+
+
+class TrendTracker:
+    """Latest next-week vs last-week sales per item, from live forecasts (a ForecastObserver).
+
+    Args:
+        max_items: Items kept at most (see the module docstring).
+
+    Wiring: call :meth:`on_forecasts` after every ``predict`` (shadow batches are ignored),
+    and :meth:`snapshot` when a bucket closes to publish to the ``trends`` topic.
+    """
+
+    def __init__(self, *, max_items: int = 200_000) -> None:
+        if max_items < 0:
+            raise ValueError(f"expected max_items >= 0, got {max_items}")
+        self.max_items = max_items
+        self._reset()
+
+    def _reset(self) -> None:
+        self._freq: Freq | None = None
+        self._buckets = 1
+        self._window = 1
+        self._newest_ms: int | None = None
+        self._index: dict[str, int] = {}
+        self._items: list[str | None] = []
+        self._free: list[int] = []
+        self._versions: list[str] = []  # model versions seen, referenced by index
+        self._next = np.empty(0, dtype=np.float64)
+        self._last = np.empty(0, dtype=np.float64)
+        self._start: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
+        self._version = np.empty(0, dtype=np.int32)
+
+    @property
+    def items(self) -> int:
+        """Items currently known."""
+        return len(self._index)
+
+    def on_forecasts(self, scored: ScoredBatch) -> None:
+        """Keep each item's newest live forecast as next-week and last-week sums."""
+        if scored.role != "live" or len(scored.batch) == 0:
+            return
+        model, batch = scored.model, scored.batch
+        if self._freq is not None and model.freq != self._freq:
+            logger.info("trends: frequency changed to %s, forgetting items", model.freq.name)
+            self._reset()
+        self._use(model)
+        newest = int(batch.last_start_ms.max())
+        if self._newest_ms is None or newest > self._newest_ms:
+            self._newest_ms = newest
+            self._expire(newest - self._window * model.freq.step_ms)  # before new items come
+        slots = self._slots(batch.item_ids)
+        known = slots >= 0
+        rows = np.flatnonzero(known)
+        last_start = batch.last_start_ms[rows]
+        s = slots[rows]
+        # A window older than the one kept (a stale re-forecast) does not replace it.
+        newer = last_start >= self._start[s]
+        rows, s = rows[newer], s[newer]
+        n = self._buckets
+        self._next[s] = scored.result.mean[rows, :n].sum(axis=1, dtype=np.float64)
+        self._last[s] = batch.quantities[rows, -n:].sum(axis=1, dtype=np.float64)
+        self._start[s] = batch.last_start_ms[rows]
+        self._version[s] = self._version_index(model.model_version)
+
+    def _use(self, model: ModelInfo) -> None:
+        self._freq = model.freq
+        self._window = model.window
+        self._buckets = week_buckets(model.freq.step_ms, model.horizon, model.window)
+
+    def _version_index(self, version: str) -> int:
+        if not self._versions or self._versions[-1] != version:
+            if version in self._versions:
+                return self._versions.index(version)
+            self._versions.append(version)
+        return len(self._versions) - 1
+
+    def _slots(self, item_ids: list[str]) -> npt.NDArray[np.int64]:
+        found = map(self._index.get, item_ids, repeat(-1))  # dict.get from C, no frame per item
+        slots = np.fromiter(found, dtype=np.int64, count=len(item_ids))
+        new_rows = np.flatnonzero(slots < 0)
+        room = self.max_items - len(self._index)
+        for row in new_rows[: max(0, room)].tolist():
+            item = item_ids[row]
+            if item in self._index:  # the same new item twice in one batch
+                slots[row] = self._index[item]
+                continue
+            if not self._free:
+                self._grow()
+            slot = self._free.pop()
+            self._index[item] = slot
+            self._items[slot] = item
+            slots[row] = slot
+        return slots
+
+    def _grow(self) -> None:
+        old = len(self._items)
+        new = max(1024, 2 * old)
+        pad = new - old
+        self._next = np.concatenate([self._next, np.zeros(pad)])
+        self._last = np.concatenate([self._last, np.zeros(pad)])
+        self._start = np.concatenate([self._start, np.full(pad, _EMPTY, np.int64)])
+        self._version = np.concatenate([self._version, np.zeros(pad, np.int32)])
+        self._items.extend([None] * pad)
+        self._free.extend(range(new - 1, old - 1, -1))
+
+    def _expire(self, before_ms: int) -> None:
+        """Forget items whose newest window ends before ``before_ms`` (not forecast since)."""
+        stale = np.flatnonzero((self._start != _EMPTY) & (self._start < before_ms))
+        for slot in stale.tolist():
+            item = self._items[slot]
+            if item is not None:
+                del self._index[item]
+            self._items[slot] = None
+            self._free.append(slot)
+        self._start[stale] = _EMPTY
+
+    def snapshot(self, k: int, now_ms: int) -> bytes | None:
+        """The top-``k`` rising and falling items as one JSON record; None if nothing is known.
+
+        Ties in change are broken by item id, so equal snapshots are equal bytes.
+        """
+        if k < 0:
+            raise ValueError(f"expected k >= 0, got {k}")
+        freq = self._freq
+        if not self._index or freq is None:
+            return None
+        used = self._start != _EMPTY
+        change = self._next - self._last
+        rising = self._top(np.flatnonzero(used & (change > 0)), change, k)
+        falling = self._top(np.flatnonzero(used & (change < 0)), -change, k)
+        value: dict[str, Any] = {
+            "emitted_at_ms": now_ms,
+            "freq": freq.name,
+            "buckets": self._buckets,
+            "items_considered": int(used.sum()),
+            "rising": [self._entry(slot, freq.step_ms) for slot in rising],
+            "falling": [self._entry(slot, freq.step_ms) for slot in falling],
+        }
+        return orjson.dumps(value)
+
+    def _top(
+        self, slots: npt.NDArray[np.int64], score: npt.NDArray[np.float64], k: int
+    ) -> list[int]:
+        if k == 0 or slots.size == 0:
+            return []
+        if slots.size > k:  # keep every slot tied with the k-th before the exact sort
+            kth = np.partition(score[slots], slots.size - k)[slots.size - k]
+            slots = slots[score[slots] >= kth]
+        ranked = sorted(slots.tolist(), key=lambda s: (-score[s], self._items[s] or ""))
+        return ranked[:k]
+
+    def _entry(self, slot: int, step_ms: int) -> dict[str, Any]:
+        last, nxt = float(self._last[slot]), float(self._next[slot])
+        change = nxt - last
+        return {
+            "item_id": self._items[slot],
+            "last_week": round(last, 4),
+            "next_week": round(nxt, 4),
+            "change": round(change, 4),
+            "change_pct": None if last == 0 else round(100.0 * change / last, 2),
+            "as_of": iso_utc(int(self._start[slot]) + step_ms),
+            "model_version": self._versions[int(self._version[slot])],
+        }

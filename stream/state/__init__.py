@@ -1,0 +1,1 @@
+"""Window state: the :class:`WindowStore` interface, its in-memory and Redis implementations."""

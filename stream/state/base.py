@@ -1,0 +1,293 @@
+"""The window store interface: per-item bucket sums and per-partition clocks.
+
+A :class:`WindowStore` keeps, for each item, the sums of its recent buckets (quantity and, for
+price-aware models, the quantity-weighted price) plus the bucket of its first sale, and for
+each source partition its :class:`~stream.pipeline.watermark.PartitionState` and the items that sold
+recently. Four operations are enough for the worker:
+
+* :meth:`WindowStore.apply` — add a batch of events atomically per item and idempotently
+  (each event carries a dedupe key; a key seen before is skipped), advance partition state
+  monotonically, and report what changed — all in one round trip;
+* :meth:`WindowStore.read` — the stored buckets of some items;
+* :meth:`WindowStore.load_partition` / :meth:`WindowStore.save_partition` — the clock a
+  worker continues from after a restart or rebalance.
+
+Both implementations (:mod:`stream.state.memory`, :mod:`stream.state.redis_store`) pass the same
+contract tests (tests/unit/stream/state/test_window_store_contract.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from trendcast.freq import Freq
+
+__all__ = [
+    "ApplyResult",
+    "BucketDelta",
+    "BucketSums",
+    "ItemUpdate",
+    "ItemWindow",
+    "PartitionId",
+    "PartitionUpdate",
+    "WindowStore",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class PartitionId(NamedTuple):
+    """A source topic partition."""
+
+    topic: str
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSums:
+    """What a bucket holds.
+
+    Attributes:
+        quantity: Net units sold.
+        price_qty: Sum of ``price * quantity`` over priced lines with positive quantity
+            (a backend may keep it to 12 significant digits; quantities are exact).
+        priced_qty: Sum of ``quantity`` over the same lines (so price = price_qty/priced_qty,
+            the quantity-weighted mean used offline).
+    """
+
+    quantity: float
+    price_qty: float = 0.0
+    priced_qty: float = 0.0
+
+    @property
+    def price(self) -> float:
+        """Quantity-weighted unit price, NaN when the bucket had no priced sale."""
+        return self.price_qty / self.priced_qty if self.priced_qty > 0 else float("nan")
+
+
+class BucketDelta(msgspec.Struct, frozen=True, gc=False):
+    """One event's contribution to one bucket.
+
+    A msgspec struct rather than a frozen dataclass or a NamedTuple: the worker builds one
+    per event, and it is made in C (0.1 µs against 0.4 µs for a NamedTuple and 2.5 times
+    that for a frozen dataclass). ``gc=False``: it holds only numbers and a string, so it
+    can never be part of a reference cycle, and the collector need not track it.
+
+    Attributes:
+        bucket_ms: Start of the bucket.
+        dedupe_key: Identity of the event; a key already applied to the item is skipped.
+        quantity: Units to add.
+        price_qty: ``price * quantity`` to add (0 when unpriced or a return).
+        priced_qty: ``quantity`` to add to the priced total (0 when unpriced or a return).
+    """
+
+    bucket_ms: int
+    dedupe_key: str
+    quantity: float
+    price_qty: float = 0.0
+    priced_qty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ItemUpdate:
+    """Events for one item, with the retention bounds that hold after the batch.
+
+    Attributes:
+        item_id: The item.
+        deltas: Its events, in offset order.
+        keep_from_ms: Buckets starting before this are deleted (no forecast needs them).
+        dedupe_from_ms: Deltas for buckets before this are refused, and dedupe keys of such
+            buckets forgotten. The worker passes the partition's late bound as *stored
+            before* this batch: the clock calls such events late forever after, so they can
+            never be counted twice — and if the clock update of this batch is lost in a
+            crash, the dedupe keys of the batch's own events are still there when it is
+            re-delivered. Must be ``>= keep_from_ms``.
+        ttl_ms: Expiry of the item's keys, refreshed by every update.
+    """
+
+    item_id: str
+    deltas: Sequence[BucketDelta]
+    keep_from_ms: int
+    dedupe_from_ms: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionUpdate:
+    """A partition's clock and recent sellers after a batch.
+
+    Attributes:
+        partition: The source partition.
+        state: New clock state; merged by maximum, so a stale or repeated update is harmless.
+        last_sale_ms: Latest bucket with a sale, per item of the batch (merged by maximum).
+        forget_before_ms: Items whose latest sale bucket starts before this are forgotten.
+        active_from_ms: If set, :attr:`ApplyResult.active` lists the partition's items whose
+            latest sale bucket starts at or after this.
+    """
+
+    partition: PartitionId
+    state: PartitionState
+    last_sale_ms: Mapping[str, int] = field(default_factory=dict)
+    forget_before_ms: int | None = None
+    active_from_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What a batch changed.
+
+    Attributes:
+        changed: Per item, the bucket starts that received at least one new event.
+        duplicates: Deltas skipped because their dedupe key was already applied.
+        refused: Deltas refused because their bucket was before ``dedupe_from_ms``.
+        active: Per partition with ``active_from_ms``, its recently selling items (sorted).
+    """
+
+    changed: dict[str, list[int]]
+    duplicates: int
+    refused: int
+    active: dict[PartitionId, list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionState:
+    """What a partition's clock remembers between batches and workers.
+
+    Attributes:
+        max_event_ms: Largest event time accepted so far (``None``: no event yet).
+        emitted_to_ms: Start of the first bucket not yet forecast; every closed bucket before
+            it has had its forecasts emitted (``None``: no event yet).
+        next_offset: First source offset not yet fully processed: every message before it
+            had its state stored and its dead letters and forecasts delivered. Offsets are
+            committed to Kafka later (every commit interval), so after a crash or rebalance
+            such messages come again; one that now looks late was in fact counted (the clock
+            moved past it *because* it was counted) and must not be dead-lettered as late.
+            Stored together with ``max_event_ms``, so the clock never runs ahead of it.
+    """
+
+    max_event_ms: int | None = None
+    emitted_to_ms: int | None = None
+    next_offset: int | None = None
+
+    def merged(self, other: PartitionState) -> PartitionState:
+        """Each field's maximum of the two states: how a stored clock takes an update.
+
+        Every field only grows, and each state is consistent on its own, so for two states
+        of one partition's history this is the later of them (and storing an older state
+        again changes nothing).
+
+        >>> PartitionState(5, None, 3).merged(PartitionState(4, 2, None))
+        PartitionState(max_event_ms=5, emitted_to_ms=2, next_offset=3)
+        """
+        return PartitionState(
+            max_event_ms=_most(self.max_event_ms, other.max_event_ms),
+            emitted_to_ms=_most(self.emitted_to_ms, other.emitted_to_ms),
+            next_offset=_most(self.next_offset, other.next_offset),
+        )
+
+
+def _most(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemWindow:
+    """The stored state of one item.
+
+    Attributes:
+        item_id: The item.
+        first_ms: Start of the item's first bucket with a sale ever seen (``None``: unknown
+            item), which gives the history length even after old buckets were trimmed.
+        buckets: Bucket start -> sums, for the buckets kept (sparse: absent means no sale).
+    """
+
+    item_id: str
+    first_ms: int | None
+    buckets: Mapping[int, BucketSums]
+
+    def window(
+        self, last_start_ms: int, window: int, freq: Freq, *, with_prices: bool = True
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None, int]:
+        """The model input ending with the bucket that starts at ``last_start_ms``.
+
+        Returns:
+            ``(quantities, prices, history_len)``: ``window`` bucket sums oldest first, net
+            returns clipped at zero as offline; unit prices carried forward (then backward)
+            over real history and NaN on padding (``None`` unless ``with_prices``); and the
+            number of real buckets.
+
+        >>> from trendcast.freq import parse_freq
+        >>> d = 86_400_000
+        >>> w = ItemWindow("a", 2 * d, {2 * d: BucketSums(3.0, 6.0, 3.0), 4 * d: BucketSums(-1.0)})
+        >>> q, p, n = w.window(4 * d, 4, parse_freq("1D"))
+        >>> q.tolist(), p.tolist()[1:], n
+        ([0.0, 3.0, 0.0, 0.0], [2.0, 2.0, 2.0], 3)
+        """
+        step = freq.step_ms
+        first_col_ms = last_start_ms - (window - 1) * step
+        quantities = np.zeros(window, dtype=np.float32)
+        prices = np.full(window, np.nan, dtype=np.float32) if with_prices else None
+        for start, sums in self.buckets.items():
+            col = (start - first_col_ms) // step
+            if 0 <= col < window:
+                quantities[col] = max(sums.quantity, 0.0)
+                if prices is not None:
+                    prices[col] = sums.price
+        if self.first_ms is None or self.first_ms > last_start_ms:
+            return quantities, prices, 0
+        history_len = min(window, (last_start_ms - self.first_ms) // step + 1)
+        if prices is None:
+            return quantities, None, int(history_len)
+        real = prices[window - history_len :]
+        if history_len and not np.isnan(real).all():
+            # Forward fill, then backward fill the leading gap, like the offline bucketizer.
+            idx = np.where(np.isnan(real), 0, np.arange(history_len))
+            np.maximum.accumulate(idx, out=idx)
+            filled = real[idx]
+            first_valid = int(np.flatnonzero(~np.isnan(filled))[0])
+            filled[:first_valid] = filled[first_valid]
+            prices[window - history_len :] = filled
+        return quantities, prices, int(history_len)
+
+
+class WindowStore(Protocol):
+    """Per-item bucket sums and per-partition clocks (see the module docstring)."""
+
+    @property
+    def freq(self) -> Freq:
+        """Bucket frequency of the stored sums."""
+        ...
+
+    async def apply(
+        self, items: Sequence[ItemUpdate], partitions: Sequence[PartitionUpdate]
+    ) -> ApplyResult:
+        """Apply a batch in one round trip: atomic per item, idempotent per dedupe key.
+
+        Raises:
+            StateStoreError: The backend failed; nothing or part of the batch was applied,
+                and re-applying the whole batch is safe.
+        """
+        ...
+
+    async def read(self, item_ids: Sequence[str]) -> dict[str, ItemWindow]:
+        """Stored windows of the items (unknown items come back empty)."""
+        ...
+
+    async def load_partition(self, partition: PartitionId) -> PartitionState:
+        """The persisted clock of a partition (empty if never seen)."""
+        ...
+
+    async def save_partition(self, partition: PartitionId, state: PartitionState) -> None:
+        """Merge ``state`` into the persisted clock (field-wise maximum)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,1 @@
+"""The running worker: the Faust app, its batch consumer, the runner behind ``trendcast worker``."""

@@ -1,0 +1,306 @@
+"""One contract, two window stores: the in-memory one and Redis (a real server).
+
+Every test runs against both (``store`` is parametrized indirectly, quix-streams style); the
+Redis ones use the session Redis of :mod:`tests.services` and a unique key prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from stream.state.base import (
+    BucketDelta,
+    ItemUpdate,
+    PartitionId,
+    PartitionState,
+    PartitionUpdate,
+    WindowStore,
+)
+from stream.state.memory import MemoryWindowStore
+from stream.state.redis_store import RedisWindowStore, item_keys, partition_keys
+from trendcast.devtools.testkit.stores import run
+from trendcast.freq import parse_freq
+
+DAY = 86_400_000
+FREQ = parse_freq("1D")
+P0 = PartitionId("sales", 0)
+P1 = PartitionId("sales", 1)
+BASE = 15_000 * DAY  # 2011-01-26
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> Iterator[WindowStore]:
+    if request.param == "memory":
+        yield MemoryWindowStore(FREQ)
+    else:
+        url = request.getfixturevalue("redis_url")
+        prefix = request.getfixturevalue("redis_prefix")
+        yield RedisWindowStore.from_url(url, FREQ, prefix)
+
+
+both = pytest.mark.parametrize("store", ["memory", "redis"], indirect=True)
+
+
+def upd(
+    item: str,
+    *deltas: tuple[int, str, float],
+    keep_from: int = 0,
+    dedupe_from: int = 0,
+    price: float | None = None,
+) -> ItemUpdate:
+    return ItemUpdate(
+        item,
+        [
+            BucketDelta(
+                BASE + day * DAY,
+                key,
+                q,
+                price_qty=(price or 0.0) * q,
+                priced_qty=q if price else 0.0,
+            )
+            for day, key, q in deltas
+        ],
+        keep_from_ms=BASE + keep_from * DAY,
+        dedupe_from_ms=BASE + dedupe_from * DAY,
+        ttl_ms=3_600_000,
+    )
+
+
+def quantities(window: Any) -> dict[int, float]:
+    return {(b - BASE) // DAY: s.quantity for b, s in window.buckets.items()}
+
+
+@both
+def test_apply_sums_events_into_buckets(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        result = await s.apply(
+            [upd("a", (1, "e1", 2), (1, "e2", 3.5), (3, "e3", -1)), upd("b", (2, "e4", 1))], []
+        )
+        assert result.changed == {"a": [BASE + DAY, BASE + 3 * DAY], "b": [BASE + 2 * DAY]}
+        assert (result.duplicates, result.refused) == (0, 0)
+        got = await s.read(["a", "b", "unknown"])
+        assert quantities(got["a"]) == {1: 5.5, 3: -1.0}
+        assert got["a"].first_ms == BASE + DAY
+        assert quantities(got["b"]) == {2: 1.0}
+        assert got["unknown"].first_ms is None
+        assert got["unknown"].buckets == {}
+
+    run(store, scenario)
+
+
+@both
+def test_float_sums_are_exact_doubles(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        await s.apply([upd("a", (0, "x", 0.1), (0, "y", 0.2), (0, "z", 1e-7))], [])
+        await s.apply([upd("b", (0, "x", 9), price=2.95), upd("b", (0, "y", 1 / 3))], [])
+        got = await s.read(["a", "b"])
+        assert got["a"].buckets[BASE].quantity == 0.1 + 0.2 + 1e-7
+        assert got["b"].buckets[BASE].price_qty == pytest.approx(2.95 * 9, rel=1e-12)
+        assert got["b"].buckets[BASE].quantity == 9 + 1 / 3
+
+    run(store, scenario)
+
+
+@both
+def test_redelivered_events_are_not_counted_twice(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        batch = [upd("a", (1, "e1", 2), (1, "e1", 2), (2, "e2", 1))]
+        first = await s.apply(batch, [])
+        assert first.duplicates == 1
+        again = await s.apply(batch, [])
+        assert (again.duplicates, again.changed) == (3, {})
+        got = await s.read(["a"])
+        assert quantities(got["a"]) == {1: 2.0, 2: 1.0}
+
+    run(store, scenario)
+
+
+@both
+def test_dedupe_keys_are_per_item(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        await s.apply([upd("a", (1, "same", 1)), upd("b", (1, "same", 1))], [])
+        got = await s.read(["a", "b"])
+        assert quantities(got["a"]) == quantities(got["b"]) == {1: 1.0}
+
+    run(store, scenario)
+
+
+@both
+def test_retention_trims_old_buckets_and_forgets_old_dedupe_keys(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        await s.apply([upd("a", (0, "e0", 1), (5, "e5", 1), (9, "e9", 1))], [])
+        await s.apply([upd("a", (10, "e10", 1), keep_from=5, dedupe_from=9)], [])
+        got = await s.read(["a"])
+        assert quantities(got["a"]) == {5: 1.0, 9: 1.0, 10: 1.0}
+        assert got["a"].first_ms == BASE  # history length survives trimming
+        # Buckets before dedupe_from are refused (their keys were forgotten)...
+        refused = await s.apply([upd("a", (5, "e5", 1), keep_from=5, dedupe_from=9)], [])
+        assert (refused.refused, refused.duplicates, refused.changed) == (1, 0, {})
+        # ... while keys at or after it are still remembered.
+        dup = await s.apply([upd("a", (9, "e9", 1), keep_from=5, dedupe_from=9)], [])
+        assert dup.duplicates == 1
+        assert quantities((await s.read(["a"]))["a"]) == {5: 1.0, 9: 1.0, 10: 1.0}
+
+    run(store, scenario)
+
+
+@both
+def test_prices_are_quantity_weighted(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        await s.apply(
+            [
+                upd("a", (1, "e1", 1), price=2.0),
+                upd("a", (1, "e2", 3), price=4.0),
+                upd("a", (2, "e3", 1)),
+            ],
+            [],
+        )
+        got = (await s.read(["a"]))["a"]
+        assert got.buckets[BASE + DAY].price == pytest.approx((2.0 + 12.0) / 4)
+        assert got.buckets[BASE + DAY].quantity == 4.0
+        assert got.buckets[BASE + 2 * DAY].price != got.buckets[BASE + 2 * DAY].price  # NaN
+
+    run(store, scenario)
+
+
+@both
+def test_price_sums_survive_mixed_updates(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        # priced == quantity, then a return (unpriced), then priced again.
+        await s.apply([upd("a", (1, "e1", 2), price=1.5)], [])
+        await s.apply([upd("a", (1, "e2", -1))], [])
+        await s.apply([upd("a", (1, "e3", 2), price=3.0)], [])
+        got = (await s.read(["a"]))["a"].buckets[BASE + DAY]
+        assert (got.quantity, got.priced_qty) == (3.0, 4.0)
+        assert got.price_qty == pytest.approx(9.0, rel=1e-12)
+
+    run(store, scenario)
+
+
+@both
+def test_partition_state_only_moves_forward(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        assert await s.load_partition(P0) == PartitionState()
+        await s.apply([], [PartitionUpdate(P0, PartitionState(100, 50))])
+        await s.apply([], [PartitionUpdate(P0, PartitionState(90, 60))])
+        await s.save_partition(P0, PartitionState(None, 40))
+        assert await s.load_partition(P0) == PartitionState(100, 60)
+        assert await s.load_partition(P1) == PartitionState()
+
+    run(store, scenario)
+
+
+@both
+def test_recent_sellers_per_partition(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> None:
+        await s.apply(
+            [],
+            [
+                PartitionUpdate(P0, PartitionState(1, 1), last_sale_ms={"a": 5, "b": 9, "c": 2}),
+                PartitionUpdate(P1, PartitionState(1, 1), last_sale_ms={"z": 9}),
+            ],
+        )
+        result = await s.apply(
+            [],
+            [
+                PartitionUpdate(
+                    P0,
+                    PartitionState(1, 1),
+                    last_sale_ms={"a": 3, "c": 10},
+                    forget_before_ms=3,
+                    active_from_ms=5,
+                )
+            ],
+        )
+        assert result.active == {P0: ["a", "b", "c"]}
+        result = await s.apply([], [PartitionUpdate(P0, PartitionState(1, 1), active_from_ms=6)])
+        assert result.active == {P0: ["b", "c"]}
+        result = await s.apply([], [PartitionUpdate(P1, PartitionState(1, 1), active_from_ms=0)])
+        assert result.active == {P1: ["z"]}
+
+    run(store, scenario)
+
+
+@both
+def test_odd_item_ids(store: WindowStore) -> None:
+    ids = ["a}b", "{x}", "ünïcödé 商品", "with:colon", "x" * 128]
+
+    async def scenario(s: WindowStore) -> None:
+        await s.apply([upd(i, (1, "e", n + 1)) for n, i in enumerate(ids)], [])
+        got = await s.read(ids)
+        assert [quantities(got[i]) for i in ids] == [{1: n + 1.0} for n in range(len(ids))]
+
+    run(store, scenario)
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+def test_redis_keys_share_one_slot_and_expire(
+    store: RedisWindowStore, request: pytest.FixtureRequest
+) -> None:
+    client = request.getfixturevalue("redis_client")
+    from redis.crc import key_slot
+
+    for item in ["85123A", "a}b", "{x}"]:
+        w, d = item_keys(store._prefix, item)
+        assert key_slot(w.encode()) == key_slot(d.encode())
+    s, a = partition_keys(store._prefix, P0)
+    assert key_slot(s.encode()) == key_slot(a.encode())
+
+    async def scenario(st: WindowStore) -> None:
+        await st.apply([upd("a", (1, "e", 1))], [])
+
+    run(store, scenario)
+    for key in item_keys(store._prefix, "a"):
+        assert 0 < client.pttl(key) <= 3_600_000
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+def test_redis_reloads_lost_scripts(
+    store: RedisWindowStore, request: pytest.FixtureRequest
+) -> None:
+    client = request.getfixturevalue("redis_client")
+
+    async def scenario(st: RedisWindowStore) -> None:
+        await st.apply([upd("a", (1, "e1", 1))], [])
+        client.script_flush()
+        await st.apply([upd("a", (1, "e2", 1))], [])
+        assert quantities((await st.read(["a"]))["a"]) == {1: 2.0}
+
+    run(store, scenario)
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+def test_redis_memory_per_item_at_window_56(
+    store: RedisWindowStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An item with a full window of 56 daily buckets (+3 lateness/grace) stays small."""
+
+    async def scenario(st: RedisWindowStore) -> dict[str, dict[str, int]]:
+        sizes = {}
+        for name, price in (("qty", None), ("priced", 2.95)):
+            deltas = [
+                (day, f"{name}-{day:04d}-0123456789abcdef", 7.0 + day % 5) for day in range(59)
+            ]
+            await st.apply([upd(name, *deltas, price=price)], [])
+            window = await st.memory_usage(name)
+            # In steady state only the keys of the open and in-grace buckets are remembered
+            # (older events are late): here the last 2 of 59 buckets.
+            await st.apply([upd(name, dedupe_from=57)], [])
+            got = await st.read([name])
+            assert len(got[name].buckets) == 59
+            sizes[name] = {
+                "window": window["window"],
+                "dedupe_all_59": window["dedupe"],
+                "dedupe_steady": (await st.memory_usage(name))["dedupe"],
+            }
+        return sizes
+
+    sizes = run(store, scenario)
+    with capsys.disabled():
+        print(f"\nMEMORY USAGE per item at window 56 (+3 buckets): {sizes}")
+    assert sizes["qty"]["window"] <= 1024
+    assert sizes["priced"]["window"] <= 1024
+    assert sizes["qty"]["dedupe_steady"] <= 512

