@@ -22,10 +22,11 @@ test: install  ## Fast suite (unit + integration on Tansu and Redis); slow tests
 test-all: install  ## Everything, slow tests included
 	$(PY) -m pytest -m ''
 
-lint: install  ## ruff (lint + format check) and strict mypy
+lint: install  ## ruff (lint + format check), strict mypy, the layering contracts (import-linter)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff check --fix .

@@ -34,10 +34,10 @@ from stream.settings.worker import WorkerSettings
 from stream.worker.runner import inspect_items
 from trendcast.data import bucketize
 from trendcast.devtools.embedded import free_port, to_bootstrap
-from trendcast.devtools.testkit.kafka import consume_all
 from trendcast.devtools.up import worker_env
 from trendcast.freq import Freq
 from trendcast.sync_bridge import run_sync
+from trendcast.testkit.kafka import consume_all
 
 __all__ = [
     "Checks",

@@ -61,7 +61,7 @@ def order(runs: int) -> list[str]:
 
 def ab(args: argparse.Namespace, tmp: Path) -> dict[str, list[tp.WorkerResult]]:
     """Fill a topic, then let A and B read it in turns."""
-    from trendcast.devtools.testkit.bundles import make_fake_bundle
+    from trendcast.testkit.bundles import make_fake_bundle
 
     events, _ = tp.build_events(args.data, args.events, 14)
     repos = {"a": args.a.resolve(), "b": args.b.resolve()}

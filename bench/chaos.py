@@ -32,7 +32,7 @@ is 1 if any check failed.
 
 "Time to recover" is the longest time, after a disruption (a kill, a join or leave, the
 restart of Redis), until every partition that still had events to process committed again.
-The model is a tiny fake bundle (trendcast/devtools/testkit/bundles.py): this bench checks state,
+The model is a tiny fake bundle (trendcast/testkit/bundles.py): this bench checks state,
 not accuracy.
 """
 
@@ -70,9 +70,9 @@ from stream.settings.worker import WorkerSettings  # noqa: E402
 from trendcast.data import ColumnMap, read_lines  # noqa: E402
 from trendcast.devtools.embedded import RedisServer, TansuBroker, ensure_topics  # noqa: E402
 from trendcast.devtools.replay import encode_events  # noqa: E402
-from trendcast.devtools.testkit.bundles import make_fake_bundle  # noqa: E402
 from trendcast.exceptions import TrendcastError  # noqa: E402
 from trendcast.freq import parse_freq  # noqa: E402
+from trendcast.testkit.bundles import make_fake_bundle  # noqa: E402
 
 __all__ = ["ChaosPlan", "ScenarioResult", "format_table", "load_lines", "main", "run_chaos"]
 

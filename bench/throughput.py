@@ -34,7 +34,7 @@ of ``--close-items`` new items. Also printed: Redis round trips per batch, where
 batch time went, ``MEMORY USAGE`` of item keys (and of full 56-day windows), and ONNX Runtime
 windows/s at the batch sizes the worker uses. ``--profile`` runs the worker under pyinstrument
 (slower: use it for where the time goes, not for the rates). The model is the TF-free fake
-bundle of ``trendcast/devtools/testkit/bundles.py`` (window 56, horizon 28) unless ``--bundle``
+bundle of ``trendcast/testkit/bundles.py`` (window 56, horizon 28) unless ``--bundle``
 names a real one.
 
 The exit code is 1 on any error (a service that does not start, a reader that does not reach
@@ -1029,7 +1029,7 @@ def _bench_on(
     if args.bundle is not None:
         bundle = args.bundle
     else:
-        from trendcast.devtools.testkit.bundles import make_fake_bundle
+        from trendcast.testkit.bundles import make_fake_bundle
 
         bundle = make_fake_bundle(tmp / "bundle", window=WINDOW_DAYS, horizon=28)
     suffix = topics["sales"].rsplit("-", 1)[-1]

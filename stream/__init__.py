@@ -1,20 +1,26 @@
 """The streaming half of trendcast: sales events in, per-item forecasts out.
 
-Layout (dependencies point downwards; nothing here imports TensorFlow, ``training`` or
-``export``)::
+Layout, top to bottom; a sub-package imports only from those below it (import-linter and
+``tests/unit/test_layers.py`` hold this), and nothing here imports TensorFlow, ``training``
+or ``export``::
 
-    config.py      WorkerSettings (env prefix TRENDCAST_)
-    events.py      bytes -> SaleEvent, or EventError(reason) for the dead-letter topic
-    watermark.py   per-partition event-time clock: closed buckets, late events
-    windows/       WindowStore interface + Redis (Lua) and in-memory implementations
-    inference/     windows -> WindowBatch -> Forecaster -> forecast records
-    processor.py   one batch of events: validate, store, close buckets, forecast
-    app.py         the Faust app: only wiring
-    cli.py         run_worker / inspect_items for the typer CLI
-    __main__.py    ``python -m stream``: the worker from TRENDCAST_* settings
+    worker/      the running worker: Faust app wiring, batch consumer, runner, GC tuning
+    pipeline/    one batch of events: validate (events), event-time clock (watermark),
+                 store, close buckets, forecast, commit bookkeeping (processor)
+    lifecycle/   which bundle is live (live_pointer) and swapping to a new one (hot_reload)
+    monitoring/  Prometheus metrics, readiness and logs (telemetry), health, online
+                 accuracy, trends
+    inference/   model info, observer protocol, window stacking, micro-batched ONNX
+                 inference and the forecast records (C writer ``_recordfmt.c``)
+    state/       the WindowStore interface, in-memory and Redis implementations (Lua)
+    settings/    WorkerSettings (env prefix TRENDCAST_), Kafka/Redis security, redaction
+    __main__.py  ``python -m stream``: the worker from TRENDCAST_* settings
 
-Around the worker: ``embedded.py`` (Tansu / redis-server on free ports), ``replay.py``
-(sales files -> events), ``tail.py`` (read a topic), ``up.py`` (everything at once).
+Data flow: ``worker`` hands each fetched batch to ``pipeline``, which validates it,
+writes bucket sums to ``state``, closes buckets by event time, stacks the windows of due
+items and forecasts them through ``inference``, sends the records, then tells the
+``monitoring`` observers. The developer tools around the worker (embedded services, ``up``,
+``replay``, ``tail``) live in :mod:`trendcast.devtools`, on top of both halves.
 """
 
 __all__: list[str] = []

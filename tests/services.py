@@ -28,9 +28,9 @@ import pytest
 import redis
 
 from trendcast.devtools.embedded import TansuBroker, ensure_topics, resolve_redis, to_bootstrap
-from trendcast.devtools.testkit.kafka import delete_topics
-from trendcast.devtools.testkit.redis_cluster import LocalRedisCluster, cluster_binaries
 from trendcast.exceptions import StateStoreError
+from trendcast.testkit.kafka import delete_topics
+from trendcast.testkit.redis_cluster import LocalRedisCluster, cluster_binaries
 
 __all__ = [
     "redis_cluster_url",

@@ -1,7 +1,8 @@
 """The global LSTM: one network for every item, on scaled windows.
 
-Inputs are ``[window, n_features]`` windows from :func:`trendcast.features.build_inputs`;
-outputs are in scaled units (quantity / item scale):
+Inputs are ``[window, n_features]`` windows from
+:func:`trendcast.forecasting.features.build_inputs`; outputs are in scaled units
+(quantity / item scale):
 
 * ``mean`` ``[horizon]``: the expected value, non-negative by construction (softplus terms
   only), trained with a Poisson (default), Tweedie or squared-error loss. Poisson and

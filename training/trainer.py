@@ -1,8 +1,9 @@
 """Training the global LSTM on a bucketed panel, with validation scores and rich progress.
 
 Split: each item's last ``horizon`` buckets are its validation targets; training windows end
-before them (:func:`trendcast.features.make_training_windows`), and item scales are computed
-from the buckets before them too, so nothing of the validation period leaks into training.
+before them (:func:`trendcast.forecasting.features.make_training_windows`), and item scales
+are computed from the buckets before them too, so nothing of the validation period leaks into
+training.
 Early stopping watches the validation loss and restores the best weights; the validation split
 then sets one calibration factor of the mean output (``calibrate``), so validation scores are
 slightly optimistic and the honest test is a backtest on later data (``bench/offline.py``).
@@ -50,7 +51,7 @@ from training.model import (
 )
 from trendcast.data import Panel
 from trendcast.exceptions import ConfigError, ModelError
-from trendcast.features import (
+from trendcast.forecasting.features import (
     DEFAULT_EPSILON,
     TrainingWindows,
     feature_names,
@@ -101,7 +102,7 @@ class TrainConfig:
         p50_blend: The same for the p50 head (p10/p90 keep their offsets from p50); ``None``:
             the ``w`` with the lowest validation WAPE.
         causal_scales: Scale each training window by the item mean known at its end (see
-            :func:`trendcast.features.make_training_windows`).
+            :func:`trendcast.forecasting.features.make_training_windows`).
         max_age: Train only on windows whose targets end at most this many buckets before
             the validation period (``None``: all history).
         calibrate: Rescale the mean output so it is unbiased on the validation split (see

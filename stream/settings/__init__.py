@@ -1,2 +1,1 @@
-"""Worker settings: one pydantic-settings class and its translation into Kafka/Redis client
-options."""
+"""Worker settings: the pydantic-settings class, Kafka/Redis security, URL redaction."""

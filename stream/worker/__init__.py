@@ -1,1 +1,1 @@
-"""The running worker: the Faust app, its batch consumer, the runner behind ``trendcast worker``."""
+"""The running worker: the Faust app, its batch consumer, the runner of ``trendcast worker``."""

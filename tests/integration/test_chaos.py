@@ -39,8 +39,8 @@ from stream.settings.worker import WorkerSettings
 from stream.state.base import PartitionId, PartitionState
 from trendcast.data import read_lines, sample_data_path
 from trendcast.devtools.replay import encode_events
-from trendcast.devtools.testkit.bundles import make_fake_bundle
-from trendcast.devtools.testkit.kafka import committed_offsets, wait_until
+from trendcast.testkit.bundles import make_fake_bundle
+from trendcast.testkit.kafka import committed_offsets, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

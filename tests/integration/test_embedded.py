@@ -20,8 +20,8 @@ from trendcast.devtools.embedded import (
     redis_answers,
     resolve_redis,
 )
-from trendcast.devtools.testkit.kafka import committed_offsets, consume_all, produce
 from trendcast.exceptions import BrokerError, StateStoreError
+from trendcast.testkit.kafka import committed_offsets, consume_all, produce
 
 pytestmark = pytest.mark.integration
 

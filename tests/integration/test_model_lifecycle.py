@@ -26,12 +26,12 @@ from stream.state.memory import MemoryWindowStore
 from stream.worker.runner import build_worker_app, load_model
 from trendcast.cli import app
 from trendcast.devtools.embedded import free_port
-from trendcast.devtools.testkit.bundles import make_fake_bundle
-from trendcast.devtools.testkit.cli import assert_one_line_error, run_cli
-from trendcast.devtools.testkit.doubles import FREQ, ListSink, bundle_reload_failures
-from trendcast.devtools.testkit.kafka import delete_topics
 from trendcast.devtools.up import live_bundle, run_up
 from trendcast.exceptions import BundleError, StateStoreError
+from trendcast.testkit.bundles import make_fake_bundle
+from trendcast.testkit.cli import assert_one_line_error, run_cli
+from trendcast.testkit.doubles import FREQ, ListSink, bundle_reload_failures
+from trendcast.testkit.kafka import delete_topics
 
 pytestmark = pytest.mark.integration
 

@@ -39,10 +39,10 @@ from stream.state.memory import MemoryWindowStore
 from stream.state.redis_store import RedisWindowStore, item_keys, partition_keys
 from stream.worker.runner import _check_redis, inspect_items
 from trendcast.devtools.embedded import free_port
-from trendcast.devtools.testkit.stores import run
 from trendcast.exceptions import ConfigError, StateStoreError
 from trendcast.forecasting.base import ForecastBatch, WindowBatch
 from trendcast.freq import parse_freq
+from trendcast.testkit.stores import run
 
 pytestmark = pytest.mark.integration
 

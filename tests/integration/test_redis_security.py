@@ -26,9 +26,9 @@ from stream.state.redis_clients import async_client
 from stream.state.redis_store import RedisWindowStore
 from stream.worker.runner import _check_redis
 from trendcast.devtools.embedded import RedisServer
-from trendcast.devtools.testkit.certs import TlsFiles, make_tls_files, openssl_available
 from trendcast.exceptions import StateStoreError
 from trendcast.freq import parse_freq
+from trendcast.testkit.certs import TlsFiles, make_tls_files, openssl_available
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from trendcast.data import read_lines, sample_data_path
 from trendcast.devtools.embedded import ensure_topics, kafka_answers
 from trendcast.devtools.replay import event_ids, replay
 from trendcast.devtools.tail import print_tail, tail
-from trendcast.devtools.testkit.kafka import consume_all, consume_values, produce
 from trendcast.exceptions import BrokerError, ConfigError, DataError
+from trendcast.testkit.kafka import consume_all, consume_values, produce
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from trendcast.devtools.testkit.cli import run_cli
-from trendcast.devtools.testkit.doubles import tracker_records
+from trendcast.testkit.cli import run_cli
+from trendcast.testkit.doubles import tracker_records
 
 
 def test_report_reads_the_topic_to_its_end(
@@ -19,7 +19,7 @@ def test_report_reads_the_topic_to_its_end(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from trendcast.devtools.testkit.kafka import produce
+    from trendcast.testkit.kafka import produce
 
     topic = unique_topic(partitions=2, prefix="accuracy")
     records = tracker_records(days=4)

@@ -15,17 +15,17 @@ import pytest
 from onnx import TensorProto, helper
 
 from trendcast.bundle import load_bundle
-from trendcast.devtools.testkit.trained_bundle import (
+from trendcast.exceptions import BundleError, ModelError
+from trendcast.forecasting.base import Forecaster, WindowBatch
+from trendcast.forecasting.features import build_inputs
+from trendcast.forecasting.onnx import OnnxForecaster
+from trendcast.forecasting.windows import windows_from_panel
+from trendcast.testkit.trained_bundle import (
     TINY_HORIZON,
     TINY_WINDOW,
     tiny_panel,
     train_tiny_bundle,
 )
-from trendcast.exceptions import BundleError, ModelError
-from trendcast.features import build_inputs
-from trendcast.forecasting.base import Forecaster, WindowBatch
-from trendcast.forecasting.onnx import OnnxForecaster
-from trendcast.forecasting.windows import windows_from_panel
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("tf2onnx")

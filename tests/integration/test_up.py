@@ -18,9 +18,9 @@ from rich.console import Console
 
 from stream.settings.worker import WorkerSettings
 from trendcast.devtools.embedded import kafka_answers, to_bootstrap
-from trendcast.devtools.testkit.bundles import make_fake_bundle
 from trendcast.devtools.up import run_up, worker_env
 from trendcast.exceptions import ConfigError, StreamError
+from trendcast.testkit.bundles import make_fake_bundle
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ import pytest
 
 from stream.settings.worker import WorkerSettings
 from trendcast.devtools.embedded import RedisServer, ensure_topics, free_port
-from trendcast.devtools.testkit.bundles import make_fake_bundle
-from trendcast.devtools.testkit.kafka import produce, wait_until
-from trendcast.devtools.testkit.processes import start_worker
+from trendcast.testkit.bundles import make_fake_bundle
+from trendcast.testkit.kafka import produce, wait_until
+from trendcast.testkit.processes import start_worker
 
 pytestmark = pytest.mark.integration
 

@@ -30,10 +30,10 @@ from trendcast.bundle import load_bundle
 from trendcast.data import bucketize, read_lines, sample_data_path
 from trendcast.devtools.embedded import free_port
 from trendcast.devtools.replay import encode_events
-from trendcast.devtools.testkit.bundles import make_fake_bundle
-from trendcast.devtools.testkit.kafka import committed_offsets, consume_all, produce, wait_until
-from trendcast.devtools.testkit.processes import start_worker
 from trendcast.freq import parse_freq
+from trendcast.testkit.bundles import make_fake_bundle
+from trendcast.testkit.kafka import committed_offsets, consume_all, produce, wait_until
+from trendcast.testkit.processes import start_worker
 
 pytestmark = pytest.mark.integration
 

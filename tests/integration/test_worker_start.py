@@ -20,7 +20,7 @@ import pytest
 
 from trendcast.bundle import sha256_file
 from trendcast.devtools.embedded import free_port
-from trendcast.devtools.testkit.bundles import fake_onnx, make_fake_bundle
+from trendcast.testkit.bundles import fake_onnx, make_fake_bundle
 
 pytestmark = pytest.mark.integration
 

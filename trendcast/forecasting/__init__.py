@@ -1,4 +1,4 @@
-"""Forecasters: the interface, the ONNX model and the baselines (no TensorFlow here)."""
+"""Forecasting: the model inputs (features), the Forecaster interface, ONNX and baselines."""
 
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 

@@ -1,8 +1,8 @@
 """The LSTM served from ONNX Runtime: the production :class:`Forecaster` (name ``lstm``).
 
 This module must stay TensorFlow-free (the stream worker imports it): onnxruntime and numpy
-only, plus trendcast's own :mod:`trendcast.features`, the single definition of the model inputs
-shared with training, so what the worker feeds the model is what it was trained on.
+only, plus trendcast's own :mod:`trendcast.forecasting.features`, the single definition of
+the model inputs shared with training, so what the worker feeds the model is what it was trained on.
 
 One ``session.run`` per :meth:`OnnxForecaster.predict` call: the caller micro-batches windows
 (the stream worker collects many items per batch), which amortises ONNX Runtime's per-call
@@ -22,9 +22,9 @@ import onnxruntime as ort
 
 from trendcast.bundle import Bundle
 from trendcast.exceptions import BundleError, ForecastError
-from trendcast.features import build_inputs
 from trendcast.forecasting.base import ForecastBatch, WindowBatch
 from trendcast.forecasting.baselines import SeasonalNaiveForecaster
+from trendcast.forecasting.features import build_inputs
 
 __all__ = ["FALLBACK_SEASON", "OnnxForecaster", "default_threads", "unscale_outputs"]
 

@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from trendcast.bundle import load_bundle, sha256_file
-from trendcast.devtools.testkit.bundles import fake_onnx, make_fake_bundle
 from trendcast.exceptions import BundleError
+from trendcast.testkit.bundles import fake_onnx, make_fake_bundle
 
 
 def _edit_meta(path: Path, **changes: object) -> None:

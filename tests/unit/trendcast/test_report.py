@@ -9,9 +9,9 @@ import orjson
 import pandas as pd
 import pytest
 
-from trendcast.devtools.testkit.cli import run_cli
-from trendcast.devtools.testkit.doubles import tracker_records
 from trendcast.report import accuracy_frame
+from trendcast.testkit.cli import run_cli
+from trendcast.testkit.doubles import tracker_records
 
 DAY = 86_400_000
 

@@ -20,8 +20,10 @@ from stream.pipeline.processor import SalesProcessor
 from stream.settings.worker import WorkerSettings
 from stream.state.memory import MemoryWindowStore
 from stream.worker.app import create_app
-from trendcast.devtools.testkit.bundles import make_fake_bundle
-from trendcast.devtools.testkit.doubles import (
+from trendcast.exceptions import BundleError
+from trendcast.freq import parse_freq
+from trendcast.testkit.bundles import make_fake_bundle
+from trendcast.testkit.doubles import (
     FREQ,
     MODEL,
     FakeForecaster,
@@ -31,8 +33,6 @@ from trendcast.devtools.testkit.doubles import (
     processor,
     sale,
 )
-from trendcast.exceptions import BundleError
-from trendcast.freq import parse_freq
 
 WINDOW = 7
 

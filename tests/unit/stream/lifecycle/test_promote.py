@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from stream.lifecycle.hot_reload import load_model, resolve_bundle
 from stream.lifecycle.live_pointer import write_pointer
 from trendcast.cli import app
-from trendcast.devtools.testkit.bundles import make_fake_bundle
-from trendcast.devtools.testkit.cli import assert_one_line_error, run_cli
 from trendcast.exceptions import BundleError
+from trendcast.testkit.bundles import make_fake_bundle
+from trendcast.testkit.cli import assert_one_line_error, run_cli
 
 
 @pytest.fixture

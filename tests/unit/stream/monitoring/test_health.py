@@ -15,8 +15,8 @@ from stream.monitoring.health import PROCESSING, STATE_STORE, Health
 from stream.settings.worker import WorkerSettings
 from stream.state.memory import MemoryWindowStore
 from stream.worker.app import create_app
-from trendcast.devtools.testkit.doubles import FREQ, MODEL, FakeForecaster, ListSink, sale
 from trendcast.exceptions import StateStoreError
+from trendcast.testkit.doubles import FREQ, MODEL, FakeForecaster, ListSink, sale
 
 
 def _gauge(name: str, **labels: str) -> float | None:

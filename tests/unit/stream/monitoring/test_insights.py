@@ -22,7 +22,9 @@ from stream.monitoring.telemetry import SHADOW_FAILURES
 from stream.settings.worker import WorkerSettings
 from stream.state.memory import MemoryWindowStore
 from stream.worker.app import create_app
-from trendcast.devtools.testkit.doubles import (
+from trendcast.exceptions import BundleError
+from trendcast.forecasting.base import ForecastBatch, WindowBatch
+from trendcast.testkit.doubles import (
     FREQ,
     MODEL,
     FakeForecaster,
@@ -31,8 +33,6 @@ from trendcast.devtools.testkit.doubles import (
     processor,
     sale,
 )
-from trendcast.exceptions import BundleError
-from trendcast.forecasting.base import ForecastBatch, WindowBatch
 
 SHADOW = ModelInfo(freq=FREQ, window=5, horizon=3, model_version="shadow-1")
 

@@ -24,9 +24,9 @@ from stream.monitoring import telemetry as obs
 from stream.pipeline.processor import RawMessage, SalesProcessor
 from stream.state.base import PartitionId
 from stream.state.memory import MemoryWindowStore
-from trendcast.devtools.testkit.doubles import MODEL, FakeForecaster, ListSink
 from trendcast.exceptions import StateStoreError
 from trendcast.forecasting.base import WindowBatch
+from trendcast.testkit.doubles import MODEL, FakeForecaster, ListSink
 
 TP = namedtuple("TP", "topic partition")
 

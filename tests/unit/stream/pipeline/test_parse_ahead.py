@@ -20,7 +20,7 @@ from stream.inference.model_info import ModelInfo
 from stream.pipeline.processor import RawMessage, Record
 from stream.state.base import PartitionId
 from stream.state.memory import MemoryWindowStore
-from trendcast.devtools.testkit.doubles import FREQ, FakeForecaster, Feed, ListSink, processor, sale
+from trendcast.testkit.doubles import FREQ, FakeForecaster, Feed, ListSink, processor, sale
 
 P0, P1 = PartitionId("sales", 0), PartitionId("sales", 1)
 

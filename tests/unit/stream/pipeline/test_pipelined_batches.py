@@ -21,7 +21,8 @@ from stream.inference.observers import ScoredBatch
 from stream.pipeline.processor import RawMessage, SalesProcessor
 from stream.state.base import ApplyResult, ItemUpdate, PartitionId, PartitionUpdate
 from stream.state.memory import MemoryWindowStore
-from trendcast.devtools.testkit.doubles import (
+from trendcast.exceptions import BrokerError, StateStoreError
+from trendcast.testkit.doubles import (
     DAY,
     FREQ,
     T0,
@@ -31,7 +32,6 @@ from trendcast.devtools.testkit.doubles import (
     processor,
     sale,
 )
-from trendcast.exceptions import BrokerError, StateStoreError
 
 P0, P1 = PartitionId("sales", 0), PartitionId("sales", 1)
 
@@ -296,7 +296,7 @@ def test_a_retried_batch_plans_from_the_delivered_clock_and_repeats_no_forecast(
 
 def test_a_swap_while_a_batch_forecasts_in_the_background_serves_the_next_batch() -> None:
     from stream.inference.model_info import ModelInfo
-    from trendcast.devtools.testkit.doubles import MODEL, FakeForecaster
+    from trendcast.testkit.doubles import MODEL, FakeForecaster
 
     feed = Feed()
     sink = GatedSink()

@@ -16,8 +16,8 @@ import pytest
 
 from stream.state.base import PartitionId
 from stream.state.memory import MemoryWindowStore
-from trendcast.devtools.testkit.doubles import FREQ, Feed, ListSink, processor, sale
 from trendcast.exceptions import BrokerError
+from trendcast.testkit.doubles import FREQ, Feed, ListSink, processor, sale
 
 
 def _windows(store: MemoryWindowStore, items: list[str]) -> dict[str, dict[int, float]]:

@@ -21,8 +21,8 @@ from pydantic import SecretStr, ValidationError
 from stream.settings.redaction import redact_url
 from stream.settings.security import KafkaSecurity, redis_client_kwargs
 from stream.settings.worker import WorkerSettings
-from trendcast.devtools.testkit.certs import TlsFiles, make_tls_files, openssl_available
 from trendcast.exceptions import BrokerError, ConfigError
+from trendcast.testkit.certs import TlsFiles, make_tls_files, openssl_available
 
 KAFKA_PW = "kafka-Secret-123"
 REDIS_PW = "redis-Secret-456"
@@ -118,7 +118,7 @@ def test_unreadable_tls_file_is_a_config_error(tmp_path: Path) -> None:
 def test_faust_app_gets_the_credentials() -> None:
     from stream.state.memory import MemoryWindowStore
     from stream.worker.app import create_app
-    from trendcast.devtools.testkit.doubles import MODEL, FakeForecaster
+    from trendcast.testkit.doubles import MODEL, FakeForecaster
 
     settings = WorkerSettings(
         kafka_security_protocol="SASL_PLAINTEXT",

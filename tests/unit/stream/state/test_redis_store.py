@@ -28,8 +28,8 @@ from stream.state.base import BucketDelta, ItemUpdate, WindowStore
 from stream.state.memory import MemoryWindowStore
 from stream.state.redis_clients import _hiredis_class, _HiredisPacking, async_client
 from stream.state.redis_store import RedisWindowStore, item_keys
-from trendcast.devtools.testkit.stores import run
 from trendcast.freq import parse_freq
+from trendcast.testkit.stores import run
 
 T = TypeVar("T")
 DAY = 86_400_000

@@ -21,8 +21,8 @@ from stream.state.base import (
 )
 from stream.state.memory import MemoryWindowStore
 from stream.state.redis_store import RedisWindowStore, item_keys, partition_keys
-from trendcast.devtools.testkit.stores import run
 from trendcast.freq import parse_freq
+from trendcast.testkit.stores import run
 
 DAY = 86_400_000
 FREQ = parse_freq("1D")

@@ -25,7 +25,9 @@ from stream.settings.worker import WorkerSettings
 from stream.state.base import PartitionId
 from stream.state.memory import MemoryWindowStore
 from stream.worker.app import create_app
-from trendcast.devtools.testkit.doubles import (
+from trendcast.exceptions import BrokerError, ForecastError
+from trendcast.forecasting.base import ForecastBatch, WindowBatch
+from trendcast.testkit.doubles import (
     DAY,
     FREQ,
     MODEL,
@@ -37,8 +39,6 @@ from trendcast.devtools.testkit.doubles import (
     processor,
     sale,
 )
-from trendcast.exceptions import BrokerError, ForecastError
-from trendcast.forecasting.base import ForecastBatch, WindowBatch
 
 # --- the Faust agent -------------------------------------------------------------------------
 
@@ -347,8 +347,8 @@ def test_forecaster_errors_surface_as_forecast_errors() -> None:
 
 def test_worker_refuses_to_start_without_a_verifiable_bundle(tmp_path: Path) -> None:
     from stream.worker.runner import build_worker_app
-    from trendcast.devtools.testkit.bundles import make_fake_bundle
     from trendcast.exceptions import BundleError
+    from trendcast.testkit.bundles import make_fake_bundle
 
     def settings(bundle: Path) -> WorkerSettings:
         return WorkerSettings(
@@ -368,8 +368,8 @@ def test_worker_refuses_to_start_without_a_verifiable_bundle(tmp_path: Path) -> 
 
 def test_worker_refuses_to_start_without_redis(tmp_path: Path) -> None:
     from stream.worker.runner import build_worker_app
-    from trendcast.devtools.testkit.bundles import make_fake_bundle
     from trendcast.exceptions import StateStoreError
+    from trendcast.testkit.bundles import make_fake_bundle
 
     bundle = make_fake_bundle(tmp_path / "bundle", window=7, horizon=3)
     settings = WorkerSettings(

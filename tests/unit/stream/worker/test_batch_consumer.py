@@ -26,7 +26,7 @@ from stream.settings.worker import WorkerSettings
 from stream.state.memory import MemoryWindowStore
 from stream.worker import batch_consumer as fastpath
 from stream.worker.app import create_app
-from trendcast.devtools.testkit.doubles import FREQ, MODEL, FakeForecaster, ListSink
+from trendcast.testkit.doubles import FREQ, MODEL, FakeForecaster, ListSink
 
 
 def _params(fn: object) -> list[str]:

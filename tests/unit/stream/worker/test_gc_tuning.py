@@ -46,7 +46,7 @@ def test_a_swapped_out_model_is_freed_without_the_collector(tmp_path: Path) -> N
     """The startup model is frozen: once swapped out, only reference counting can free it,
     so it must not sit in a reference cycle."""
     from stream.lifecycle import hot_reload as reload
-    from trendcast.devtools.testkit.bundles import make_fake_bundle
+    from trendcast.testkit.bundles import make_fake_bundle
 
     loaded = reload.load_model(make_fake_bundle(tmp_path / "b", window=14, horizon=7))
     forecaster = weakref.ref(loaded.forecaster)

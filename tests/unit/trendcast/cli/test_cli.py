@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from trendcast.data import sample_data_path
-from trendcast.devtools.testkit.bundles import make_fake_bundle
-from trendcast.devtools.testkit.cli import assert_one_line_error, run_cli
+from trendcast.testkit.bundles import make_fake_bundle
+from trendcast.testkit.cli import assert_one_line_error, run_cli
 
 
 def test_help_lists_commands(

@@ -10,7 +10,8 @@ import pytest
 
 from trendcast.data import Panel, bucketize
 from trendcast.exceptions import ConfigError, DataError
-from trendcast.features import (
+from trendcast.forecasting.base import WindowBatch
+from trendcast.forecasting.features import (
     CALENDAR_FEATURES,
     build_inputs,
     calendar_features,
@@ -20,7 +21,6 @@ from trendcast.features import (
     make_training_windows,
     training_starts,
 )
-from trendcast.forecasting.base import WindowBatch
 from trendcast.forecasting.windows import windows_from_panel
 from trendcast.freq import parse_freq
 
