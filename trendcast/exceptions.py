@@ -9,6 +9,7 @@ can turn it into one line and a non-zero exit, and library users can catch one t
     ├── BundleError          model bundle missing, corrupt, checksum or shape mismatch
     ├── ModelError           training or export failed (e.g. ONNX != Keras)
     ├── ForecastError        inference could not produce a forecast
+    ├── ContractError        a record breaks its topic's published schema
     └── StreamError          the stream worker and its services
         ├── BrokerError      Kafka unreachable or misbehaving
         ├── StateStoreError  Redis unreachable or misbehaving
@@ -24,6 +25,7 @@ __all__ = [
     "BrokerError",
     "BundleError",
     "ConfigError",
+    "ContractError",
     "DataError",
     "EventError",
     "ForecastError",
@@ -56,6 +58,10 @@ class ModelError(TrendcastError):
 
 class ForecastError(TrendcastError):
     """Inference could not produce a forecast."""
+
+
+class ContractError(TrendcastError):
+    """A record does not match its topic's published schema (:mod:`trendcast.contract`)."""
 
 
 class StreamError(TrendcastError):

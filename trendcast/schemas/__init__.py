@@ -1,0 +1,1 @@
+"""JSON Schema files of the records of every topic (read by :mod:`trendcast.contract`)."""
