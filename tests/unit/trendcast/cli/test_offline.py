@@ -1,4 +1,4 @@
-"""The CLI: one-line errors with non-zero exits, and `forecast` without TensorFlow."""
+"""The offline commands: one-line errors with non-zero exits, and `forecast` without TensorFlow."""
 
 from __future__ import annotations
 
@@ -12,15 +12,6 @@ import pytest
 from trendcast.data import sample_data_path
 from trendcast.testkit.bundles import make_fake_bundle
 from trendcast.testkit.cli import assert_one_line_error, run_cli
-
-
-def test_help_lists_commands(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, _ = run_cli(["--help"], monkeypatch, capsys)
-    assert code == 0
-    for command in ("forecast",):
-        assert command in out
 
 
 def test_missing_file(
@@ -87,23 +78,6 @@ def test_bad_bundle(
     assert_one_line_error(err, "not a bundle")
 
 
-def test_usage_error_exits_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, _, err = run_cli(["forecast", "--returns", "sometimes"], monkeypatch, capsys)
-    assert code == 2
-    assert "Traceback" not in err
-
-
-def test_bad_env_setting_is_one_line(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("TRENDCAST_THREADS", "many")
-    code, _, err = run_cli(["--help"], monkeypatch, capsys)
-    assert code == 2
-    assert err.startswith("error: TRENDCAST_THREADS")
-
-
 def test_forecast_from_bundle_never_imports_tensorflow(tmp_path: Path) -> None:
     """`trendcast forecast` runs on ONNX Runtime alone (the worker's dependency set)."""
     bundle = make_fake_bundle(tmp_path / "b", window=14, horizon=7)
@@ -136,3 +110,29 @@ def test_forecast_from_bundle_never_imports_tensorflow(tmp_path: Path) -> None:
     assert len(frame) == 40 * 7
     assert (frame["p10"] <= frame["p50"]).all() and (frame["p50"] <= frame["p90"]).all()
     assert frame["date"].min() == "2011-09-01"
+
+
+def test_export_with_nothing_to_do(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(["export"], monkeypatch, capsys)
+    assert code == 1
+    assert_one_line_error(err, "nothing to do: pass --quantize and/or --reconvert")
+
+
+def test_train_until_before_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", "--data", str(sample_data_path()), "--bundle", str(tmp_path / "b")]
+    code, _, err = run_cli([*args, "--until", "1990-01-01"], monkeypatch, capsys)
+    assert code == 1
+    assert_one_line_error(err, "--until 1990-01-01: no data before that date")
+
+
+def test_report_wants_input_or_brokers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["report", "--out", str(tmp_path), "--input", str(tmp_path / "a.jsonl")]
+    code, _, err = run_cli([*args, "--brokers", "localhost:9092"], monkeypatch, capsys)
+    assert code == 1
+    assert_one_line_error(err, "give either --input or --brokers, not both")
