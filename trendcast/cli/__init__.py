@@ -8,7 +8,7 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from trendcast.cli import dev, offline, stream
+from trendcast.cli import dev, offline, worker
 from trendcast.config import OfflineSettings
 from trendcast.exceptions import TrendcastError
 
@@ -31,11 +31,11 @@ for _command in (
     offline.train,
     offline.export,
     offline.evaluate,
-    stream.worker,
+    worker.worker,
     dev.replay,
     dev.tail,
-    stream.inspect,
-    stream.promote,
+    worker.inspect,
+    worker.promote,
     offline.report,
     dev.up,
 ):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trendcast.devtools.testkit.cli import assert_one_line_error, run_cli
+from trendcast.testkit.cli import assert_one_line_error, run_cli
 
 
 @pytest.mark.parametrize(

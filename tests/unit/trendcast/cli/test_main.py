@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from trendcast.devtools.testkit.cli import run_cli
+from trendcast.testkit.cli import run_cli
 
 COMMANDS = (
     "forecast",

@@ -1,4 +1,4 @@
-"""The stream commands: ``worker``, ``inspect`` and ``promote`` (settings from ``TRENDCAST_*``).
+"""The worker commands: ``worker``, ``inspect`` and ``promote`` (settings from ``TRENDCAST_*``).
 
 Faust, Redis and ONNX Runtime are imported inside the commands, so ``trendcast --help`` stays
 instant.
