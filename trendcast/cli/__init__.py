@@ -8,7 +8,7 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from trendcast.cli import dev, offline, worker
+from trendcast.cli import dev, offline, subscribers, worker
 from trendcast.config import OfflineSettings
 from trendcast.exceptions import TrendcastError
 
@@ -38,6 +38,7 @@ for _command in (
     worker.promote,
     offline.report,
     dev.up,
+    subscribers.schema,
 ):
     app.command()(_command)
 
