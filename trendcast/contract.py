@@ -11,7 +11,8 @@ backward compatible (a new optional field) or bumps the version.
 (the tests run every record the worker, ``replay`` and the dead-letter path produce through
 it); :func:`write_broker_registry` lays the files out for a broker that validates records
 itself (Tansu's ``--schema-registry file://DIR`` expects ``TOPIC.json`` describing the
-record's ``key`` and ``value``).
+record's ``value``, and its ``key`` when the file names one: ours do not, because a key is the
+raw UTF-8 item id, not JSON).
 
 >>> names()[:3]
 ['alerts', 'forecast-accuracy', 'forecasts']
@@ -108,8 +109,8 @@ def write_broker_registry(directory: Path, topics: Mapping[str, str]) -> list[Pa
             ``{"forecasts": "forecasts-eu"}``.
 
     Returns:
-        The files written. Each describes a record: a UTF-8 ``key`` (any string) and a
-        ``value`` that is the record kind's schema.
+        The files written. Each describes a record whose ``value`` is the record kind's
+        schema; the key is left out (Tansu would parse a key it has a schema for as JSON).
     """
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -119,7 +120,7 @@ def write_broker_registry(directory: Path, topics: Mapping[str, str]) -> list[Pa
             "$schema": body.get("$schema"),
             "title": f"{topic}: {body.get('title', name)}",
             "type": "object",
-            "properties": {"key": {"type": "string"}, "value": body},
+            "properties": {"value": body},
             "required": ["value"],
         }
         path = directory / f"{topic}.json"

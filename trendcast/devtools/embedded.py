@@ -167,6 +167,10 @@ class _LocalService:
     def _prepare(self) -> None:
         """Create directories etc. before the first spawn."""
 
+    def _cwd(self) -> str | None:
+        """Working directory of the child (None: this process's)."""
+        return None
+
     def _cleanup(self) -> None:
         """Remove what ``_prepare`` created."""
 
@@ -318,6 +322,7 @@ class _LocalService:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    cwd=self._cwd(),
                 )
             except OSError as exc:
                 raise self.error(f"cannot run {argv[0]}: {exc}") from exc
@@ -385,6 +390,11 @@ class TansuBroker(_LocalService):
             None.
         startup_timeout_s: How long to wait for the first successful Metadata request.
         stop_timeout_s: Grace period after SIGTERM before SIGKILL.
+        storage_engine: Where records live: ``memory://tansu/`` (the default: gone with the
+            process), or ``postgres://USER@HOST/DB`` for a broker that keeps its log across
+            restarts.
+        schema_registry: ``file://DIR`` of ``TOPIC.json`` schemas: the broker itself refuses
+            records that break them (``INVALID_RECORD``); see :mod:`trendcast.contract`.
     """
 
     name: ClassVar[str] = "tansu"
@@ -399,6 +409,8 @@ class TansuBroker(_LocalService):
         binary: str | None = None,
         startup_timeout_s: float = 20.0,
         stop_timeout_s: float = 5.0,
+        storage_engine: str = "memory://tansu/",
+        schema_registry: str | None = None,
     ) -> None:
         super().__init__(
             port=port,
@@ -408,6 +420,8 @@ class TansuBroker(_LocalService):
             stop_timeout_s=stop_timeout_s,
         )
         self._binary = binary
+        self.storage_engine = storage_engine
+        self.schema_registry = schema_registry
 
     @property
     def bootstrap(self) -> str:
@@ -418,6 +432,9 @@ class TansuBroker(_LocalService):
         if self._binary is None:
             self._binary = _tansu_binary()
 
+    def _cwd(self) -> str | None:
+        return "/"  # see _tansu_file_url
+
     def _command(self, port: int) -> list[str]:
         binary = self._binary or _tansu_binary()
         url = f"tcp://{self.host}:{port}"
@@ -426,14 +443,39 @@ class TansuBroker(_LocalService):
         return [
             binary,
             "broker",
-            "--cluster-id", "trendcast",
-            "--listener-url", url,
-            "--advertised-listener-url", url,
-            "--storage-engine", "memory://tansu/",
-        ]  # fmt: skip
+            "--cluster-id",
+            "trendcast",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            self.storage_engine,
+        ] + (  # fmt: skip
+            ["--schema-registry", _tansu_file_url(self.schema_registry)]
+            if self.schema_registry
+            else []
+        )
 
     def _ready(self, port: int) -> bool:
         return kafka_answers(f"{self.host}:{port}", timeout_s=1.0)
+
+
+def _tansu_file_url(url: str) -> str:
+    """A ``file://`` URL as Tansu 0.6 resolves it: joined to its working directory.
+
+    Tansu looks ``file:///tmp/reg`` up as ``$PWD/tmp/reg`` (and ``file://./reg`` as
+    ``$PWD/reg``), so the broker runs in ``/`` (:meth:`TansuBroker._cwd`) and a relative
+    directory is made absolute here, against this process's working directory.
+
+    >>> _tansu_file_url("file://./reg") == "file://" + os.path.abspath("reg")
+    True
+    >>> _tansu_file_url("file:///tmp/reg"), _tansu_file_url("s3://bucket/")
+    ('file:///tmp/reg', 's3://bucket/')
+    """
+    if not url.startswith("file://"):
+        return url
+    return "file://" + os.path.abspath(url[len("file://") :])
 
 
 def _tansu_binary() -> str:
