@@ -271,6 +271,11 @@ class RedisWindowStore:
         """Bucket frequency of the stored sums."""
         return self._freq
 
+    @property
+    def remote(self) -> bool:
+        """Every operation is a round trip to Redis (timed in ``trendcast_redis_seconds``)."""
+        return True
+
     def _idx(self, ms: int) -> int:
         return (ms - self._freq.origin_ms) // self._freq.step_ms
 
@@ -283,7 +288,7 @@ class RedisWindowStore:
             self._shas[name] = _decode(await self._client.script_load(body))
 
     async def ping(self) -> None:
-        """Check the connection and load the scripts.
+        """Check the connection and load the scripts (see :meth:`WindowStore.ping`).
 
         Raises:
             StateStoreError: Redis is unreachable or refuses the scripts.
