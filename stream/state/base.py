@@ -3,7 +3,7 @@
 A :class:`WindowStore` keeps, for each item, the sums of its recent buckets (quantity and, for
 price-aware models, the quantity-weighted price) plus the bucket of its first sale, and for
 each source partition its :class:`~stream.pipeline.watermark.PartitionState` and the items that sold
-recently. Four operations are enough for the worker:
+recently. Four operations are enough for the worker to process a batch:
 
 * :meth:`WindowStore.apply` — add a batch of events atomically per item and idempotently
   (each event carries a dedupe key; a key seen before is skipped), advance partition state
@@ -11,6 +11,10 @@ recently. Four operations are enough for the worker:
 * :meth:`WindowStore.read` — the stored buckets of some items;
 * :meth:`WindowStore.load_partition` / :meth:`WindowStore.save_partition` — the clock a
   worker continues from after a restart or rebalance.
+
+Two more tell the worker how to watch the store: :meth:`WindowStore.ping` (``/ready`` and the
+``/health`` probe) and :attr:`WindowStore.remote` (whether its operations are timed in
+``trendcast_redis_seconds``).
 
 Both implementations (:mod:`stream.state.memory`, :mod:`stream.state.redis_store`) pass the same
 contract tests (tests/unit/stream/state/test_window_store_contract.py).
@@ -263,6 +267,27 @@ class WindowStore(Protocol):
     @property
     def freq(self) -> Freq:
         """Bucket frequency of the stored sums."""
+        ...
+
+    @property
+    def remote(self) -> bool:
+        """Whether every operation is a round trip to a server (Redis).
+
+        The worker times the operations of a remote store in ``trendcast_redis_seconds``
+        and leaves an in-process store out, so that histogram only ever shows network round
+        trips.
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Check that the store can serve now (reachable, ready for :meth:`apply`).
+
+        The worker calls it for ``/ready`` and every few seconds for ``/health``, so that
+        even an idle worker reports an outage; an in-process store has nothing to check.
+
+        Raises:
+            StateStoreError: The backend is unavailable.
+        """
         ...
 
     async def apply(

@@ -51,6 +51,14 @@ class MemoryWindowStore:
         """Bucket frequency of the stored sums."""
         return self._freq
 
+    @property
+    def remote(self) -> bool:
+        """In-process: its operations are not timed as Redis round trips."""
+        return False
+
+    async def ping(self) -> None:
+        """Always available: nothing to check."""
+
     async def apply(
         self, items: Sequence[ItemUpdate], partitions: Sequence[PartitionUpdate]
     ) -> ApplyResult:

@@ -1,5 +1,8 @@
 """Redis :class:`~stream.state.base.WindowStore`: Lua scripts, one pipelined round trip.
 
+The scripts are files in ``stream/state/lua/`` (what each takes and returns is written above
+its loading line below).
+
 Key layout (``P`` = the configured prefix; the ``{...}`` part is the Redis Cluster hash tag,
 so every script touches the keys of one slot only)::
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import resources
 from itertools import chain
 from typing import Any, cast
 
@@ -65,6 +69,22 @@ __all__ = ["RedisWindowStore", "item_keys", "partition_keys"]
 
 logger = logging.getLogger(__name__)
 
+
+def _script(name: str) -> str:
+    """The Lua source ``stream/state/lua/<name>.lua`` (package data, see pyproject.toml).
+
+    Read as bytes and decoded, not with ``read_text``: text mode would translate line
+    endings, and a script's SHA1 (what EVALSHA names it by) must be the file's, byte for
+    byte. Each file keeps the leading newline the scripts had when they were Python strings,
+    so the SHA1s did not change when they moved out.
+
+    >>> _script("read_windows").splitlines()[1]
+    'local out = {}'
+    """
+    return resources.files("stream.state").joinpath("lua", f"{name}.lua").read_bytes().decode()
+
+
+# lua/item_lib.lua (prepended to apply_item.lua and apply_items.lua, which call it):
 # apply_item(window hash, dedupe zset, keep_from_idx, dedupe_from_idx, ttl_ms, arguments)
 # adds a batch's events to one item. Its arguments are a run of ARGV (the multi-item script
 # walks the runs of its items): a header, then the item's dedupe keys, one argument each.
@@ -110,235 +130,24 @@ logger = logging.getLogger(__name__)
 # a bucket below the marker unseen: that bucket then outlives keep_from until keep_from
 # passes the marker, at most a window's length — harmless, as no window reaches before
 # keep_from.
-_ITEM_FUNCTION = """
-local CHUNK = 1000  -- arguments unpacked per call stay far below Lua's C stack limit
-local W_LOW, D_LOW = '\\30', '\\31'
--- Shortest of %.15g / %.17g that reads back as the same double: exact, and short for the
--- usual sums (26.55 rather than 26.550000000000001), which keeps the hash in a listpack.
--- price*quantity sums (2.95 * 7 = 20.650000000000002) are kept to 12 significant digits
--- instead: far below float32 model precision, and half the bytes.
-local function fmt(x)
-  local s = string.format('%.15g', x)
-  if tonumber(s) ~= x then s = string.format('%.17g', x) end
-  return s
-end
-local function encode(q, pq, pn)
-  if pq == 0 and pn == 0 then return fmt(q) end
-  if pn == q then return fmt(q) .. ',' .. string.format('%.12g', pq) end
-  return fmt(q) .. ',' .. string.format('%.12g', pq) .. ',' .. fmt(pn)
-end
--- "q", "q,price_qty" (priced_qty == q) or "q,price_qty,priced_qty"; false: an empty bucket.
-local function parse(cur)
-  if not cur then return 0, 0, 0 end
-  local i = string.find(cur, ',', 1, true)
-  if not i then return tonumber(cur), 0, 0 end
-  local q = tonumber(string.sub(cur, 1, i - 1))
-  local j = string.find(cur, ',', i + 1, true)
-  if not j then return q, tonumber(string.sub(cur, i + 1)), q end
-  return q, tonumber(string.sub(cur, i + 1, j - 1)), tonumber(string.sub(cur, j + 1))
-end
--- ZMSCORE of the markers and of the keys ARGV[from..to] (CHUNK keys per call): the markers'
--- scores (numbers, nil when absent) and the reply, where key i's score is at i + 2 (false:
--- unseen).
-local function lookup(d, from, to)
-  local got = redis.call('ZMSCORE', d, W_LOW, D_LOW,
-                         unpack(ARGV, from, math.min(to, from + CHUNK - 1)))
-  for i = from + CHUNK, to, CHUNK do
-    local more = redis.call('ZMSCORE', d, unpack(ARGV, i, math.min(i + CHUNK - 1, to)))
-    for j = 1, #more do got[#got + 1] = more[j] end
-  end
-  return tonumber(got[1]), tonumber(got[2]), got
-end
--- Everything after the dedupe check, shared by both modes. fields: the buckets receiving
--- new events, in first-seen order; adds[field]: their quantity, price_qty, priced_qty
--- increments (3 numbers each) in event order; zargs: score/key pairs of the new dedupe keys.
-local function store(w, d, keep_from, dedupe_from, dedupe_from_arg, ttl, w_low, d_low, fields,
-                     adds, zargs)
-  local hset, changed, lowest, written = {}, {}, nil, nil
-  local first = false
-  for i = 1, #fields, CHUNK do
-    local last = math.min(i + CHUNK - 1, #fields)
-    local cur = redis.call('HMGET', w, 'f', unpack(fields, i, last))
-    if cur[1] then first = cur[1] end
-    for j = i, last do
-      local field = fields[j]
-      local idx = tonumber(field)
-      local q, pq, pn = parse(cur[j - i + 2])
-      local a = adds[field]
-      for k = 1, #a, 3 do  -- in order, as adding the events one by one would
-        q, pq, pn = q + a[k], pq + a[k + 1], pn + a[k + 2]
-      end
-      changed[#changed + 1] = idx
-      if (not lowest) or idx < lowest then lowest = idx end
-      -- A bucket before keep_from (only when the caller breaks dedupe_from >= keep_from)
-      -- counts as changed but would be trimmed at once: not written.
-      if idx >= keep_from then
-        hset[#hset + 1] = field
-        hset[#hset + 1] = encode(q, pq, pn)
-        if (not written) or idx < written then written = idx end
-      end
-    end
-  end
-  if lowest and ((not first) or lowest < tonumber(first)) then
-    hset[#hset + 1] = 'f'
-    hset[#hset + 1] = lowest
-  end
-  -- Trim the window hash: nothing is below keep_from unless the marker says it may be.
-  -- No 'f' while events were added means an empty hash ('f' comes with the first bucket).
-  local new_w_low
-  if #fields > 0 and not first then
-    new_w_low = written
-  elseif w_low and w_low >= keep_from then
-    new_w_low = w_low
-    if written and written < new_w_low then new_w_low = written end
-  else
-    local del, low = {}, written
-    for _, f in ipairs(redis.call('HKEYS', w)) do
-      if f ~= 'f' then
-        local idx = tonumber(f)
-        if idx < keep_from then
-          del[#del + 1] = f
-        elseif (not low) or idx < low then
-          low = idx
-        end
-      end
-    end
-    for i = 1, #del, CHUNK do
-      redis.call('HDEL', w, unpack(del, i, math.min(i + CHUNK - 1, #del)))
-    end
-    new_w_low = low or keep_from
-  end
-  -- Forget the dedupe keys of late buckets: none below dedupe_from unless the marker says so.
-  local new_d_low, trimmed = d_low, false
-  if (not d_low) or d_low < dedupe_from then
-    redis.call('ZREMRANGEBYSCORE', d, '-inf', '(' .. dedupe_from_arg)
-    new_d_low, trimmed = dedupe_from, true
-  elseif lowest and lowest < new_d_low then
-    new_d_low = lowest
-  end
-  -- Markers are written when they change or the trim above may have removed them, and
-  -- never alone into a zset that did not have them (no item gets a zset of markers only).
-  local marks = {}
-  if (trimmed or new_w_low ~= w_low or new_d_low ~= d_low)
-      and (#zargs > 0 or w_low or d_low) then
-    marks = {new_d_low, D_LOW}
-    if new_w_low then marks = {new_d_low, D_LOW, new_w_low, W_LOW} end
-  end
-  for _, v in ipairs(marks) do zargs[#zargs + 1] = v end
-  for i = 1, #zargs, 2 * CHUNK do
-    redis.call('ZADD', d, unpack(zargs, i, math.min(i + 2 * CHUNK - 1, #zargs)))
-  end
-  for i = 1, #hset, 2 * CHUNK do
-    redis.call('HSET', w, unpack(hset, i, math.min(i + 2 * CHUNK - 1, #hset)))
-  end
-  if ttl > 0 then
-    redis.call('PEXPIRE', w, ttl)
-    redis.call('PEXPIRE', d, ttl)
-  end
-  return changed
-end
-local function apply_summed(w, d, keep_from, dedupe_from, dedupe_from_arg, ttl, pos)
-  local fields, adds, zargs = {}, {}, {}
-  local k = pos + 1  -- the block's first key
-  for field, q, pq, pn, n in string.gmatch(ARGV[pos],
-      '(%-?%d+),([^,]+),([^,]+),([^,]+),(%d+);') do
-    local a = adds[field]
-    if not a then
-      a = {}
-      adds[field] = a
-      fields[#fields + 1] = field
-    end
-    a[#a + 1] = tonumber(q)
-    a[#a + 1] = tonumber(pq)
-    a[#a + 1] = tonumber(pn)
-    for j = k, k + tonumber(n) - 1 do
-      zargs[#zargs + 1] = field
-      zargs[#zargs + 1] = ARGV[j]
-    end
-    k = k + tonumber(n)
-  end
-  local w_low, d_low, got = lookup(d, pos + 1, k - 1)  -- every key before any write
-  for i = 3, #got do
-    if got[i] then return {-1}, k end
-  end
-  local changed = store(w, d, keep_from, dedupe_from, dedupe_from_arg, ttl, w_low, d_low,
-                        fields, adds, zargs)
-  return {0, changed}, k
-end
-local function apply_events(w, d, keep_from, dedupe_from, dedupe_from_arg, ttl, pos)
-  local events = {}
-  for field, q, pq, pn in string.gmatch(ARGV[pos], '(%-?%d+),([^,]+),([^,]+),([^;]+);') do
-    events[#events + 1] = {field, q, pq, pn}
-  end
-  local n = #events
-  local w_low, d_low, got = lookup(d, pos + 1, pos + n)
-  local fields, adds, zargs, seen, dup = {}, {}, {}, {}, 0
-  for i, e in ipairs(events) do
-    local field, key = e[1], ARGV[pos + i]
-    if got[i + 2] or seen[key] then
-      dup = dup + 1
-    else
-      seen[key] = true
-      zargs[#zargs + 1] = field
-      zargs[#zargs + 1] = key
-      local a = adds[field]
-      if not a then
-        a = {}
-        adds[field] = a
-        fields[#fields + 1] = field
-      end
-      a[#a + 1] = tonumber(e[2])
-      a[#a + 1] = tonumber(e[3])
-      a[#a + 1] = tonumber(e[4])
-    end
-  end
-  local changed = store(w, d, keep_from, dedupe_from, dedupe_from_arg, ttl, w_low, d_low,
-                        fields, adds, zargs)
-  return {dup, changed}, pos + n + 1
-end
-local function apply_item(w, d, keep_from, dedupe_from, dedupe_from_arg, ttl, pos)
-  if string.byte(ARGV[pos], 1) == 115 then  -- 's'
-    return apply_summed(w, d, keep_from, dedupe_from, dedupe_from_arg, ttl, pos)
-  end
-  return apply_events(w, d, keep_from, dedupe_from, dedupe_from_arg, ttl, pos)
-end
-"""
+_ITEM_FUNCTION = _script("item_lib")
 
-# KEYS: window hash, dedupe zset. ARGV: keep_from_idx, dedupe_from_idx, ttl_ms, then the
-# item's arguments. One item per call: what Redis Cluster allows (both keys share the item's
-# hash slot).
-_APPLY_ITEM = (
-    _ITEM_FUNCTION
-    + """
-return (apply_item(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[2],
-                   tonumber(ARGV[3]), 4))
-"""
-)
+# lua/apply_item.lua. KEYS: window hash, dedupe zset. ARGV: keep_from_idx, dedupe_from_idx,
+# ttl_ms, then the item's arguments. One item per call: what Redis Cluster allows (both keys
+# share the item's hash slot).
+_APPLY_ITEM = _ITEM_FUNCTION + _script("apply_item")
 
-# KEYS: window hash and dedupe zset of each of n items. ARGV: keep_from_idx, dedupe_from_idx,
-# ttl_ms (the same for every item of the call), then the arguments of each item in turn.
+# lua/apply_items.lua. KEYS: window hash and dedupe zset of each of n items. ARGV:
+# keep_from_idx, dedupe_from_idx, ttl_ms (the same for every item of the call), then the
+# arguments of each item in turn.
 # Returns one apply_item result per item. On a single Redis server the keys of many items
 # may go into one script call, so a batch costs a handful of commands instead of one per
 # item (redis-py's per-command cost dominated); the whole call is still atomic.
-_APPLY_ITEMS = (
-    _ITEM_FUNCTION
-    + """
-local keep_from, dedupe_from, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local out, pos = {}, 4
-for i = 1, #KEYS / 2 do
-  out[i], pos = apply_item(KEYS[2 * i - 1], KEYS[2 * i], keep_from, dedupe_from, ARGV[2], ttl,
-                           pos)
-end
-return out
-"""
-)
+_APPLY_ITEMS = _ITEM_FUNCTION + _script("apply_items")
 
-# KEYS: window hashes. Returns HGETALL of each (single server only, like _APPLY_ITEMS).
-_READ_WINDOWS = """
-local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
-return out
-"""
+# lua/read_windows.lua. KEYS: window hashes. Returns HGETALL of each (single server only,
+# like _APPLY_ITEMS).
+_READ_WINDOWS = _script("read_windows")
 
 #: Distinct stored bucket values whose parsed sums read() keeps (then it starts over): far
 #: more than the common ones, a few MB at most.
@@ -348,37 +157,12 @@ _SUMS_CACHED = 1 << 15
 #: enough that one call keeps Redis busy for milliseconds, not seconds.
 _ITEMS_PER_CALL = 200
 
-# KEYS: clock hash, sellers zset.
+# lua/apply_partition.lua. KEYS: clock hash, sellers zset.
 # ARGV: max_event_ms, emitted_to_ms, forget_before_ms, active_from_ms, next_offset ('' = none),
 #       then 2 per item: item_id, latest sale bucket ms. Returns the active items (or {}).
 # One HMGET/HSET for the clock and one ZADD GT per 1000 sellers rather than a call per item:
 # each redis.call costs more than the command itself.
-_APPLY_PARTITION = """
-local s, a = KEYS[1], KEYS[2]
-local cur = redis.call('HMGET', s, 'm', 'e', 'o')
-local set = {}
-local function merge_max(i, field, value)
-  if value ~= '' and ((not cur[i]) or tonumber(value) > tonumber(cur[i])) then
-    set[#set + 1] = field
-    set[#set + 1] = value
-  end
-end
-merge_max(1, 'm', ARGV[1])
-merge_max(2, 'e', ARGV[2])
-merge_max(3, 'o', ARGV[5])
-if #set > 0 then redis.call('HSET', s, unpack(set)) end
-for i = 6, #ARGV, 2000 do
-  local args = {}
-  for j = i, math.min(i + 1998, #ARGV - 1), 2 do
-    args[#args + 1] = ARGV[j + 1]
-    args[#args + 1] = ARGV[j]
-  end
-  redis.call('ZADD', a, 'GT', unpack(args))
-end
-if ARGV[3] ~= '' then redis.call('ZREMRANGEBYSCORE', a, '-inf', '(' .. ARGV[3]) end
-if ARGV[4] ~= '' then return redis.call('ZRANGEBYSCORE', a, ARGV[4], '+inf') end
-return {}
-"""
+_APPLY_PARTITION = _script("apply_partition")
 
 
 def _tag(item_id: str) -> str:
@@ -487,6 +271,11 @@ class RedisWindowStore:
         """Bucket frequency of the stored sums."""
         return self._freq
 
+    @property
+    def remote(self) -> bool:
+        """Every operation is a round trip to Redis (timed in ``trendcast_redis_seconds``)."""
+        return True
+
     def _idx(self, ms: int) -> int:
         return (ms - self._freq.origin_ms) // self._freq.step_ms
 
@@ -499,7 +288,7 @@ class RedisWindowStore:
             self._shas[name] = _decode(await self._client.script_load(body))
 
     async def ping(self) -> None:
-        """Check the connection and load the scripts.
+        """Check the connection and load the scripts (see :meth:`WindowStore.ping`).
 
         Raises:
             StateStoreError: Redis is unreachable or refuses the scripts.

@@ -1,80 +1,69 @@
-"""The Faust app of the worker: wiring only (logic lives in :mod:`stream.pipeline.processor`).
+"""The Faust app of the worker: wiring only.
+
+What the worker does at each Faust hook is in :class:`stream.worker.runtime.WorkerRuntime`
+(whose handlers :func:`create_app` connects here), what it does with a batch in
+:mod:`stream.pipeline.processor`; this module also holds the producer side
+(:class:`TopicSink`).
 
 The sales topic is read as raw bytes (a message that is not JSON must reach our validator,
-not crash Faust's deserializer) through the fast path of :mod:`stream.worker.batch_consumer`: every
-fetch, per partition, goes to :meth:`~stream.pipeline.processor.SalesProcessor.process_partitions`
-as one batch, and its offsets are committed (through Faust) only after that returned —
-i.e. after the batch's state is in Redis and its dead letters and forecasts were delivered.
-A failing batch is retried with backoff, never skipped.
+not crash Faust's deserializer) through the fast path of :mod:`stream.worker.batch_consumer`:
+every fetch, per partition, goes to the processor as one batch
+(:meth:`~stream.pipeline.processor.SalesProcessor.submit`), and its offsets are committed
+(through Faust) only after that returned — i.e. after the batch's state is in Redis and its
+dead letters and forecasts were delivered. A failing batch is retried with backoff, never
+skipped.
 
 While a batch fails (Redis down, broker or model errors) the worker stays up, commits
 nothing past that batch and reports itself unhealthy through one
-:class:`~stream.monitoring.health.Health`
-object: ``GET /health`` answers 503 with the failing components, the ``trendcast_healthy``
-gauge drops to 0, and one log line marks each transition. A timer pings the state store too,
-so an idle worker also reports an outage. When the batch finally succeeds everything clears
-by itself; no operator action is needed.
+:class:`~stream.monitoring.health.Health` object: ``GET /health`` answers 503 with the
+failing components, the ``trendcast_healthy`` gauge drops to 0, and one log line marks each
+transition. A timer pings the state store too, so an idle worker also reports an outage.
+When the batch finally succeeds everything clears by itself; no operator action is needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
-from faust.types import TP
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream.inference.model_info import ModelInfo
-from stream.lifecycle.hot_reload import BundleWatcher, LoadedModel
+from stream.lifecycle.hot_reload import BundleWatcher
 from stream.monitoring import telemetry
-from stream.monitoring.health import PROCESSING, STATE_STORE, Health
-from stream.monitoring.online_accuracy import AccuracyTracker
-from stream.monitoring.trends import TrendTracker
-from stream.pipeline.processor import OnLate, Record, SalesProcessor, Sink
+from stream.monitoring.health import Health
+from stream.pipeline.processor import OnLate, Sink
 from stream.settings.security import KafkaSecurity
 from stream.settings.worker import WorkerSettings
-from stream.state.base import PartitionId, WindowStore
-from stream.state.redis_store import RedisWindowStore
+from stream.state.base import WindowStore
 from stream.worker import batch_consumer
-from trendcast.exceptions import BrokerError, TrendcastError
+from stream.worker.runtime import Publish, WorkerRuntime
+from trendcast.exceptions import BrokerError
 from trendcast.forecasting.base import Forecaster
 
 __all__ = ["Publish", "TopicSink", "create_app", "send_batches"]
 
 logger = logging.getLogger(__name__)
 
-#: Longest pause between retries of a failing batch; long enough not to hammer a Redis that
-#: is restarting, short enough that recovery is quick.
-_MAX_BACKOFF_S = 10.0
 #: How often the state store is pinged for ``/health``: an idle worker would otherwise stay
 #: "healthy" through a whole Redis outage, and a failing one would only see the end of the
-#: outage at its next retry (up to ``_MAX_BACKOFF_S`` later).
+#: outage at its next retry (up to 10 s later, see :mod:`stream.worker.runtime`).
 _PROBE_INTERVAL_S = 2.0
-#: A ping slower than this counts as a failure: a hung Redis is as bad as a dead one, and
-#: redis-py retries a refused connection with backoff inside ``ping()``, which would hide a
-#: short outage from the probe altogether.
-_PROBE_TIMEOUT_S = 2.0
 
+#: aiohttp refuses a charset inside content_type; Prometheus text is ASCII anyway.
+_METRICS_CONTENT_TYPE = "; ".join(
+    part.strip() for part in CONTENT_TYPE_LATEST.split(";") if "charset" not in part
+)
 
 #: Keys whose partition the sink remembers per topic (item ids: the catalogue).
 _PARTITION_CACHE_MAX = 1_000_000
 #: Producer record batches: large enough that a bucket close with thousands of forecasts
 #: goes out in a few requests (aiokafka's default is 16 KiB), below Kafka's 1 MB limits.
 _PRODUCER_BATCH_BYTES = 512 * 1024
-
-#: Sends records to a named topic (accuracy, trends) and returns once they are delivered.
-Publish = Callable[[str, Sequence[tuple[bytes | None, bytes]]], Awaitable[None]]
-
-#: aiohttp refuses a charset inside content_type; Prometheus text is ASCII anyway.
-_METRICS_CONTENT_TYPE = "; ".join(
-    part.strip() for part in CONTENT_TYPE_LATEST.split(";") if "charset" not in part
-)
 
 
 async def send_batches(
@@ -201,7 +190,7 @@ def create_app(
         sink: Output override for tests; default sends to the forecasts and DLQ topics.
         on_late: Hook called for each late event.
         health: Where failures are reported; a new :class:`~stream.monitoring.health.Health` by
-        default.
+            default.
         watcher: Follows the bundle location for hot reload (every
             ``settings.bundle_poll_s``; 0 or ``None`` = the model never changes).
         shadow: A second model scored on the live windows, never emitted.
@@ -211,7 +200,102 @@ def create_app(
     Returns:
         The app; ``app.main()`` / ``Worker(app).execute_from_commandline()`` runs it.
     """
-    app = faust.App(
+    app = _faust_app(settings)
+    telemetry.set_model_info(model, forecaster.name)
+    if store.remote:  # trendcast_redis_seconds: Redis round trips only
+        store = telemetry.TimedWindowStore(store)
+
+    sales = _raw_topic(app, settings.sales_topic)
+    topic_sink = TopicSink(
+        app,
+        _raw_topic(app, settings.forecasts_topic),
+        _raw_topic(app, settings.dlq_topic),
+        _raw_topic(app, settings.accuracy_topic),
+        _raw_topic(app, settings.trends_topic),
+    )
+    runtime = WorkerRuntime(
+        app,
+        settings,
+        telemetry.InstrumentedForecaster(forecaster),
+        store,
+        model,
+        sink=sink or topic_sink,
+        publish=publish or topic_sink.send,
+        health=health if health is not None else Health(),
+        on_late=on_late,
+        watcher=watcher,
+        shadow=shadow,
+    )
+
+    # The sales topic is subscribed through the conductor, but no agent reads it: fetched
+    # batches go straight to handle_fetch (see stream.worker.batch_consumer for why and what
+    # it keeps).
+    app.topics.add(sales)
+    batch_consumer.install(
+        app,
+        runtime.handle_fetch,
+        runtime.flush_clocks,
+        fetch_timeout_s=settings.batch_timeout_s,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        preparer=runtime.prepare_fetch,
+    )
+    app.on_partitions_revoked.connect(runtime.on_revoked)
+    app.on_partitions_assigned.connect(runtime.on_assigned)
+    app.on_before_shutdown.connect(runtime.on_shutdown)
+
+    app.timer(interval=1.0)(runtime.commit_processed)
+    app.timer(interval=_PROBE_INTERVAL_S)(runtime.probe_state_store)
+    if watcher is not None and settings.bundle_poll_s > 0:
+        app.timer(interval=settings.bundle_poll_s)(runtime.reload_bundle)
+        app.trendcast_reload = runtime.reload_bundle  # type: ignore[attr-defined]  # for tests
+    if settings.publish_interval_s > 0:
+        app.timer(interval=settings.publish_interval_s)(runtime.publish_insights)
+
+    _add_pages(app, runtime)
+
+    # For tests and inspection.
+    app.trendcast_runtime = runtime  # type: ignore[attr-defined]
+    app.trendcast_publish = runtime.publish_insights  # type: ignore[attr-defined]
+    app.trendcast_accuracy = runtime.accuracy  # type: ignore[attr-defined]
+    app.trendcast_trends = runtime.trends  # type: ignore[attr-defined]
+    app.trendcast_processor = runtime.processor  # type: ignore[attr-defined]
+    app.trendcast_handle_fetch = runtime.handle_fetch  # type: ignore[attr-defined]
+    app.trendcast_prepare_fetch = runtime.prepare_fetch  # type: ignore[attr-defined]
+    app.trendcast_flush = runtime.flush_clocks  # type: ignore[attr-defined]
+    app.trendcast_health = runtime.health  # type: ignore[attr-defined]
+    return app
+
+
+def _add_pages(app: faust.App, runtime: WorkerRuntime) -> None:
+    """``/metrics``, ``/ready`` and ``/health`` on Faust's web server: HTTP only, the answers
+    are the runtime's."""
+
+    @app.page("/metrics")
+    async def metrics(web: View, request: Request) -> Response:
+        return web.bytes(runtime.metrics_text(), content_type=_METRICS_CONTENT_TYPE)
+
+    @app.page("/ready")
+    async def ready_page(web: View, request: Request) -> Response:
+        status, body = await runtime.readiness_report()
+        return web.json(body, status=status)
+
+    @app.page("/health")
+    async def health_page(web: View, request: Request) -> Response:
+        status, body = runtime.health_report()
+        return web.json(body, status=status)
+
+
+def _raw_topic(app: faust.App, name: str) -> faust.types.TopicT:
+    """A topic of raw bytes both ways: we decode ourselves, so bad bytes become dead letters
+    instead of crashing Faust's deserializer."""
+    return app.topic(
+        name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+
+
+def _faust_app(settings: WorkerSettings) -> faust.App:
+    """The Faust app with the worker's broker, consumer and producer settings."""
+    return faust.App(
         settings.consumer_group,
         broker=settings.kafka_brokers,
         key_serializer="raw",
@@ -235,233 +319,3 @@ def create_app(
         producer_max_batch_size=_PRODUCER_BATCH_BYTES,
         broker_credentials=KafkaSecurity.from_settings(settings).faust_credentials(),
     )
-    telemetry.set_model_info(model, forecaster.name)
-    forecaster = telemetry.InstrumentedForecaster(forecaster)
-    if isinstance(store, RedisWindowStore):  # trendcast_redis_seconds: Redis round trips only
-        store = telemetry.TimedWindowStore(store)
-
-    def raw_topic(name: str) -> faust.types.TopicT:
-        # Raw bytes both ways: we decode ourselves, so bad bytes become dead letters
-        # instead of crashing Faust's deserializer.
-        return app.topic(
-            name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-        )
-
-    sales = raw_topic(settings.sales_topic)
-    forecasts = raw_topic(settings.forecasts_topic)
-    dead_letters = raw_topic(settings.dlq_topic)
-    topic_sink = TopicSink(
-        app,
-        forecasts,
-        dead_letters,
-        raw_topic(settings.accuracy_topic),
-        raw_topic(settings.trends_topic),
-    )
-    accuracy = AccuracyTracker(
-        rolling_buckets=settings.accuracy_rolling_buckets, max_items=settings.accuracy_max_items
-    )
-    trends = TrendTracker()
-    processor = SalesProcessor(
-        store,
-        forecaster,
-        model,
-        sink or topic_sink,
-        observers=[accuracy, trends],
-        shadow=shadow,
-        lateness_buckets=settings.lateness_buckets,
-        grace_buckets=settings.grace_buckets,
-        inference_batch_size=settings.inference_batch_size,
-        max_message_bytes=settings.max_message_bytes,
-        max_future_ms=int(settings.max_future_s * 1000),
-        state_ttl_ms=None if settings.state_ttl_s is None else settings.state_ttl_s * 1000,
-        on_late=on_late,
-    )
-
-    health = health if health is not None else Health()
-
-    async def process_with_retry(batch: Mapping[PartitionId, Sequence[Record]]) -> bool:
-        backoff = 0.2
-        size = sum(len(records) for records in batch.values())
-        while True:
-            try:
-                # Returns once the batch's state is stored; its forecasts are made and sent
-                # while the next batch is fetched and stored (SalesProcessor.submit).
-                await processor.submit(batch)
-                health.recovered(PROCESSING)
-                return True
-            except Exception as exc:
-                # Never skip a batch: its offsets must not be committed before its state is
-                # stored. Our errors (Redis, broker, model) are expected to be transient; a
-                # bug retries forever too, loudly, rather than silently losing sales.
-                health.failing(PROCESSING, f"{type(exc).__name__}: {exc}")
-                if app.should_stop:
-                    return False  # uncommitted: re-delivered to whoever runs next
-                if isinstance(exc, TrendcastError):
-                    logger.error("batch of %d failed (%s); retrying in %.1fs", size, exc, backoff)
-                else:
-                    logger.exception(
-                        "batch of %d failed unexpectedly; retrying in %.1fs", size, backoff
-                    )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
-
-    def committable() -> dict[TP, int]:
-        return {TP(p.topic, p.partition): o for p, o in processor.take_committable().items()}
-
-    async def handle_fetch(records: Mapping[Any, Sequence[Any]]) -> Mapping[TP, int] | None:
-        batch = {PartitionId(tp.topic, tp.partition): recs for tp, recs in records.items()}
-        telemetry.observe_batch(sum(len(recs) for recs in batch.values()))
-        if not await process_with_retry(batch):
-            return None
-        return committable()
-
-    async def prepare_fetch(records: Mapping[Any, Sequence[Any]]) -> None:
-        # The same record lists handle_fetch passes on: parse_ahead finds them by identity.
-        await processor.parse_ahead(
-            {PartitionId(tp.topic, tp.partition): recs for tp, recs in records.items()}
-        )
-
-    async def flush_clocks() -> dict[TP, int]:
-        try:
-            await processor.flush()
-        except TrendcastError as exc:  # a lagging stored clock is safe; say so and go on
-            logger.warning("could not store partition clocks (%s); they lag until next time", exc)
-        return committable()
-
-    async def commit_processed() -> None:
-        commit = getattr(app.consumer, "commit_processed", None)
-        if commit is not None:
-            await commit()
-        else:  # not consuming (tests): still store the clocks
-            await flush_clocks()
-
-    # Clocks of delivered batches ride along with the next batch; when idle, store them and
-    # commit what that allows every second.
-    app.timer(interval=1.0)(commit_processed)
-
-    @app.on_before_shutdown.connect
-    async def on_shutdown(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        await (
-            flush_clocks()
-        )  # the consumer already committed at stop (stream.worker.batch_consumer)
-        if watcher is not None:
-            try:
-                await watcher.aclose()
-            except Exception as exc:  # stopping anyway: say so, do not fail the stop
-                logger.warning("could not close the bundle source (%s)", exc)
-
-    # The sales topic is subscribed through the conductor, but no agent reads it: fetched
-    # batches go straight to handle_fetch (see stream.worker.batch_consumer for why and what it
-    # keeps).
-    app.topics.add(sales)
-    batch_consumer.install(
-        app,
-        handle_fetch,
-        flush_clocks,
-        fetch_timeout_s=settings.batch_timeout_s,
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        preparer=prepare_fetch,
-    )
-
-    @app.on_partitions_revoked.connect
-    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        revoked = args[0] if args else kwargs.get("revoked", set())
-        # Let the batch in flight store its effects first, so partitions change hands
-        # between batches (bounded: a stuck batch must not hold up the whole group), then
-        # store the clocks and commit what they cover: the next owner starts there.
-        wait_idle = getattr(app.consumer, "wait_idle", None)
-        if wait_idle is not None:
-            await wait_idle(settings.broker_session_timeout_s / 2)
-        await commit_processed()
-        processor.release(PartitionId(tp.topic, tp.partition) for tp in revoked)
-
-    @app.on_partitions_assigned.connect
-    async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        # Another worker may have advanced these clocks meanwhile: reload them lazily.
-        assigned = args[0] if args else kwargs.get("assigned", set())
-        processor.forget(PartitionId(tp.topic, tp.partition) for tp in assigned)
-        forget_positions = getattr(app.consumer, "forget_positions", None)
-        if forget_positions is not None:  # the recovery seeks to the committed offsets
-            forget_positions()
-
-    ping = getattr(store, "ping", None)
-    if callable(ping):
-
-        async def probe_state_store() -> None:
-            try:
-                await asyncio.wait_for(ping(), timeout=_PROBE_TIMEOUT_S)
-            except (TrendcastError, TimeoutError) as exc:
-                health.failing(STATE_STORE, f"{type(exc).__name__}: {exc}")
-            else:
-                health.recovered(STATE_STORE)
-
-        app.timer(interval=_PROBE_INTERVAL_S)(probe_state_store)
-
-    @app.page("/metrics")
-    async def metrics(web: Any, request: Any) -> Any:
-        telemetry.refresh_consumer_lag(app)
-        return web.bytes(
-            generate_latest(telemetry.METRICS_REGISTRY), content_type=_METRICS_CONTENT_TYPE
-        )
-
-    readiness = telemetry.Readiness(
-        {"redis": telemetry.store_probe(store), "broker": telemetry.broker_probe(app)},
-        details={"bundle": {"model_version": model.model_version}},
-        health=health,
-        timeout_s=settings.ready_timeout_s,
-    )
-
-    @app.page("/ready")
-    async def ready_page(web: Any, request: Any) -> Any:
-        ready, body = await readiness.check()
-        return web.json(body, status=200 if ready else 503)
-
-    @app.page("/health")
-    async def health_page(web: Any, request: Any) -> Any:
-        # 503 lets a load balancer or orchestrator act on it without parsing the body.
-        return web.json(health.snapshot(), status=200 if health.healthy else 503)
-
-    if watcher is not None and settings.bundle_poll_s > 0:
-
-        def swap(loaded: LoadedModel) -> None:
-            # Raises BundleError for a model the stored windows cannot feed: the watcher
-            # counts and logs the refusal, and nothing below runs.
-            processor.swap_model(telemetry.InstrumentedForecaster(loaded.forecaster), loaded.model)
-            telemetry.set_model_info(loaded.model, loaded.forecaster.name)
-            readiness.set_details("bundle", {"model_version": loaded.model.model_version})
-
-        async def reload_bundle() -> None:
-            await watcher.poll(swap)
-
-        app.timer(interval=settings.bundle_poll_s)(reload_bundle)
-        app.trendcast_reload = reload_bundle  # type: ignore[attr-defined]  # for tests
-
-    publish_to = publish or topic_sink.send
-    instance = f"{socket.gethostname()}:{os.getpid()}".encode()
-
-    async def publish_insights() -> None:
-        # Accuracy and trends are derived data: a failed send is logged and the next
-        # interval publishes the then-current figures; it never stops the worker.
-        now_ms = int(time.time() * 1000)
-        try:
-            records = accuracy.drain_records(now_ms)
-            if records:
-                await publish_to(settings.accuracy_topic, [(k.encode(), v) for k, v in records])
-            snapshot = trends.snapshot(settings.trends_top_k, now_ms)
-            if snapshot is not None:
-                await publish_to(settings.trends_topic, [(instance, snapshot)])
-        except TrendcastError as exc:
-            logger.warning("could not publish accuracy/trends (%s); next time", exc)
-
-    if settings.publish_interval_s > 0:
-        app.timer(interval=settings.publish_interval_s)(publish_insights)
-
-    app.trendcast_publish = publish_insights  # type: ignore[attr-defined]  # for tests
-    app.trendcast_accuracy = accuracy  # type: ignore[attr-defined]  # for tests/inspection
-    app.trendcast_trends = trends  # type: ignore[attr-defined]  # for tests/inspection
-    app.trendcast_processor = processor  # type: ignore[attr-defined]  # for tests/inspection
-    app.trendcast_handle_fetch = handle_fetch  # type: ignore[attr-defined]  # for tests
-    app.trendcast_prepare_fetch = prepare_fetch  # type: ignore[attr-defined]  # for tests
-    app.trendcast_flush = flush_clocks  # type: ignore[attr-defined]  # for tests
-    app.trendcast_health = health  # type: ignore[attr-defined]  # for tests/inspection
-    return app

@@ -236,6 +236,25 @@ def test_odd_item_ids(store: WindowStore) -> None:
     run(store, scenario)
 
 
+@both
+def test_ping_answers_while_the_store_can_serve(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> Any:
+        await s.ping()  # on Redis: PING and load the scripts
+        await s.apply([upd("a", (1, "e1", 2))], [])
+        await s.ping()  # again, with state stored: changes nothing
+        return (await s.read(["a"]))["a"]
+
+    assert quantities(run(store, scenario)) == {1: 2.0}
+
+
+@both
+def test_remote_is_true_for_redis_only(store: WindowStore) -> None:
+    # The worker times a remote store's operations as Redis round trips
+    # (trendcast_redis_seconds); an in-process store must not feed that histogram.
+    assert store.remote is isinstance(store, RedisWindowStore)
+    run(store, lambda s: s.aclose())
+
+
 @pytest.mark.parametrize("store", ["redis"], indirect=True)
 def test_redis_keys_share_one_slot_and_expire(
     store: RedisWindowStore, request: pytest.FixtureRequest

@@ -1,10 +1,10 @@
 """The worker without services: the app's fetch handler, the in-memory store, a fake model.
 
-The first test drives the handler the fast path (``stream.worker.batch_consumer``) calls with each
-fetch,
-with real aiokafka records; the rest call
-:class:`stream.pipeline.processor.SalesProcessor` directly for the event-time cases (late events,
-re-delivery, restarts, failures) that are awkward to stage through a channel.
+The first test drives the handler the fast path (``stream.worker.batch_consumer``) calls with
+each fetch, with real aiokafka records; the next ones the other hooks of
+:class:`stream.worker.runtime.WorkerRuntime` (web pages, store timing, the store probe); the
+rest call :class:`stream.pipeline.processor.SalesProcessor` directly for the event-time cases
+(late events, re-delivery, restarts, failures) that are awkward to stage through a channel.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 
 from stream.inference.model_info import ModelInfo
+from stream.monitoring.health import STATE_STORE, Health
+from stream.monitoring.telemetry import TimedWindowStore
 from stream.pipeline.processor import SalesProcessor
 from stream.settings.worker import WorkerSettings
 from stream.state.base import PartitionId
 from stream.state.memory import MemoryWindowStore
 from stream.worker.app import create_app
-from trendcast.exceptions import BrokerError, ForecastError
+from trendcast.exceptions import BrokerError, ForecastError, StateStoreError
 from trendcast.forecasting.base import ForecastBatch, WindowBatch
 from trendcast.testkit.doubles import (
     DAY,
@@ -104,6 +106,73 @@ def test_agent_stores_valid_dead_letters_invalid_and_forecasts_closed_buckets(
     }
     assert rec["fallback"] is True
     assert isinstance(rec["emitted_at_ms"], int)
+
+
+# --- the runtime behind the app's hooks --------------------------------------------------------
+
+
+class _Get:
+    """The little of an aiohttp request a Faust view's dispatch reads."""
+
+    method = "GET"
+    match_info: dict[str, str] = {}
+
+
+def _app(tmp_path: Path, store: Any = None, **kwargs: Any) -> Any:
+    settings = WorkerSettings(web_enabled=False, data_dir=tmp_path)
+    store = store if store is not None else MemoryWindowStore(FREQ)
+    return create_app(settings, FakeForecaster(), store, MODEL, sink=ListSink(), **kwargs)
+
+
+def test_pages_answer_through_faust_views(tmp_path: Path) -> None:
+    health = Health()
+    app = _app(tmp_path, health=health)
+
+    async def page(path: str) -> Any:
+        return await app.web.views[path].dispatch(_Get())
+
+    async def scenario() -> None:
+        response = await page("/health")
+        assert (response.status, response.content_type) == (200, "application/json")
+        health.failing(STATE_STORE, "Redis down")
+        response = await page("/health")
+        assert response.status == 503
+        assert b"Redis down" in response.body
+        metrics = await page("/metrics")
+        assert metrics.status == 200 and b"# TYPE trendcast_events_in_total" in metrics.body
+        ready = await page("/ready")  # no broker in a unit test: not ready, and says why
+        assert ready.status == 503 and b'"broker":{"ok":false' in ready.body
+
+    asyncio.run(scenario())
+
+
+def test_only_a_remote_store_is_timed_as_redis_round_trips(tmp_path: Path) -> None:
+    class Remote(MemoryWindowStore):
+        @property
+        def remote(self) -> bool:
+            return True
+
+    local, remote = MemoryWindowStore(FREQ), Remote(FREQ)
+    assert _app(tmp_path / "l", local).trendcast_processor.store is local
+    timed = _app(tmp_path / "r", remote).trendcast_processor.store
+    assert isinstance(timed, TimedWindowStore) and timed.inner is remote
+
+
+def test_the_state_store_probe_reports_failure_and_recovery(tmp_path: Path) -> None:
+    class Flaky(MemoryWindowStore):
+        down = True
+
+        async def ping(self) -> None:
+            if self.down:
+                raise StateStoreError("Redis unavailable: connection refused")
+
+    store, health = Flaky(FREQ), Health()
+    runtime = _app(tmp_path, store, health=health).trendcast_runtime
+    asyncio.run(runtime.probe_state_store())
+    assert not health.healthy and STATE_STORE in health.failures
+    store.down = False
+    asyncio.run(runtime.probe_state_store())
+    assert health.healthy
 
 
 # --- the processor ---------------------------------------------------------------------------

@@ -1,0 +1,25 @@
+
+local s, a = KEYS[1], KEYS[2]
+local cur = redis.call('HMGET', s, 'm', 'e', 'o')
+local set = {}
+local function merge_max(i, field, value)
+  if value ~= '' and ((not cur[i]) or tonumber(value) > tonumber(cur[i])) then
+    set[#set + 1] = field
+    set[#set + 1] = value
+  end
+end
+merge_max(1, 'm', ARGV[1])
+merge_max(2, 'e', ARGV[2])
+merge_max(3, 'o', ARGV[5])
+if #set > 0 then redis.call('HSET', s, unpack(set)) end
+for i = 6, #ARGV, 2000 do
+  local args = {}
+  for j = i, math.min(i + 1998, #ARGV - 1), 2 do
+    args[#args + 1] = ARGV[j + 1]
+    args[#args + 1] = ARGV[j]
+  end
+  redis.call('ZADD', a, 'GT', unpack(args))
+end
+if ARGV[3] ~= '' then redis.call('ZREMRANGEBYSCORE', a, '-inf', '(' .. ARGV[3]) end
+if ARGV[4] ~= '' then return redis.call('ZRANGEBYSCORE', a, ARGV[4], '+inf') end
+return {}
