@@ -144,6 +144,10 @@ def _window_of(forecaster: Forecaster, default: int) -> int:
 
 
 def _tail(batch: WindowBatch, window: int) -> WindowBatch:
+    """The last ``window`` buckets of each row (the batch itself when it is that long).
+
+    The tail is copied C-contiguous, so each model gets the layout of a freshly cut window.
+    """
     if window == batch.window:
         return batch
     return WindowBatch(
@@ -156,6 +160,11 @@ def _tail(batch: WindowBatch, window: int) -> WindowBatch:
 
 
 def _check_forecast(name: str, fc: ForecastBatch, n: int, horizon: int) -> None:
+    """Fail on a badly shaped forecast with the model's name, before numpy broadcasts it.
+
+    Raises:
+        DataError: An output is not ``[n, >=horizon]`` (quantiles) or ``[n]`` (fallback).
+    """
     for label in ("mean", "p10", "p50", "p90"):
         arr = getattr(fc, label)
         if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] < horizon:
@@ -235,6 +244,9 @@ def backtest(
 ) -> BacktestResult:
     """Rolling-origin backtest of several forecasters on the same origins and items.
 
+    The steps, in order: check the forecasters, choose the origins, settle each model's input
+    length, forecast every origin with every model, then score and assemble the frames.
+
     Args:
         panel: The full bucketed data (history and test period).
         forecasters: Models to compare; names must be unique; each must forecast at least
@@ -254,6 +266,49 @@ def backtest(
         ConfigError: Bad settings (no forecasters, duplicate names, origins outside the data).
         DataError: A forecaster returned badly shaped output, or no item has history.
     """
+    _check_forecasters(forecasters, horizon=horizon, window=window)
+    origin_list = _choose_origins(
+        panel, horizon=horizon, n_origins=n_origins, weeks=weeks, step=step, origins=origins
+    )
+    own_windows = _input_windows(forecasters, window, windows)
+    grid = _Grid.of(panel)
+    runs = _run_origins(
+        panel,
+        grid,
+        forecasters,
+        origin_list,
+        windows=own_windows,
+        horizon=horizon,
+        on_origin=on_origin,
+    )
+    pooled = {name: _Pooled.of(parts) for name, parts in runs.forecasts.items()}
+    return BacktestResult(
+        settings=_settings(
+            panel,
+            horizon=horizon,
+            window=window,
+            windows=own_windows,
+            step=step,
+            n_origins=len(origin_list),
+        ),
+        origins=list(origin_list),
+        n_items=len(runs.seen),
+        metrics=_metrics(pooled, runs.seconds),
+        by_step=_error_by_step(pooled, horizon),
+        forecasts=_forecast_frames(runs.forecasts, horizon, grid.td),
+        history=_plot_context(grid, runs.last, max(own_windows.values())),
+    )
+
+
+def _check_forecasters(forecasters: Sequence[Forecaster], *, horizon: int, window: int) -> None:
+    """Reject a comparison that cannot be made before any model runs.
+
+    Results are keyed by model name, so names must be unique; a model forecasting fewer than
+    ``horizon`` buckets could not be scored on the same targets as the others.
+
+    Raises:
+        ConfigError: No forecasters, duplicate names, a window below 1 or a short horizon.
+    """
     if not forecasters:
         raise ConfigError("expected at least one forecaster")
     names = [f.name for f in forecasters]
@@ -266,6 +321,26 @@ def backtest(
             raise ConfigError(
                 f"forecaster {f.name} forecasts {f.horizon} buckets, expected >= {horizon}"
             )
+
+
+def _choose_origins(
+    panel: Panel,
+    *,
+    horizon: int,
+    n_origins: int | None,
+    weeks: int | None,
+    step: int | None,
+    origins: Sequence[pd.Timestamp] | None,
+) -> list[pd.Timestamp]:
+    """The origins to test, oldest first: explicit ones, or those :func:`backtest_origins` places.
+
+    Explicit origins are checked against the data, because an origin without history before it,
+    whose horizon runs past the data, or that falls between bucket starts would be scored on
+    targets that do not exist (or on shifted ones).
+
+    Raises:
+        ConfigError: No origin, or an origin outside the data or off the bucket grid.
+    """
     freq = panel.freq
     if origins is None:
         origin_list = backtest_origins(
@@ -284,145 +359,363 @@ def backtest(
             )
         if (origin - panel.start) % td != pd.Timedelta(0):
             raise ConfigError(f"origin {origin} is not a {freq.name} bucket start")
+    return origin_list
 
-    # Dense item x bucket matrix (NaN before an item's first bucket) for actuals and scales.
-    items = np.array(sorted(panel.frame["item_id"].unique()), dtype=object)
-    row_of = {str(item): i for i, item in enumerate(items)}
-    n_cols = panel.n_buckets
-    wide = np.full((len(items), n_cols), np.nan)
-    col = ((panel.frame["ts"] - panel.start) / td).to_numpy().astype(np.int64)
-    wide[panel.frame["item_id"].map(row_of).to_numpy(), col] = panel.frame["quantity"].to_numpy()
 
+def _input_windows(
+    forecasters: Sequence[Forecaster], window: int, windows: Mapping[str, int] | None
+) -> dict[str, int]:
+    """Input length per model name: ``windows`` over the model's own ``window`` over ``window``.
+
+    The longest of them is the one window cut per origin (see :func:`_tail`).
+
+    Raises:
+        ConfigError: A window below 1 bucket.
+    """
     own_windows = {f.name: _window_of(f, window) for f in forecasters} | dict(windows or {})
     if min(own_windows.values()) < 1:
         raise ConfigError(f"expected windows of at least 1 bucket, got {own_windows}")
-    cut = max(own_windows.values())
-    steps = np.arange(1, horizon + 1)
-    collected: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    seconds = dict.fromkeys(names, 0.0)
+    return own_windows
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """The panel as a dense item x bucket matrix, NaN before an item's first bucket.
+
+    Models get their inputs from :func:`windows_from_panel`; scoring needs more of each item's
+    row — the test period (actuals) and *all* history before the origin (in-sample scales) —
+    which this matrix gives by slicing.
+
+    Attributes:
+        start: The panel's first bucket (column 0).
+        td: One bucket.
+        row_of: Row of each item id.
+        values: ``[items, buckets]`` quantities.
+    """
+
+    start: pd.Timestamp
+    td: pd.Timedelta
+    row_of: dict[str, int]
+    values: F64
+
+    @classmethod
+    def of(cls, panel: Panel) -> _Grid:
+        """Spread the panel's long ``item_id, ts, quantity`` rows into the matrix."""
+        td = panel.freq.timedelta
+        items = np.array(sorted(panel.frame["item_id"].unique()), dtype=object)
+        row_of = {str(item): i for i, item in enumerate(items)}
+        values = np.full((len(items), panel.n_buckets), np.nan)
+        rows = panel.frame["item_id"].map(row_of).to_numpy()
+        cols = ((panel.frame["ts"] - panel.start) / td).to_numpy().astype(np.int64)
+        values[rows, cols] = panel.frame["quantity"].to_numpy()
+        return cls(start=panel.start, td=td, row_of=row_of, values=values)
+
+
+@dataclass(frozen=True)
+class _OriginInputs:
+    """What every model is given at one origin, and what its forecast is scored against.
+
+    Attributes:
+        origin: The first forecast bucket.
+        batch: Windows of the longest input length, ending just before the origin, of the
+            items with at least one bucket before it.
+        rows: Each batch item's row in the :class:`_Grid`.
+        col: The origin's column in the :class:`_Grid`.
+        actual: ``[n, horizon]`` what sold from the origin on.
+        scale_sq: Per item in-sample scale for RMSSE (all history before the origin).
+        scale_abs: Per item in-sample scale for MASE and pinball.
+    """
+
+    origin: pd.Timestamp
+    batch: WindowBatch
+    rows: npt.NDArray[np.int64]
+    col: int
+    actual: F64
+    scale_sq: F64
+    scale_abs: F64
+
+
+def _origin_inputs(
+    panel: Panel, grid: _Grid, origin: pd.Timestamp, *, cut: int, horizon: int
+) -> _OriginInputs:
+    """Cut the window once per origin and look up its actuals and scales.
+
+    Cutting the longest window once and handing each model its tail (:func:`_tail`) keeps all
+    models on the same items; the scales come from the history before the origin only, never
+    from the test period.
+
+    Raises:
+        DataError: No item has a bucket before the origin.
+    """
+    batch = windows_from_panel(panel, cut, cutoff=origin)
+    if len(batch) == 0:
+        raise DataError(f"no item has a bucket before origin {origin}")
+    rows = np.array([grid.row_of[i] for i in batch.item_ids], dtype=np.int64)
+    col = int((origin - grid.start) / grid.td)
+    scale_sq, scale_abs = naive_scales(grid.values[rows, :col])
+    return _OriginInputs(
+        origin=origin,
+        batch=batch,
+        rows=rows,
+        col=col,
+        actual=grid.values[rows, col : col + horizon],
+        scale_sq=scale_sq,
+        scale_abs=scale_abs,
+    )
+
+
+@dataclass(frozen=True)
+class _Forecast:
+    """One model's forecast at one origin, cut to the horizon, beside the origin's inputs.
+
+    Quantiles are float64 so that metrics do not depend on the precision a model returns.
+    """
+
+    inputs: _OriginInputs
+    mean: F64
+    p10: F64
+    p50: F64
+    p90: F64
+    fallback: npt.NDArray[np.bool_]
+
+
+def _predict(
+    forecaster: Forecaster, inputs: _OriginInputs, *, window: int, horizon: int
+) -> tuple[_Forecast, float]:
+    """Run one model on one origin's whole batch (as in production), timed and shape-checked.
+
+    Returns:
+        The forecast and the seconds ``predict`` took (only the call, not the cutting).
+
+    Raises:
+        DataError: The model returned badly shaped output.
+    """
+    sub = _tail(inputs.batch, window)
+    started = time.perf_counter()
+    fc = forecaster.predict(sub)
+    seconds = time.perf_counter() - started
+    _check_forecast(forecaster.name, fc, len(inputs.batch), horizon)
+    forecast = _Forecast(
+        inputs=inputs,
+        mean=fc.mean[:, :horizon].astype(np.float64),
+        p10=fc.p10[:, :horizon].astype(np.float64),
+        p50=fc.p50[:, :horizon].astype(np.float64),
+        p90=fc.p90[:, :horizon].astype(np.float64),
+        fallback=fc.fallback.astype(bool),
+    )
+    return forecast, seconds
+
+
+@dataclass(frozen=True)
+class _Runs:
+    """Every model's forecasts at every origin, before scoring.
+
+    Attributes:
+        forecasts: Per model name (in the forecasters' order), one forecast per origin.
+        seconds: Per model name, total ``predict`` time over all origins.
+        seen: Items forecast at least once.
+        last: The last origin's inputs (the plot context is the window before it).
+    """
+
+    forecasts: dict[str, list[_Forecast]]
+    seconds: dict[str, float]
+    seen: set[str]
+    last: _OriginInputs
+
+
+def _run_origins(
+    panel: Panel,
+    grid: _Grid,
+    forecasters: Sequence[Forecaster],
+    origin_list: Sequence[pd.Timestamp],
+    *,
+    windows: Mapping[str, int],
+    horizon: int,
+    on_origin: Callable[[int, int, pd.Timestamp], None] | None,
+) -> _Runs:
+    """Forecast every origin with every model, one batched call per model and origin.
+
+    Origins run oldest first and the hook is called after each, so progress can be shown
+    while slow models (AutoETS in the bench) run.
+    """
+    cut = max(windows.values())
+    forecasts: dict[str, list[_Forecast]] = {f.name: [] for f in forecasters}
+    seconds = dict.fromkeys(forecasts, 0.0)
     seen: set[str] = set()
-    history = pd.DataFrame(columns=["item_id", "ts", "quantity"])
+    inputs: _OriginInputs | None = None
     for index, origin in enumerate(origin_list):
-        batch = windows_from_panel(panel, cut, cutoff=origin)
-        if len(batch) == 0:
-            raise DataError(f"no item has a bucket before origin {origin}")
-        rows = np.array([row_of[i] for i in batch.item_ids], dtype=np.int64)
-        o_col = int((origin - panel.start) / td)
-        actual = wide[rows, o_col : o_col + horizon]
-        scale_sq, scale_abs = naive_scales(wide[rows, :o_col])
-        seen.update(batch.item_ids)
+        inputs = _origin_inputs(panel, grid, origin, cut=cut, horizon=horizon)
+        seen.update(inputs.batch.item_ids)
         for f in forecasters:
-            sub = _tail(batch, own_windows[f.name])
-            started = time.perf_counter()
-            fc = f.predict(sub)
-            seconds[f.name] += time.perf_counter() - started
-            _check_forecast(f.name, fc, len(batch), horizon)
-            collected[f.name].append(
-                {
-                    "origin": origin,
-                    "items": batch.item_ids,
-                    "actual": actual,
-                    "scale_sq": scale_sq,
-                    "scale_abs": scale_abs,
-                    "mean": fc.mean[:, :horizon].astype(np.float64),
-                    "p10": fc.p10[:, :horizon].astype(np.float64),
-                    "p50": fc.p50[:, :horizon].astype(np.float64),
-                    "p90": fc.p90[:, :horizon].astype(np.float64),
-                    "fallback": fc.fallback.astype(bool),
-                }
-            )
-        if index == len(origin_list) - 1:
-            ctx = wide[rows, max(0, o_col - cut) : o_col]
-            ts = panel.start + td * np.arange(max(0, o_col - cut), o_col)
-            history = (
-                pd.DataFrame(
-                    {
-                        "item_id": np.repeat(batch.item_ids, ctx.shape[1]),
-                        "ts": np.tile(ts, len(rows)),
-                        "quantity": ctx.ravel(),
-                    }
-                )
-                .dropna()
-                .reset_index(drop=True)
-            )
+            forecast, took = _predict(f, inputs, window=windows[f.name], horizon=horizon)
+            forecasts[f.name].append(forecast)
+            seconds[f.name] += took
         if on_origin is not None:
             on_origin(index, len(origin_list), origin)
-        logger.info("origin %s: %d items, %d models", origin, len(batch), len(forecasters))
+        logger.info("origin %s: %d items, %d models", origin, len(inputs.batch), len(forecasters))
+    if inputs is None:  # _choose_origins never returns an empty list
+        raise ConfigError("expected at least one origin")
+    return _Runs(forecasts=forecasts, seconds=seconds, seen=seen, last=inputs)
 
-    metric_rows: list[dict[str, Any]] = []
-    step_frames: list[pd.DataFrame] = []
-    long_frames: list[pd.DataFrame] = []
-    for name in names:
-        parts = collected[name]
-        cat = {
-            k: np.concatenate([p[k] for p in parts])
-            for k in ("actual", "scale_sq", "scale_abs", "mean", "p10", "p50", "p90", "fallback")
-        }
-        y = cat["actual"]
-        scores = score(
-            y, cat["mean"], cat["p10"], cat["p50"], cat["p90"], cat["scale_sq"], cat["scale_abs"]
-        )
-        metric_rows.append(
+
+def _plot_context(grid: _Grid, last: _OriginInputs, cut: int) -> pd.DataFrame:
+    """``item_id, ts, quantity`` of the window before the last origin, for the forecast plots.
+
+    Buckets before an item's first sale are dropped rather than drawn as zeros.
+    """
+    first = max(0, last.col - cut)
+    ctx = grid.values[last.rows, first : last.col]
+    ts = grid.start + grid.td * np.arange(first, last.col)
+    return (
+        pd.DataFrame(
             {
-                "model": name,
-                **scores.as_dict(),
-                "fallback_share": float(cat["fallback"].mean()) if len(y) else float("nan"),
-                "predict_seconds": seconds[name],
+                "item_id": np.repeat(last.batch.item_ids, ctx.shape[1]),
+                "ts": np.tile(ts, len(last.rows)),
+                "quantity": ctx.ravel(),
             }
         )
-        abs_err = np.abs(y - cat["p50"])
-        denom = np.abs(y).sum(axis=0)
-        step_frames.append(
-            pd.DataFrame(
-                {
-                    "model": name,
-                    "step": steps,
-                    "rmsse": rmsse_by_step(y, cat["mean"], cat["scale_sq"]),
-                    "mae": abs_err.mean(axis=0),
-                    "wape": np.divide(
-                        abs_err.sum(axis=0), denom, out=np.full(horizon, np.nan), where=denom > 0
-                    ),
-                }
-            )
+        .dropna()
+        .reset_index(drop=True)
+    )
+
+
+@dataclass(frozen=True)
+class _Pooled:
+    """One model's forecasts at all origins stacked row-wise (one row per item and origin).
+
+    Metrics pool every origin and item, so each model is scored on exactly the same targets.
+    """
+
+    actual: F64
+    scale_sq: F64
+    scale_abs: F64
+    mean: F64
+    p10: F64
+    p50: F64
+    p90: F64
+    fallback: npt.NDArray[np.bool_]
+
+    @classmethod
+    def of(cls, parts: Sequence[_Forecast]) -> _Pooled:
+        """Stack the per-origin forecasts of one model, oldest origin first."""
+        return cls(
+            actual=np.concatenate([p.inputs.actual for p in parts]),
+            scale_sq=np.concatenate([p.inputs.scale_sq for p in parts]),
+            scale_abs=np.concatenate([p.inputs.scale_abs for p in parts]),
+            mean=np.concatenate([p.mean for p in parts]),
+            p10=np.concatenate([p.p10 for p in parts]),
+            p50=np.concatenate([p.p50 for p in parts]),
+            p90=np.concatenate([p.p90 for p in parts]),
+            fallback=np.concatenate([p.fallback for p in parts]),
         )
-        for p in parts:
-            n = len(p["items"])
-            long_frames.append(
-                pd.DataFrame(
-                    {
-                        "model": name,
-                        "origin": p["origin"],
-                        "item_id": np.repeat(p["items"], horizon),
-                        "step": np.tile(steps, n),
-                        "ts": np.tile(p["origin"] + td * np.arange(horizon), n),
-                        "actual": p["actual"].ravel(),
-                        "mean": p["mean"].ravel(),
-                        "p10": p["p10"].ravel(),
-                        "p50": p["p50"].ravel(),
-                        "p90": p["p90"].ravel(),
-                        "fallback": np.repeat(p["fallback"], horizon),
-                    }
-                )
-            )
-    settings = {
+
+
+def _metrics(pooled: Mapping[str, _Pooled], seconds: Mapping[str, float]) -> pd.DataFrame:
+    """:attr:`BacktestResult.metrics`: one row per model, in the forecasters' order."""
+    return pd.DataFrame(
+        [_metrics_row(name, p, seconds[name]) for name, p in pooled.items()]
+    ).set_index("model")
+
+
+def _metrics_row(name: str, pooled: _Pooled, seconds: float) -> dict[str, Any]:
+    """One model's scores plus its fallback share and ``predict`` time.
+
+    The fallback share says how much of a model's score is really its fallback's.
+    """
+    y = pooled.actual
+    scores = score(
+        y, pooled.mean, pooled.p10, pooled.p50, pooled.p90, pooled.scale_sq, pooled.scale_abs
+    )
+    return {
+        "model": name,
+        **scores.as_dict(),
+        "fallback_share": float(pooled.fallback.mean()) if len(y) else float("nan"),
+        "predict_seconds": seconds,
+    }
+
+
+def _error_by_step(pooled: Mapping[str, _Pooled], horizon: int) -> pd.DataFrame:
+    """:attr:`BacktestResult.by_step`: how each model's error grows with the lead time."""
+    return pd.concat(
+        [_model_error_by_step(name, p, horizon) for name, p in pooled.items()], ignore_index=True
+    )
+
+
+def _model_error_by_step(name: str, pooled: _Pooled, horizon: int) -> pd.DataFrame:
+    """``model, step, rmsse, mae, wape`` of one model, one row per horizon step.
+
+    WAPE is NaN at a step where nothing sold (no denominator).
+    """
+    abs_err = np.abs(pooled.actual - pooled.p50)
+    denom = np.abs(pooled.actual).sum(axis=0)
+    return pd.DataFrame(
+        {
+            "model": name,
+            "step": np.arange(1, horizon + 1),
+            "rmsse": rmsse_by_step(pooled.actual, pooled.mean, pooled.scale_sq),
+            "mae": abs_err.mean(axis=0),
+            "wape": np.divide(
+                abs_err.sum(axis=0), denom, out=np.full(horizon, np.nan), where=denom > 0
+            ),
+        }
+    )
+
+
+def _forecast_frames(
+    forecasts: Mapping[str, Sequence[_Forecast]], horizon: int, td: pd.Timedelta
+) -> pd.DataFrame:
+    """:attr:`BacktestResult.forecasts`: every model's forecasts as long rows, model by model."""
+    return pd.concat(
+        [
+            _forecast_frame(name, forecast, horizon, td)
+            for name, parts in forecasts.items()
+            for forecast in parts
+        ],
+        ignore_index=True,
+    )
+
+
+def _forecast_frame(name: str, forecast: _Forecast, horizon: int, td: pd.Timedelta) -> pd.DataFrame:
+    """One model's forecast at one origin, one row per item and step (for plots and files)."""
+    origin, items = forecast.inputs.origin, forecast.inputs.batch.item_ids
+    n = len(items)
+    return pd.DataFrame(
+        {
+            "model": name,
+            "origin": origin,
+            "item_id": np.repeat(items, horizon),
+            "step": np.tile(np.arange(1, horizon + 1), n),
+            "ts": np.tile(origin + td * np.arange(horizon), n),
+            "actual": forecast.inputs.actual.ravel(),
+            "mean": forecast.mean.ravel(),
+            "p10": forecast.p10.ravel(),
+            "p50": forecast.p50.ravel(),
+            "p90": forecast.p90.ravel(),
+            "fallback": np.repeat(forecast.fallback, horizon),
+        }
+    )
+
+
+def _settings(
+    panel: Panel,
+    *,
+    horizon: int,
+    window: int,
+    windows: dict[str, int],
+    step: int | None,
+    n_origins: int,
+) -> dict[str, Any]:
+    """The settings a result was produced with, so a saved ``metrics.json`` explains itself."""
+    return {
         "horizon": horizon,
         "window": window,
-        "windows": own_windows,
-        "freq": freq.name,
-        "step": step if step is not None else _week_buckets(freq),
-        "n_origins": len(origin_list),
+        "windows": windows,
+        "freq": panel.freq.name,
+        "step": step if step is not None else _week_buckets(panel.freq),
+        "n_origins": n_origins,
         "data_start": panel.start.isoformat(),
         "data_end": panel.end.isoformat(),
     }
-    return BacktestResult(
-        settings=settings,
-        origins=list(origin_list),
-        n_items=len(seen),
-        metrics=pd.DataFrame(metric_rows).set_index("model"),
-        by_step=pd.concat(step_frames, ignore_index=True),
-        forecasts=pd.concat(long_frames, ignore_index=True),
-        history=history,
-    )
 
 
 def leakage_warning(data_end: str | pd.Timestamp, origins: Sequence[pd.Timestamp]) -> str | None:
