@@ -107,6 +107,31 @@ def test_items_need_history_before_origin():
     assert result.metrics.loc["zero", "n_unscaled"] == 1
 
 
+def test_progress_hook_and_plot_context_of_the_last_origin():
+    panel = weekly_panel(late_item_start=70)  # c has 7 buckets before the last origin (77)
+    calls: list[tuple[int, int, pd.Timestamp]] = []
+    result = backtest(
+        panel,
+        [ZeroForecaster(7)],
+        horizon=7,
+        window=14,
+        n_origins=3,
+        step=2,
+        on_origin=lambda *args: calls.append(args),
+    )
+    assert calls == [(i, 3, origin) for i, origin in enumerate(result.origins)]
+    # History: the 14 buckets before the last origin, none before an item's first bucket.
+    last = result.origins[-1]
+    history = result.history
+    assert list(history.columns) == ["item_id", "ts", "quantity"]
+    assert history.groupby("item_id")["ts"].count().to_dict() == {"a": 14, "b": 14, "c": 7}
+    assert history["ts"].max() == last - pd.Timedelta(days=1)
+    assert history["ts"].min() == last - pd.Timedelta(days=14)
+    merged = history.merge(panel.frame, on=["item_id", "ts"])
+    np.testing.assert_array_equal(merged["quantity_x"], merged["quantity_y"])
+    assert len(merged) == len(history)
+
+
 class RecordingForecaster:
     """Fake model with its own window length; records what it was given."""
 
