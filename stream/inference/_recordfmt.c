@@ -3,7 +3,7 @@
  * Why this exists: a bucket close turns thousands of forecasts into JSON records, 112
  * numbers each (28 steps x mean/p10/p50/p90). In Python the best found was ~8-12 us per
  * record (orjson formatting the batch's numbers, bytes.split, one bytes.join per record),
- * and the worker's one GIL spends a fifth of its time there (README, "Throughput"). Here a
+ * and the worker's one GIL spends a fifth of its time there (docs/performance-log.md). Here a
  * record costs about a microsecond.
  *
  * What it does, and nothing else: for each row, one bytes object

@@ -68,7 +68,7 @@ class WorkerSettings(BaseSettings):
             ``max_poll_records``); a fetch is one batch: one Redis round trip, then one commit.
             It only binds while the worker is behind (a worker keeping up takes what arrived
             since its last fetch), and then larger batches cost Redis less per event: an
-            item's events of one batch are one script update (README, Throughput).
+            item's events of one batch are one script update (docs/performance-log.md).
         batch_timeout_s: Longest wait of one fetch when nothing arrives.
         fetch_max_wait_ms: Kafka consumer ``fetch_max_wait_ms`` (Faust fixes 1500). Apache
             Kafka answers a fetch as soon as records arrive, so there it only bounds idle
@@ -79,7 +79,7 @@ class WorkerSettings(BaseSettings):
             collector generation (``gc.set_threshold``; 0 keeps Python's 700). A batch
             allocates hundreds of thousands of short-lived objects, and with Python's
             default a third of the worker's CPU went to collections that found almost
-            nothing (README, "Throughput"). The worker also freezes what startup built
+            nothing (docs/performance-log.md). The worker also freezes what startup built
             (``gc.freeze``), which no collection needs to walk again.
         state_ttl_s: TTL of an item's keys, refreshed on every write, so items that stop
             selling fade away; ``None`` = twice the time span of the kept buckets.
