@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-import stream.pipeline.processor as processor_module
+import stream.pipeline.ingest as ingest_module
 from stream.inference.model_info import ModelInfo
 from stream.pipeline.processor import RawMessage, Record
 from stream.state.base import PartitionId
@@ -42,14 +42,14 @@ def _batch(feed: Feed, first_day: float) -> dict[PartitionId, list[RawMessage]]:
 def parse_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes | None]:
     """Every message the processor validates, in order."""
     calls: list[bytes | None] = []
-    real = processor_module.parse_events
+    real = ingest_module.parse_events
 
     def counting(raws: Iterable[bytes | None], **kwargs: Any) -> Any:
         raws = list(raws)
         calls.extend(raws)
         return real(raws, **kwargs)
 
-    monkeypatch.setattr(processor_module, "parse_events", counting)
+    monkeypatch.setattr(ingest_module, "parse_events", counting)
     return calls
 
 
@@ -173,16 +173,16 @@ def _mixed(feed: Feed, day: float) -> dict[PartitionId, list[RawMessage]]:
 def aggregate_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Where each batch was summed per item: "ahead" or "in turn"."""
     calls: list[str] = []
-    real = processor_module._aggregate
+    real = ingest_module._aggregate
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         import inspect
 
-        caller = inspect.stack()[2].function  # through SalesProcessor._aggregate
+        caller = inspect.stack()[2].function  # through Ingest._aggregate
         calls.append("ahead" if caller == "parse_ahead" else "in turn")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(processor_module, "_aggregate", counting)
+    monkeypatch.setattr(ingest_module, "_aggregate", counting)
     return calls
 
 

@@ -1,0 +1,365 @@
+"""Staging: carry a batch's plans out against the store, then forecast and deliver it.
+
+Why apart from ingest and commits: this is where the order of I/O is decided, and the order
+is what the guarantees rest on. A batch is *staged* (steps 1-3 of
+:mod:`stream.pipeline.processor`: validated, stored in one round trip, its forecasts planned and
+their windows read) and then *emitted* (step 4: forecast, delivered, and only then its clocks
+handed to :class:`~stream.pipeline.commits.Commits` to be stored). The worker overlaps the
+emitting of one batch with the staging of the next (:meth:`Staging.submit`); a batch whose
+emitting fails is kept, with its requests and windows, and emitted again before anything
+else, in batch order, so no clock is ever stored before the forecasts it counts were
+delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from stream.inference.batching import ForecastRequest, forecast
+from stream.inference.model_info import ModelInfo
+from stream.inference.observers import ScoredBatch
+from stream.monitoring.telemetry import BATCH_SECONDS, EVENTS, FORECASTS, WATERMARK
+from stream.pipeline.commits import Commits
+from stream.pipeline.contract import PROCESSOR_LOGGER, BatchStats, Record, Sink
+from stream.pipeline.ingest import Ingest, Plan
+from stream.pipeline.model_slot import ModelSlot
+from stream.state.base import (
+    ApplyResult,
+    ItemWindow,
+    PartitionId,
+    PartitionState,
+    PartitionUpdate,
+    WindowStore,
+)
+from trendcast.forecasting.base import Forecaster
+
+__all__ = ["Staging"]
+
+# The processor's logger, not this module's (see PROCESSOR_LOGGER): the batch summaries and
+# re-send warnings keep the name operators filter on.
+logger = logging.getLogger(PROCESSOR_LOGGER)
+
+
+@dataclass
+class _Staged:
+    """A batch whose state is stored and whose forecasts are planned (:meth:`Staging._stage`)."""
+
+    batches: Mapping[PartitionId, Sequence[Record]]
+    stats: BatchStats
+    #: The clocks as the batch leaves them: stored once its forecasts are delivered.
+    states: dict[PartitionId, PartitionState]
+    requests: list[ForecastRequest]
+    windows: dict[str, ItemWindow]
+    #: The model of the whole batch (a swap takes effect from the next batch).
+    forecaster: Forecaster
+    model: ModelInfo
+    shadow: tuple[Forecaster, ModelInfo] | None
+    started: float = 0.0
+
+
+class Staging:
+    """Stages batches and emits their forecasts, one in the background, failed ones again first.
+
+    Args:
+        store: Window state.
+        sink: Output topics.
+        ingest: Turns a partition's messages into a plan.
+        commits: The partitions' clocks; told what is delivered and what is stored.
+        slot: The model each batch is planned and forecast with, and its observers.
+        inference_batch_size: Windows per ``predict`` call.
+        clock_ms: Wall clock.
+    """
+
+    def __init__(
+        self,
+        store: WindowStore,
+        sink: Sink,
+        ingest: Ingest,
+        commits: Commits,
+        slot: ModelSlot,
+        *,
+        inference_batch_size: int,
+        clock_ms: Callable[[], int],
+    ) -> None:
+        self.store = store
+        self.sink = sink
+        self._ingest = ingest
+        self._commits = commits
+        self._slot = slot
+        self.inference_batch_size = inference_batch_size
+        self.clock_ms = clock_ms
+        # The batch forecasting in the background (submit), and batches whose forecasting
+        # failed, in batch order: their forecasts are made and sent again before anything.
+        self._tail: asyncio.Future[BatchStats] | None = None
+        self._tail_staged: _Staged | None = None
+        self._failed: list[_Staged] = []
+        self._resending = asyncio.Lock()
+
+    async def process(self, batches: Mapping[PartitionId, Sequence[Record]]) -> BatchStats:
+        """Stage and emit one batch, returning once it is delivered.
+
+        The contract: :meth:`SalesProcessor.process_partitions`.
+        """
+        await self.drain()
+        staged = await self._staged(batches)
+        try:
+            stats = await self._emit(staged)
+        except BaseException:
+            self._failed.append(staged)
+            raise
+        await self._slot.observed()
+        return stats
+
+    async def submit(self, batches: Mapping[PartitionId, Sequence[Record]]) -> BatchStats:
+        """Stage one batch and emit it in the background.
+
+        The contract, and why it is safe: :meth:`SalesProcessor.submit`.
+        """
+        again = next((f for f in self._failed if f.batches is batches), None)
+        await self._resend()
+        if again is not None:
+            return again.stats  # staged before, its forecasts delivered just now
+        staged = await self._staged(batches)
+        try:
+            await self._collect_tail()  # not the observers: they run on in the background
+            await self._resend()
+        except BaseException:
+            self._failed.append(staged)  # after the failed one: delivered in batch order
+            raise
+        self._tail = asyncio.ensure_future(self._emit(staged))
+        self._tail_staged = staged
+        return staged.stats
+
+    async def drain(self) -> None:
+        """Deliver the forecasts of every batch before (:meth:`SalesProcessor.drain`)."""
+        await self._collect_tail()
+        await self._resend()
+        await self._slot.observed()
+
+    def release(self, partition: PartitionId) -> None:
+        """Drop a revoked partition's clocks from the batches kept for sending again.
+
+        Their requests stay (sent again, harmless duplicates if the next owner makes them
+        too); the next owner plans from its own clocks.
+        """
+        for staged in self._failed:
+            staged.states.pop(partition, None)
+
+    async def _collect_tail(self) -> None:
+        """Wait for the batch in the background; keep it, first in line, if it failed."""
+        tail, staged = self._tail, self._tail_staged
+        if tail is None or staged is None:
+            return
+        await asyncio.wait([tail])  # a cancelled caller leaves the tail running
+        if self._tail is tail:  # else another caller collected it
+            self._tail = self._tail_staged = None
+            if tail.cancelled() or tail.exception() is not None:
+                # Older than any batch kept so far: one is scheduled only when none is kept.
+                self._failed.insert(0, staged)
+
+    async def _resend(self) -> None:
+        """Make and send again the forecasts of batches whose delivery failed, in order."""
+        if not self._failed:
+            return
+        await self._collect_tail()  # kept while one ran (a cancelled submit): it goes first
+        async with self._resending:  # the batch loop and the flush timer may both get here
+            while self._failed:
+                staged = self._failed[0]
+                logger.warning(
+                    "sending again the forecasts of a batch of %d events",
+                    sum(len(m) for m in staged.batches.values()),
+                )
+                await self._emit(staged)
+                self._failed.pop(0)
+
+    async def _staged(self, batches: Mapping[PartitionId, Sequence[Record]]) -> _Staged:
+        """:meth:`_stage`, with the model fixed for the batch and the clocks put back on failure.
+
+        Why put back rather than reload: the cached clocks hold the claims of batches whose
+        forecasts are still on their way (not stored yet), and a batch staged again after a
+        failure must be judged exactly as the first time.
+        """
+        started = time.perf_counter()
+        clocks = self._commits.clocks
+        before = {pid: (clocks[pid], clocks[pid].state) for pid in batches if pid in clocks}
+        self._slot.busy = True
+        try:
+            staged = await self._stage(batches)
+        except BaseException:
+            for pid in batches:
+                clock = clocks.get(pid)
+                if pid not in before:
+                    clocks.pop(pid, None)  # loaded by this batch: load it again
+                elif clock is before[pid][0]:  # (not forgotten meanwhile, e.g. reassigned)
+                    clock.restore(before[pid][1])
+            raise
+        finally:
+            self._slot.planned()
+        staged.started = started
+        return staged
+
+    async def _stage(self, by_partition: Mapping[PartitionId, Sequence[Record]]) -> _Staged:
+        """Steps 1-3 up to inference: validate, store, plan forecasts and read their windows.
+
+        The cached clocks are advanced here (due buckets claimed, offsets marked), so the
+        next batch plans after this one; the states to store are kept apart and stored only
+        once :meth:`_emit` delivered the forecasts.
+        """
+        stats = BatchStats()
+        now_ms = self.clock_ms()
+        slot = self._slot
+        forecaster, model, shadow = slot.forecaster, slot.model, slot.shadow
+
+        started = time.perf_counter()
+        # 1. Validate and classify; plan the store writes of each partition.
+        dead: list[tuple[bytes | None, bytes]] = []
+        plans: list[Plan] = []
+        for pid, msgs in by_partition.items():
+            if not msgs:
+                continue
+            plan = await self._ingest.ingest(pid, msgs, now_ms, stats, dead)
+            if plan is not None:
+                plans.append(plan)
+                stats.closed_buckets[pid] = plan.due
+        if dead:
+            await self.sink.send_dead_letters(dead)
+
+        # 2. One round trip: sums, dedupe, clocks, recent sellers.
+        updates = [plan.partition for plan in plans]
+        pending = self._commits.take_unsaved()
+        updates += [PartitionUpdate(pid, state) for pid, state in pending.items()]
+        stats.timings["ingest"] = time.perf_counter() - started
+        started = time.perf_counter()
+        try:
+            result = await self.store.apply([u for plan in plans for u in plan.items], updates)
+        except BaseException:
+            self._commits.keep_unsaved(pending)  # still delivered; store them later
+            raise
+        self._commits.stored(pending)
+        stats.timings["apply"] = time.perf_counter() - started
+        stats.duplicates = result.duplicates
+        EVENTS.labels("valid").inc(stats.valid - result.duplicates - result.refused)
+        EVENTS.labels("duplicate").inc(result.duplicates)
+
+        # 3. Who to forecast (closed buckets, items whose forecast buckets changed) and
+        #    their windows, read before any later batch writes.
+        started = time.perf_counter()
+        requests, windows = await self._forecast_requests(plans, result, stats)
+        stats.timings["read"] = time.perf_counter() - started
+        states: dict[PartitionId, PartitionState] = {}
+        for plan in plans:
+            watermark = plan.clock.watermark_ms
+            if watermark is not None:
+                WATERMARK.labels(plan.pid.topic, str(plan.pid.partition)).set(watermark)
+            if plan.due:
+                plan.clock.mark_emitted()  # claimed: the next batch plans the buckets after
+            plan.clock.mark_processed(plan.next_offset)
+            states[plan.pid] = plan.clock.state
+        return _Staged(
+            batches=by_partition,
+            stats=stats,
+            states=states,
+            requests=requests,
+            windows=windows,
+            forecaster=forecaster,
+            model=model,
+            shadow=shadow,
+        )
+
+    async def _emit(self, staged: _Staged) -> BatchStats:
+        """Step 4: forecast, deliver, and only then let the batch's clocks be stored."""
+        stats, requests, windows = staged.stats, staged.requests, staged.windows
+        scored: list[ScoredBatch] = []
+        # The observers of the batch before are told in the background (see
+        # ModelSlot._observe); at most one batch waits to be told, so they can never fall
+        # behind by more.
+        await self._slot.observed()
+        if requests:
+            started = time.perf_counter()
+            records = await forecast(
+                staged.forecaster,
+                requests,
+                windows,
+                staged.model,
+                self.inference_batch_size,
+                scored=scored,
+            )
+            stats.timings["forecast"] = time.perf_counter() - started
+            started = time.perf_counter()
+            await self.sink.send_forecasts(records)
+            stats.timings["send"] = time.perf_counter() - started
+            stats.forecasts = len(records)
+            FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
+            FORECASTS.labels("late").inc(stats.reforecasts)
+        # Once per batch, when its forecasts are delivered: a batch whose delivery failed is
+        # timed when it is sent again, from its first staging (what it really took).
+        BATCH_SECONDS.observe(time.perf_counter() - staged.started)
+        # Only now, with the forecasts delivered: the states ride along with the next
+        # batch's round trip (or flush(), at revoke, at stop and every second). A failure
+        # before this line leaves the stored clocks where they were, so the forecasts are
+        # made again (at-least-once), never skipped.
+        self._commits.delivered(staged.states)
+        if scored or (requests and staged.shadow is not None):
+            self._slot.tell(scored, staged.shadow, requests, windows)
+        if stats.invalid or stats.late or stats.forecasts:
+            logger.info(
+                "batch: %d valid, %d invalid, %d late, %d duplicate, %d forecasts "
+                "(%d re-forecasts); seconds: %s",
+                stats.valid,
+                stats.invalid,
+                stats.late,
+                stats.duplicates,
+                stats.forecasts,
+                stats.reforecasts,
+                ", ".join(f"{k} {v:.3f}" for k, v in stats.timings.items()),
+            )
+        return stats
+
+    async def _forecast_requests(
+        self, plans: Sequence[Plan], result: ApplyResult, stats: BatchStats
+    ) -> tuple[list[ForecastRequest], dict[str, ItemWindow]]:
+        """Who to forecast as of which bucket, and the windows of every candidate.
+
+        Every item with a sale in the window of a newly closed bucket, for that bucket; and
+        every item whose already-forecast buckets changed (in-grace late events), as of the
+        last closed bucket, unless that forecast is being made anyway. The candidates'
+        windows are read in one round trip and reused for inference.
+        """
+        model = self._slot.model
+        step, window = model.freq.step_ms, model.window
+        regrace: dict[PartitionId, list[str]] = {}
+        for plan in plans:
+            before = plan.emitted_before
+            if before is None:
+                continue  # nothing was forecast before this batch
+            own = {u.item_id for u in plan.items} & result.changed.keys()
+            regrace[plan.pid] = sorted(i for i in own if any(b < before for b in result.changed[i]))
+        candidates = {item for plan in plans for item in result.active.get(plan.pid, [])}
+        candidates.update(item for items in regrace.values() for item in items)
+        windows = await self.store.read(sorted(candidates)) if candidates else {}
+        sold = {item: sorted(w.buckets) for item, w in windows.items()}
+        requests: list[ForecastRequest] = []
+        for plan in plans:
+            planned: set[tuple[str, int]] = set()
+            for bucket in plan.due:
+                lo = bucket - (window - 1) * step
+                for item in result.active.get(plan.pid, []):
+                    buckets = sold[item]
+                    i = bisect_left(buckets, lo)
+                    if i < len(buckets) and buckets[i] <= bucket:  # a sale in [lo, bucket]
+                        requests.append(ForecastRequest(item, bucket))
+                        planned.add((item, bucket))
+            open_from = plan.clock.open_from_ms
+            if open_from is None:
+                continue
+            last_closed = open_from - step
+            for item in regrace.get(plan.pid, []):
+                if (item, last_closed) not in planned:
+                    requests.append(ForecastRequest(item, last_closed))
+                    stats.reforecasts += 1
+        return requests, windows
