@@ -6,7 +6,7 @@ every ``predict`` call's inputs and outputs together, so they need no state read
 own: a later window of an item carries the actuals of buckets forecast earlier. The worker
 calls :meth:`ForecastObserver.on_forecasts` on its event loop, once per micro-batch of
 thousands of rows, in batch order, just after the batch's forecasts are delivered (off the
-delivery path, while the next batch awaits Redis; ``SalesProcessor._observe``), so an
+delivery path, while the next batch awaits Redis; ``stream.pipeline.model_slot``), so an
 observer must be cheap (numpy over the batch, no I/O, no awaiting) and must not raise for
 ordinary data; it publishes what it learned when the worker asks
 (``drain_records``/``snapshot``), not per batch.
