@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 
-from stream.pipeline.contract import PROCESSOR_LOGGER
+from stream.pipeline.edges import PROCESSOR_LOGGER
 from stream.pipeline.watermark import PartitionClock
 from stream.state.base import PartitionId, PartitionState, PartitionUpdate, WindowStore
 from trendcast.freq import Freq

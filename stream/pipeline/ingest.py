@@ -21,7 +21,7 @@ from typing import NamedTuple
 from stream.inference.model_info import ModelInfo
 from stream.monitoring.telemetry import DEAD_LETTERS, EVENTS, LATE_BY
 from stream.pipeline.commits import Commits
-from stream.pipeline.contract import PROCESSOR_LOGGER, BatchStats, OnLate, RawMessage, Record
+from stream.pipeline.edges import PROCESSOR_LOGGER, BatchStats, OnLate, RawMessage, Record
 from stream.pipeline.events import SaleEvent, dead_letter_value, parse_events
 from stream.pipeline.model_slot import ModelSlot
 from stream.pipeline.watermark import PartitionClock

@@ -19,7 +19,7 @@ from stream.inference.batching import ForecastRequest, forecast
 from stream.inference.model_info import ModelInfo
 from stream.inference.observers import ForecastObserver, ScoredBatch, notify
 from stream.monitoring.telemetry import SHADOW_FAILURES
-from stream.pipeline.contract import PROCESSOR_LOGGER
+from stream.pipeline.edges import PROCESSOR_LOGGER
 from stream.state.base import ItemWindow
 from trendcast.exceptions import BundleError
 from trendcast.forecasting.base import Forecaster

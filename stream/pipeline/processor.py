@@ -45,7 +45,7 @@ them and keeps the worker's API:
   that may be committed;
 * :mod:`stream.pipeline.model_slot`: the live model and its swaps, the shadow model, the
   observers;
-* :mod:`stream.pipeline.contract`: the types at the edge (:class:`Record`, :class:`RawMessage`,
+* :mod:`stream.pipeline.edges`: the types at the edge (:class:`Record`, :class:`RawMessage`,
   :class:`Sink`, :class:`BatchStats`, :data:`OnLate`), re-exported here.
 """
 
@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from stream.inference.model_info import ModelInfo
 from stream.inference.observers import ForecastObserver
 from stream.pipeline.commits import Commits
-from stream.pipeline.contract import BatchStats, OnLate, RawMessage, Record, Sink
+from stream.pipeline.edges import BatchStats, OnLate, RawMessage, Record, Sink
 from stream.pipeline.ingest import Ingest
 from stream.pipeline.model_slot import ModelSlot
 from stream.pipeline.staging import Staging

@@ -25,7 +25,7 @@ from stream.inference.model_info import ModelInfo
 from stream.inference.observers import ScoredBatch
 from stream.monitoring.telemetry import BATCH_SECONDS, EVENTS, FORECASTS, WATERMARK
 from stream.pipeline.commits import Commits
-from stream.pipeline.contract import PROCESSOR_LOGGER, BatchStats, Record, Sink
+from stream.pipeline.edges import PROCESSOR_LOGGER, BatchStats, Record, Sink
 from stream.pipeline.ingest import Ingest, Plan
 from stream.pipeline.model_slot import ModelSlot
 from stream.state.base import (
