@@ -444,12 +444,12 @@ def check_dead_letters(
 
 
 def expected_forecasts(
-    events: Sequence[tuple[int, str, int]], freq: Freq, window: int, lateness_buckets: int
+    events: Sequence[tuple[int, str, int]], freq: Freq, window: int, lateness_ms: int
 ) -> set[tuple[str, str]]:
     """(item, as_of) for every closed bucket, from ``(partition, item, ts_ms)`` in offset order.
 
     Mirrors the worker's contract: a partition's watermark is its max event time minus
-    ``lateness_buckets``; each bucket it passes is forecast for every item of the partition
+    ``lateness_ms``; each bucket it passes is forecast for every item of the partition
     with a sale in the ``window`` buckets ending there.
     """
     by_partition: dict[int, list[tuple[str, int]]] = defaultdict(list)
@@ -458,8 +458,8 @@ def expected_forecasts(
     step = freq.step_ms
     out: set[tuple[str, str]] = set()
     for evs in by_partition.values():
-        first_open = freq.floor_ms(evs[0][1] - lateness_buckets * step)
-        end_open = freq.floor_ms(max(ts for _, ts in evs) - lateness_buckets * step)
+        first_open = freq.floor_ms(evs[0][1] - lateness_ms)
+        end_open = freq.floor_ms(max(ts for _, ts in evs) - lateness_ms)
         sold: dict[str, list[int]] = defaultdict(list)
         for item, ts in evs:
             sold[item].append(freq.floor_ms(ts))
@@ -482,7 +482,7 @@ def check_forecasts(
     checks: Checks,
 ) -> None:
     """At least one forecast per (item, closed bucket); repeats are allowed (and counted)."""
-    expected = expected_forecasts(valid, freq, window, settings.lateness_buckets)
+    expected = expected_forecasts(valid, freq, window, int(settings.allowed_lateness_s * 1000))
     got: Counter[tuple[str, str]] = Counter()
     for rec in consume_all(bootstrap, settings.forecasts_topic):
         as_of = orjson.loads(rec.value)["as_of"]

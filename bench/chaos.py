@@ -181,6 +181,7 @@ class _Scenario:
             broker_session_timeout_s=6,
             broker_heartbeat_interval_s=1,
             commit_interval_s=0.5,
+            catchup="every",  # the check expects a forecast per item and closed bucket
             web_enabled=True,
             data_dir=self.dir,
         )

@@ -6,7 +6,11 @@ while bounding memory and latency. Records follow the forecasts topic contract::
 
     key   item_id (UTF-8)
     value {"item_id", "as_of", "freq", "horizon": [{"date", "mean", "p10", "p50", "p90"}],
-           "model_version", "fallback", "emitted_at_ms"}
+           "model_version", "fallback", "emitted_at_ms", "kind", "open_bucket"}
+
+``kind`` is ``close`` (a bucket closed), ``late`` (a closed bucket in grace changed) or
+``refresh`` (the open bucket sold: ``open_bucket`` then says what sold so far and the nowcast
+of its total; ``null`` otherwise). ``trendcast schema forecasts`` is the contract.
 
 ``as_of`` is the end of the last closed bucket the window includes, ISO-8601 UTC; ``date`` is
 each forecast bucket's start, spelled like the offline forecast table (``YYYY-MM-DD`` for
@@ -23,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
-from typing import TypeVar, cast
+from typing import Literal, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +41,8 @@ from trendcast.exceptions import ForecastError
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 
 _T = TypeVar("_T")
+#: What a forecast record is (its ``kind``).
+Kind = Literal["close", "refresh", "late"]
 #: A record's fixed text for one last bucket (``_fragments``, ``_separators``): cached.
 _RecordText = Callable[[int, int, int, str], _T]
 #: ``stream.inference._recordfmt.format_rows`` (see :func:`forecast_records`).
@@ -60,6 +66,9 @@ _format_rows = _load_format_rows()
 
 __all__ = [
     "ForecastRequest",
+    "Kind",
+    "OpenBucketRecord",
+    "OpenBucketSales",
     "build_batch",
     "forecast",
     "forecast_records",
@@ -78,10 +87,36 @@ _UNKNOWN = ItemWindow("", None, {})
 
 @dataclass(frozen=True, slots=True)
 class ForecastRequest:
-    """Forecast ``item_id`` from its window ending with the bucket starting ``last_start_ms``."""
+    """Forecast ``item_id`` from its window ending with the bucket starting ``last_start_ms``.
+
+    ``kind`` goes into the record; a ``refresh`` carries what the open bucket sold so far
+    (``open_bucket``), from which the record's nowcast is made once the forecast is known.
+    """
 
     item_id: str
     last_start_ms: int
+    kind: Kind = "close"
+    open_bucket: OpenBucketSales | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenBucketSales:
+    """The open bucket of a refreshed item: its start, units so far, and how far it is in.
+
+    ``share`` is the expected share of the bucket's units sold by now (the bundle's intraday
+    profile at the partition's event time); ``open_bucket_record`` turns it and the
+    forecast into the record's ``open_bucket`` object.
+    """
+
+    start_ms: int
+    so_far: float
+    share: float
+
+
+#: Makes a refresh record's ``open_bucket`` object from the open bucket's sales and the
+#: forecast of that bucket (step 1: mean, p10, p50, p90). Set by the worker (it needs the
+#: nowcast model of :mod:`trendcast.forecasting.nowcast`); None: ``open_bucket`` is null.
+OpenBucketRecord = Callable[[OpenBucketSales, float, float, float, float], dict[str, object]]
 
 
 def build_batch(
@@ -120,9 +155,16 @@ def _check(result: ForecastBatch, n: int, horizon: int) -> None:
 
 
 def forecast_records(
-    batch: WindowBatch, result: ForecastBatch, model: ModelInfo, emitted_at_ms: int
+    batch: WindowBatch,
+    result: ForecastBatch,
+    model: ModelInfo,
+    emitted_at_ms: int,
+    extras: Sequence[RowExtra] | None = None,
 ) -> list[tuple[str, bytes]]:
     """One ``(key, JSON value)`` per item of the batch.
+
+    ``extras`` gives each row's ``kind`` and ``open_bucket`` (default: every row a
+    ``close`` with no open bucket).
 
     Values are rounded to 4 decimals like the offline forecast table, which also keeps
     float32 noise (``0.10000000149011612``) out of the records.
@@ -137,8 +179,55 @@ def forecast_records(
     if len(batch) == 0:
         return []
     if _format_rows is not None:
-        return _records_c(batch, result, model, emitted_at_ms, _format_rows)
-    return _records_py(batch, result, model, emitted_at_ms)
+        return _records_c(batch, result, model, emitted_at_ms, _format_rows, extras)
+    return _records_py(batch, result, model, emitted_at_ms, extras)
+
+
+#: A row's ``kind`` and ``open_bucket`` object (None: ``null``).
+RowExtra = tuple[str, dict[str, object] | None]
+_CLOSE: RowExtra = ("close", None)
+
+
+def _row_tails(
+    model: ModelInfo,
+    emitted_at_ms: int,
+    fallback: list[bool],
+    extras: Sequence[RowExtra] | None,
+) -> list[bytes]:
+    """Each row's text after its last number, up to the closing brace."""
+    head = b'}],"model_version":' + orjson.dumps(model.model_version) + b',"fallback":'
+    middle = b',"emitted_at_ms":%d,"kind":' % emitted_at_ms
+    cached: dict[tuple[bool, str], bytes] = {}
+
+    def plain(fb: bool, kind: str) -> bytes:
+        text = cached.get((fb, kind))
+        if text is None:
+            text = cached[(fb, kind)] = (
+                head
+                + (b"true" if fb else b"false")
+                + middle
+                + orjson.dumps(kind)
+                + b',"open_bucket":null}'
+            )
+        return text
+
+    if extras is None:
+        return [plain(True, "close") if fb else plain(False, "close") for fb in fallback]
+    out = []
+    for fb, (kind, bucket) in zip(fallback, extras, strict=True):
+        if bucket is None:
+            out.append(plain(fb, kind))
+        else:
+            out.append(
+                head
+                + (b"true" if fb else b"false")
+                + middle
+                + orjson.dumps(kind)
+                + b',"open_bucket":'
+                + orjson.dumps(bucket)
+                + b"}"
+            )
+    return out
 
 
 def _rounded(result: ForecastBatch, horizon: int) -> npt.NDArray[np.float64]:
@@ -146,13 +235,6 @@ def _rounded(result: ForecastBatch, horizon: int) -> npt.NDArray[np.float64]:
     stacked = np.stack([result.mean, result.p10, result.p50, result.p90], axis=-1)
     rounded = np.round(stacked.astype(np.float64), 4).reshape(len(result), horizon * 4)
     return cast(npt.NDArray[np.float64], rounded)
-
-
-def _tails(model: ModelInfo, emitted_at_ms: int) -> tuple[bytes, bytes]:
-    """The end of a record after its last number: (not fallback, fallback)."""
-    head = b'}],"model_version":' + orjson.dumps(model.model_version) + b',"fallback":'
-    tail = b',"emitted_at_ms":%d}' % emitted_at_ms
-    return head + b"false" + tail, head + b"true" + tail
 
 
 def _per_row_text(batch: WindowBatch, model: ModelInfo, text: _RecordText[_T]) -> list[_T]:
@@ -172,15 +254,21 @@ def _dict_path_rows(
     result: ForecastBatch,
     model: ModelInfo,
     emitted_at_ms: int,
+    extras: Sequence[RowExtra] | None,
 ) -> None:
     """Replace ``rows`` of ``out`` with the records of :func:`_records_slow`."""
     for row in rows:
         one = np.array([row], dtype=np.int64)
-        out[row] = _records_slow(batch.take(one), result.take(one), model, emitted_at_ms)[0]
+        extra = None if extras is None else [extras[row]]
+        out[row] = _records_slow(batch.take(one), result.take(one), model, emitted_at_ms, extra)[0]
 
 
 def _records_py(
-    batch: WindowBatch, result: ForecastBatch, model: ModelInfo, emitted_at_ms: int
+    batch: WindowBatch,
+    result: ForecastBatch,
+    model: ModelInfo,
+    emitted_at_ms: int,
+    extras: Sequence[RowExtra] | None = None,
 ) -> list[tuple[str, bytes]]:
     """:func:`forecast_records` in Python (a package built without its C part).
 
@@ -205,15 +293,14 @@ def _records_py(
     parts[1::width] = map(orjson.dumps, batch.item_ids)
     for j in range(per_row):
         parts[3 + 2 * j :: width] = numbers[j::per_row]
-    tails = _tails(model, emitted_at_ms)
-    parts[width - 1 :: width] = [tails[f] for f in result.fallback.tolist()]
+    parts[width - 1 :: width] = _row_tails(model, emitted_at_ms, result.fallback.tolist(), extras)
     join = b"".join
     out = [
         (item_id, join(parts[start : start + width]))
         for item_id, start in zip(batch.item_ids, range(0, n * width, width), strict=True)
     ]
     rows = (row for row, ok in enumerate(finite) if not ok)
-    _dict_path_rows(out, rows, batch, result, model, emitted_at_ms)
+    _dict_path_rows(out, rows, batch, result, model, emitted_at_ms, extras)
     return out
 
 
@@ -223,6 +310,7 @@ def _records_c(
     model: ModelInfo,
     emitted_at_ms: int,
     format_rows: _FormatRows,
+    extras: Sequence[RowExtra] | None = None,
 ) -> list[tuple[str, bytes]]:
     """:func:`forecast_records` written by ``stream.inference._recordfmt.format_rows`` (C).
 
@@ -231,18 +319,17 @@ def _records_c(
     one record per row. Rows it hands back (None: a value not finite, or 10^9 and beyond)
     take the dict path, as non-finite rows do in Python.
     """
-    tails = _tails(model, emitted_at_ms)
     formatted = format_rows(
         _rounded(result, model.horizon),
         _RECORD_HEAD,
         list(map(orjson.dumps, batch.item_ids)),
         _per_row_text(batch, model, _separators),
-        [tails[f] for f in result.fallback.tolist()],
+        _row_tails(model, emitted_at_ms, result.fallback.tolist(), extras),
     )
     out = cast(list[tuple[str, bytes]], list(zip(batch.item_ids, formatted, strict=True)))
     if None in formatted:
         rows = (row for row, value in enumerate(formatted) if value is None)
-        _dict_path_rows(out, rows, batch, result, model, emitted_at_ms)
+        _dict_path_rows(out, rows, batch, result, model, emitted_at_ms, extras)
     return out
 
 
@@ -287,7 +374,11 @@ def _fragments(last_start_ms: int, step_ms: int, horizon: int, freq_name: str) -
 
 
 def _records_slow(
-    batch: WindowBatch, result: ForecastBatch, model: ModelInfo, emitted_at_ms: int
+    batch: WindowBatch,
+    result: ForecastBatch,
+    model: ModelInfo,
+    emitted_at_ms: int,
+    extras: Sequence[RowExtra] | None = None,
 ) -> list[tuple[str, bytes]]:
     """:func:`forecast_records` built with dicts and orjson (rows with non-finite values)."""
     step = model.freq.step_ms
@@ -317,6 +408,9 @@ def _records_slow(
             "fallback": bool(result.fallback[row]),
             "emitted_at_ms": emitted_at_ms,
         }
+        kind, bucket = _CLOSE if extras is None else extras[row]
+        value["kind"] = kind
+        value["open_bucket"] = bucket
         out.append((item_id, orjson.dumps(value)))
     return out
 
@@ -332,6 +426,7 @@ async def forecast(
     role: Role = "live",
     emit: bool = True,
     scored: list[ScoredBatch] | None = None,
+    open_bucket_record: OpenBucketRecord | None = None,
 ) -> list[tuple[str, bytes]]:
     """Forecast every request, ``batch_size`` windows per ``predict`` call.
 
@@ -351,6 +446,7 @@ async def forecast(
         emit: Build forecast records (False for a shadow model: nothing is returned).
         scored: Where to append every scored micro-batch, for observers told later
             (:func:`notify`), off the path that delivers the forecasts.
+        open_bucket_record: Makes the ``open_bucket`` object of ``refresh`` requests.
 
     Raises:
         ForecastError: The forecaster failed or returned wrongly shaped arrays.
@@ -372,5 +468,25 @@ async def forecast(
                 scored.append(one)
             notify(observers, one)
         if emit:
-            records += forecast_records(batch, result, model, int(time.time() * 1000))
+            extras = _extras(chunk, result, open_bucket_record)
+            records += forecast_records(batch, result, model, int(time.time() * 1000), extras)
     return records
+
+
+def _extras(
+    chunk: Sequence[ForecastRequest],
+    result: ForecastBatch,
+    open_bucket_record: OpenBucketRecord | None,
+) -> list[RowExtra] | None:
+    """Each row's kind and open bucket; None when every row is a plain close (the usual)."""
+    if all(r.kind == "close" for r in chunk):
+        return None
+    out: list[RowExtra] = []
+    for row, request in enumerate(chunk):
+        bucket = request.open_bucket
+        if bucket is None or open_bucket_record is None:
+            out.append((request.kind, None))
+            continue
+        step = (result.mean[row, 0], result.p10[row, 0], result.p50[row, 0], result.p90[row, 0])
+        out.append((request.kind, open_bucket_record(bucket, *map(float, step))))
+    return out

@@ -35,16 +35,16 @@ class Commits:
         store: Window state, where clocks are loaded from and stored to.
         freq: Bucket frequency of the clocks (that of the stored windows, which no model
             swap changes).
-        lateness_buckets: Watermark lag (see :class:`~stream.pipeline.watermark.PartitionClock`).
+        lateness_ms: Allowed lateness (see :class:`~stream.pipeline.watermark.PartitionClock`).
         grace_buckets: Closed buckets still accepting events.
     """
 
     def __init__(
-        self, store: WindowStore, freq: Freq, *, lateness_buckets: int, grace_buckets: int
+        self, store: WindowStore, freq: Freq, *, lateness_ms: int, grace_buckets: int
     ) -> None:
         self.store = store
         self.freq = freq
-        self.lateness_buckets = lateness_buckets
+        self.lateness_ms = lateness_ms
         self.grace_buckets = grace_buckets
         self.clocks: dict[PartitionId, PartitionClock] = {}
         # Clocks whose outputs were delivered but which are not stored yet: they ride along
@@ -67,7 +67,7 @@ class Commits:
                 state = state.merged(unsaved)
             clock = PartitionClock(
                 self.freq,
-                lateness_buckets=self.lateness_buckets,
+                lateness_ms=self.lateness_ms,
                 grace_buckets=self.grace_buckets,
                 state=state,
             )

@@ -95,6 +95,9 @@ class BatchStats:
     redelivered: int = 0
     forecasts: int = 0
     reforecasts: int = 0
+    #: Closed buckets not forecast because a newer one of the same batch was (catch-up
+    #: ``latest``).
+    skipped_buckets: int = 0
     closed_buckets: dict[PartitionId, list[int]] = field(default_factory=dict)
     #: Wall seconds of the batch's steps (ingest, apply, read, forecast, send), for logs.
     timings: dict[str, float] = field(default_factory=dict)

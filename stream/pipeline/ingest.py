@@ -46,7 +46,8 @@ class Plan:
     emitted_before: int | None
     due: list[int]
     items: list[ItemUpdate]
-    next_offset: int
+    #: First offset after the batch (``None``: no message, the wall clock moved the clock).
+    next_offset: int | None
     partition: PartitionUpdate
 
 
@@ -252,29 +253,17 @@ class Ingest:
         of the batch's turn (:meth:`parse_ahead`) whenever the clock has not moved since.
         """
         clock = await self._commits.clock(pid)
-        model = self._slot.model
-        step = model.freq.step_ms
-        emitted_before = clock.state.emitted_to_ms
-        # The late bound before this batch: every event accepted below is at or after it.
-        late_before_start = clock.late_before_ms
-        # The late bound of the clock known to be stored: dedupe keys older than it can go
-        # (see ItemUpdate.dedupe_from_ms), and no older ones. A worker that takes over after
-        # a crash judges re-delivered events by the stored clock, which lags this one by
-        # the batches whose forecasts are still on their way (submit): an event it accepts
-        # must still find its key, or it would be counted twice.
-        stored = self._commits.stored_states.get(pid)
-        late_before_stored = (
-            None
-            if stored is None or stored.max_event_ms is None
-            else clock.late_before_for(stored.max_event_ms)
-        )
+        bounds = self._bounds(pid, clock)
         ahead = self._take_parsed(msgs)
         aggregate: _Aggregate | None = None
         if ahead is None:
             events = _parse_all(msgs, self.max_message_bytes, now_ms, self.max_future_ms)
         else:
             events = ahead.events
-            if ahead.model is model and ahead.from_max_event_ms == clock.state.max_event_ms:
+            if (
+                ahead.model is self._slot.model
+                and ahead.from_max_event_ms == clock.state.max_event_ms
+            ):
                 aggregate = ahead.aggregate
         if aggregate is None:
             aggregate = self._aggregate(pid, msgs, events, clock)
@@ -291,8 +280,66 @@ class Ingest:
         stats.valid += aggregate.valid
         if aggregate.max_event_ms is not None:
             clock.observe(aggregate.max_event_ms)  # once per batch, not at every newer event
-        deltas, last_sale = aggregate.deltas, aggregate.last_sale
+        return self._plan(
+            pid,
+            clock,
+            bounds,
+            aggregate.deltas,
+            aggregate.last_sale,
+            next_offset=msgs[-1].offset + 1,  # offset order
+        )
 
+    async def advance(self, pid: PartitionId, now_ms: int) -> Plan | None:
+        """Move a caught-up live partition's clock to the wall clock, if that closes a bucket.
+
+        Why: a partition that receives no later event would otherwise never close its last
+        bucket. The wall clock stands in for the event that did not come, exactly as an
+        event at ``now_ms`` would (the largest event time moves, nothing is counted), so the
+        plan is that of an empty batch: no store writes, the buckets it closes, and the
+        clock stored once their forecasts are delivered. Only for a live partition (see
+        :meth:`~stream.pipeline.watermark.PartitionClock.is_live`; the caller decides what
+        live means): a replay or a catch-up keeps closing by event time alone, so its
+        output does not depend on when it runs. Returns None when nothing would close (the
+        clock still follows the wall clock, so the partition stays live).
+        """
+        clock = await self._commits.clock(pid)
+        if not clock.closes_at(now_ms):
+            clock.observe(now_ms)  # within the open bucket: nothing to plan or to store
+            return None
+        bounds = self._bounds(pid, clock)
+        clock.observe(now_ms)
+        return self._plan(pid, clock, bounds, {}, {}, next_offset=None)
+
+    def _bounds(self, pid: PartitionId, clock: PartitionClock) -> _Bounds:
+        """Where the clock stood before a batch, and the late bound of the stored clock."""
+        # The late bound of the clock known to be stored: dedupe keys older than it can go
+        # (see ItemUpdate.dedupe_from_ms), and no older ones. A worker that takes over after
+        # a crash judges re-delivered events by the stored clock, which lags this one by
+        # the batches whose forecasts are still on their way (submit): an event it accepts
+        # must still find its key, or it would be counted twice.
+        stored = self._commits.stored_states.get(pid)
+        return _Bounds(
+            emitted_before=clock.state.emitted_to_ms,
+            # The late bound before this batch: every event accepted is at or after it.
+            late_before_start=clock.late_before_ms,
+            late_before_stored=None
+            if stored is None or stored.max_event_ms is None
+            else clock.late_before_for(stored.max_event_ms),
+        )
+
+    def _plan(
+        self,
+        pid: PartitionId,
+        clock: PartitionClock,
+        bounds: _Bounds,
+        deltas: Mapping[str, list[BucketDelta]],
+        last_sale: Mapping[str, int],
+        *,
+        next_offset: int | None,
+    ) -> Plan | None:
+        """The store writes and closed buckets of a partition whose clock has moved."""
+        model = self._slot.model
+        step = model.freq.step_ms
         open_from, late_before = clock.open_from_ms, clock.late_before_ms
         if open_from is None or late_before is None:
             return None  # nothing valid ever seen on this partition
@@ -303,16 +350,17 @@ class Ingest:
             clock.state.emitted_to_ms,
             open_from - step,
             late_before,
-            late_before_start,
-            late_before_stored,
+            bounds.late_before_start,
+            bounds.late_before_stored,
         )
         oldest_end = min(x for x in candidates if x is not None)
         keep_from = oldest_end - (self._slot.state_window - 1) * step
-        dedupe_from = keep_from if late_before_stored is None else late_before_stored
+        stored_bound = bounds.late_before_stored
+        dedupe_from = keep_from if stored_bound is None else stored_bound
         return Plan(
             pid=pid,
             clock=clock,
-            emitted_before=emitted_before,
+            emitted_before=bounds.emitted_before,
             due=due,
             items=[
                 ItemUpdate(
@@ -324,7 +372,7 @@ class Ingest:
                 )
                 for item_id, ds in deltas.items()
             ],
-            next_offset=msgs[-1].offset + 1,  # offset order
+            next_offset=next_offset,
             partition=PartitionUpdate(
                 pid,
                 # The clock itself is stored after the outputs were delivered (step 4).
@@ -334,6 +382,14 @@ class Ingest:
                 active_from_ms=due[0] - (model.window - 1) * step if due else None,
             ),
         )
+
+
+class _Bounds(NamedTuple):
+    """Where a partition's clock stood before a batch (:meth:`Ingest._bounds`)."""
+
+    emitted_before: int | None
+    late_before_start: int | None
+    late_before_stored: int | None
 
 
 class _Aggregate(NamedTuple):

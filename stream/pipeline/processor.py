@@ -54,6 +54,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
 
 from stream.inference.model_info import ModelInfo
 from stream.inference.observers import ForecastObserver
@@ -87,8 +88,16 @@ class SalesProcessor:
         forecaster: Turns windows into forecasts.
         model: Window, horizon, freq and version of the model.
         sink: Output topics.
-        lateness_buckets: Watermark lag (see :class:`~stream.pipeline.watermark.PartitionClock`).
+        allowed_lateness_ms: The watermark's lag behind the largest event time (see
+            :class:`~stream.pipeline.watermark.PartitionClock`): a bucket closes that long
+            after its end.
         grace_buckets: Closed buckets still accepting events.
+        live_window_ms: A partition whose largest event time is at most this far behind the
+            wall clock is *live*: once caught up, its clock follows the wall clock
+            (:meth:`advance`).
+        catchup: When one batch closes several buckets of a partition: ``latest`` forecasts
+            each item only as of the newest of them (subscribers want the newest forecast,
+            not one per stale bucket), ``every`` as of each (backfills).
         inference_batch_size: Windows per ``predict`` call.
         max_message_bytes: Size limit of a message value.
         max_future_ms: How far ahead of the wall clock an event may be.
@@ -107,8 +116,10 @@ class SalesProcessor:
         model: ModelInfo,
         sink: Sink,
         *,
-        lateness_buckets: int = 1,
+        allowed_lateness_ms: int = 60_000,
         grace_buckets: int = 1,
+        live_window_ms: int = 300_000,
+        catchup: Literal["latest", "every"] = "latest",
         inference_batch_size: int = 256,
         max_message_bytes: int = 64 * 1024,
         max_future_ms: int | None = 86_400_000,
@@ -120,14 +131,17 @@ class SalesProcessor:
     ) -> None:
         if store.freq != model.freq:
             raise ValueError(f"expected a store of freq {model.freq.name}, got {store.freq.name}")
-        span = (model.window + lateness_buckets + grace_buckets + 1) * model.freq.step_ms
+        step = model.freq.step_ms
+        lateness_buckets = -(-allowed_lateness_ms // step)  # buckets the lateness reaches into
+        span = (model.window + lateness_buckets + grace_buckets + 1) * step
+        self.live_window_ms = live_window_ms
         self._slot = ModelSlot(
             forecaster, model, observers=observers, inference_batch_size=inference_batch_size
         )
         if shadow is not None:
             self.set_shadow(*shadow)
         self._commits = Commits(
-            store, model.freq, lateness_buckets=lateness_buckets, grace_buckets=grace_buckets
+            store, model.freq, lateness_ms=allowed_lateness_ms, grace_buckets=grace_buckets
         )
         self._ingest = Ingest(
             self._commits,
@@ -146,6 +160,7 @@ class SalesProcessor:
             self._slot,
             inference_batch_size=inference_batch_size,
             clock_ms=clock_ms,
+            catchup=catchup,
         )
 
     # --- what the parts hold, read (and for the sink, set) through the facade ----------------
@@ -195,9 +210,9 @@ class SalesProcessor:
         return self._slot.state_uses_prices
 
     @property
-    def lateness_buckets(self) -> int:
-        """Watermark lag, in buckets."""
-        return self._commits.lateness_buckets
+    def allowed_lateness_ms(self) -> int:
+        """The watermark's lag behind the largest event time."""
+        return self._commits.lateness_ms
 
     @property
     def grace_buckets(self) -> int:
@@ -340,6 +355,40 @@ class SalesProcessor:
                 already staged is not staged again).
         """
         return await self._staging.submit(batches)
+
+    async def advance(
+        self, partitions: Iterable[PartitionId], now_ms: int | None = None
+    ) -> BatchStats | None:
+        """Let caught-up live partitions follow the wall clock; close what that closes.
+
+        The worker calls this with the partitions that have nothing left to read. Each one
+        that is live (its largest event time at most :attr:`live_window_ms` behind
+        ``now_ms``) has its clock moved to ``now_ms`` as if an event had come then: a
+        bucket therefore closes ``allowed_lateness_ms`` after its end even when no later
+        event arrives, and its forecasts go out like any batch's (:meth:`submit`: in the
+        background, clocks stored after delivery). A partition replaying or catching up on
+        history is never live, so its output depends on the events alone.
+
+        Returns:
+            The stats of the batch that closed buckets, or None when none closed.
+
+        Raises:
+            StateStoreError, BrokerError, ForecastError: As :meth:`submit`; the clocks stay
+                where they were, and the next call tries again.
+        """
+        now = self.clock_ms() if now_ms is None else now_ms
+        closing: dict[PartitionId, Sequence[Record]] = {}
+        for pid in partitions:
+            clock = await self._commits.clock(pid)
+            if not clock.is_live(now, self.live_window_ms):
+                continue
+            if clock.closes_at(now):
+                closing[pid] = ()
+            else:
+                clock.observe(now)  # still live next time; nothing to plan or store
+        if not closing:
+            return None
+        return await self._staging.submit(closing, advance_ms=now)
 
     async def drain(self) -> None:
         """Deliver the forecasts of every batch before: the one in the background

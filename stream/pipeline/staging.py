@@ -19,6 +19,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from stream.inference.batching import ForecastRequest, forecast
 from stream.inference.model_info import ModelInfo
@@ -73,6 +74,8 @@ class Staging:
         slot: The model each batch is planned and forecast with, and its observers.
         inference_batch_size: Windows per ``predict`` call.
         clock_ms: Wall clock.
+        catchup: ``latest``: when a batch closes several buckets of a partition, each item
+            is forecast only as of the newest; ``every``: as of each.
     """
 
     def __init__(
@@ -85,8 +88,10 @@ class Staging:
         *,
         inference_batch_size: int,
         clock_ms: Callable[[], int],
+        catchup: Literal["latest", "every"] = "latest",
     ) -> None:
         self.store = store
+        self.catchup = catchup
         self.sink = sink
         self._ingest = ingest
         self._commits = commits
@@ -115,16 +120,23 @@ class Staging:
         await self._slot.observed()
         return stats
 
-    async def submit(self, batches: Mapping[PartitionId, Sequence[Record]]) -> BatchStats:
+    async def submit(
+        self,
+        batches: Mapping[PartitionId, Sequence[Record]],
+        *,
+        advance_ms: int | None = None,
+    ) -> BatchStats:
         """Stage one batch and emit it in the background.
 
-        The contract, and why it is safe: :meth:`SalesProcessor.submit`.
+        The contract, and why it is safe: :meth:`SalesProcessor.submit`. With
+        ``advance_ms``, the partitions given no records are moved to that wall-clock time
+        instead (:meth:`~stream.pipeline.ingest.Ingest.advance`).
         """
         again = next((f for f in self._failed if f.batches is batches), None)
         await self._resend()
         if again is not None:
             return again.stats  # staged before, its forecasts delivered just now
-        staged = await self._staged(batches)
+        staged = await self._staged(batches, advance_ms)
         try:
             await self._collect_tail()  # not the observers: they run on in the background
             await self._resend()
@@ -177,7 +189,9 @@ class Staging:
                 await self._emit(staged)
                 self._failed.pop(0)
 
-    async def _staged(self, batches: Mapping[PartitionId, Sequence[Record]]) -> _Staged:
+    async def _staged(
+        self, batches: Mapping[PartitionId, Sequence[Record]], advance_ms: int | None = None
+    ) -> _Staged:
         """:meth:`_stage`, with the model fixed for the batch and the clocks put back on failure.
 
         Why put back rather than reload: the cached clocks hold the claims of batches whose
@@ -189,7 +203,7 @@ class Staging:
         before = {pid: (clocks[pid], clocks[pid].state) for pid in batches if pid in clocks}
         self._slot.busy = True
         try:
-            staged = await self._stage(batches)
+            staged = await self._stage(batches, advance_ms)
         except BaseException:
             for pid in batches:
                 clock = clocks.get(pid)
@@ -203,7 +217,9 @@ class Staging:
         staged.started = started
         return staged
 
-    async def _stage(self, by_partition: Mapping[PartitionId, Sequence[Record]]) -> _Staged:
+    async def _stage(
+        self, by_partition: Mapping[PartitionId, Sequence[Record]], advance_ms: int | None = None
+    ) -> _Staged:
         """Steps 1-3 up to inference: validate, store, plan forecasts and read their windows.
 
         The cached clocks are advanced here (due buckets claimed, offsets marked), so the
@@ -220,9 +236,12 @@ class Staging:
         dead: list[tuple[bytes | None, bytes]] = []
         plans: list[Plan] = []
         for pid, msgs in by_partition.items():
-            if not msgs:
+            if msgs:
+                plan = await self._ingest.ingest(pid, msgs, now_ms, stats, dead)
+            elif advance_ms is not None:
+                plan = await self._ingest.advance(pid, advance_ms)
+            else:
                 continue
-            plan = await self._ingest.ingest(pid, msgs, now_ms, stats, dead)
             if plan is not None:
                 plans.append(plan)
                 stats.closed_buckets[pid] = plan.due
@@ -258,7 +277,8 @@ class Staging:
                 WATERMARK.labels(plan.pid.topic, str(plan.pid.partition)).set(watermark)
             if plan.due:
                 plan.clock.mark_emitted()  # claimed: the next batch plans the buckets after
-            plan.clock.mark_processed(plan.next_offset)
+            if plan.next_offset is not None:
+                plan.clock.mark_processed(plan.next_offset)
             states[plan.pid] = plan.clock.state
         return _Staged(
             batches=by_partition,
@@ -309,13 +329,14 @@ class Staging:
         if stats.invalid or stats.late or stats.forecasts:
             logger.info(
                 "batch: %d valid, %d invalid, %d late, %d duplicate, %d forecasts "
-                "(%d re-forecasts); seconds: %s",
+                "(%d re-forecasts, %d stale buckets skipped); seconds: %s",
                 stats.valid,
                 stats.invalid,
                 stats.late,
                 stats.duplicates,
                 stats.forecasts,
                 stats.reforecasts,
+                stats.skipped_buckets,
                 ", ".join(f"{k} {v:.3f}" for k, v in stats.timings.items()),
             )
         return stats
@@ -346,20 +367,25 @@ class Staging:
         requests: list[ForecastRequest] = []
         for plan in plans:
             planned: set[tuple[str, int]] = set()
-            for bucket in plan.due:
-                lo = bucket - (window - 1) * step
+            # Catching up (several buckets closed at once) with ``latest``: only the newest,
+            # for every item a close of any of them would have forecast.
+            latest = self.catchup == "latest" and len(plan.due) > 1
+            for bucket in plan.due[-1:] if latest else plan.due:
+                lo = (plan.due[0] if latest else bucket) - (window - 1) * step
                 for item in result.active.get(plan.pid, []):
                     buckets = sold[item]
                     i = bisect_left(buckets, lo)
                     if i < len(buckets) and buckets[i] <= bucket:  # a sale in [lo, bucket]
                         requests.append(ForecastRequest(item, bucket))
                         planned.add((item, bucket))
+            if latest:
+                stats.skipped_buckets += len(plan.due) - 1
             open_from = plan.clock.open_from_ms
             if open_from is None:
                 continue
             last_closed = open_from - step
             for item in regrace.get(plan.pid, []):
                 if (item, last_closed) not in planned:
-                    requests.append(ForecastRequest(item, last_closed))
+                    requests.append(ForecastRequest(item, last_closed, "late"))
                     stats.reforecasts += 1
         return requests, windows

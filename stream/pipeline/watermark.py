@@ -32,19 +32,23 @@ class PartitionClock:
 
     Args:
         freq: Bucket frequency of the model.
-        lateness_buckets: Watermark lag behind the largest event time, in buckets.
+        lateness_ms: Allowed lateness: the watermark lags the largest event time by this
+            much, so a bucket closes (and is forecast) that long after its end in event time.
         grace_buckets: Closed buckets that still accept events.
         state: Where to start from (persisted state, or empty).
 
     >>> from trendcast.freq import parse_freq
-    >>> day = 86_400_000
-    >>> clock = PartitionClock(parse_freq("1D"), lateness_buckets=1, grace_buckets=1)
-    >>> clock.observe(10 * day + 5)            # first event: day 10
-    >>> clock.open_from_ms // day, clock.due_buckets()   # watermark in day 9: nothing closed
-    (9, [])
-    >>> clock.observe(12 * day)                # day 12 -> watermark day 11: days 9, 10 close
+    >>> day, minute = 86_400_000, 60_000
+    >>> clock = PartitionClock(parse_freq("1D"), lateness_ms=minute, grace_buckets=1)
+    >>> clock.observe(10 * day + 7_200_000)    # first event: day 10, 02:00
+    >>> clock.open_from_ms // day, clock.due_buckets()   # day 10 open: nothing closed
+    (10, [])
+    >>> clock.observe(11 * day + minute - 1)   # 00:00:59.999 on day 11: not yet
+    >>> clock.due_buckets()
+    []
+    >>> clock.observe(11 * day + minute)       # a minute into day 11: day 10 closes
     >>> [b // day for b in clock.due_buckets()]
-    [9, 10]
+    [10]
     >>> clock.mark_emitted(); clock.due_buckets()
     []
     >>> clock.is_late(10 * day), clock.is_late(9 * day + 1)  # grace: 1 closed bucket (day 10)
@@ -55,12 +59,14 @@ class PartitionClock:
         self,
         freq: Freq,
         *,
-        lateness_buckets: int,
+        lateness_ms: int,
         grace_buckets: int,
         state: PartitionState | None = None,
     ) -> None:
+        if lateness_ms < 0:
+            raise ValueError(f"expected lateness_ms >= 0, got {lateness_ms}")
         self.freq = freq
-        self.lateness_ms = lateness_buckets * freq.step_ms
+        self.lateness_ms = lateness_ms
         self.grace_ms = grace_buckets * freq.step_ms
         self._state = state or PartitionState()
 
@@ -97,8 +103,8 @@ class PartitionClock:
         the start of the bucket holding that watermark (:attr:`open_from_ms`) less the grace.
 
         >>> from trendcast.freq import parse_freq
-        >>> clock = PartitionClock(parse_freq("1D"), lateness_buckets=1, grace_buckets=1)
         >>> day = 86_400_000
+        >>> clock = PartitionClock(parse_freq("1D"), lateness_ms=day, grace_buckets=1)
         >>> clock.late_before_for(12 * day + 5) // day  # watermark day 11: day 10 in grace
         10
         >>> clock.observe(12 * day + 5); clock.late_before_ms // day
@@ -128,6 +134,25 @@ class PartitionClock:
         self._state = replace(self._state, max_event_ms=ts_ms)
         if self._state.emitted_to_ms is None:
             self._state = replace(self._state, emitted_to_ms=self.open_from_ms)
+
+    def is_live(self, now_ms: int, within_ms: int) -> bool:
+        """Whether the partition follows the wall clock: its newest event time is at most
+        ``within_ms`` behind ``now_ms`` (a replay or a catch-up of history is not live).
+        """
+        max_event = self._state.max_event_ms
+        return max_event is not None and now_ms - max_event <= within_ms
+
+    def closes_at(self, now_ms: int) -> bool:
+        """Whether moving the largest event time to ``now_ms`` would close a bucket.
+
+        >>> from trendcast.freq import parse_freq
+        >>> clock = PartitionClock(parse_freq("1h"), lateness_ms=1_000, grace_buckets=0)
+        >>> clock.observe(1_800_000)                # half past midnight: hour 0 open
+        >>> clock.closes_at(3_600_999), clock.closes_at(3_601_000)  # 1 s after its end
+        (False, True)
+        """
+        open_from = self.open_from_ms
+        return open_from is not None and self.freq.floor_ms(now_ms - self.lateness_ms) > open_from
 
     def restore(self, state: PartitionState) -> None:
         """Put the clock back to ``state``, taken from it before a batch that then failed.

@@ -60,10 +60,26 @@ class WorkerSettings(BaseSettings):
         forecasts_topic: Output topic (key = item id, value = JSON forecast).
         consumer_group: Kafka consumer group, also the Faust app id.
         state_prefix: Prefix of every Redis key the worker writes.
-        lateness_buckets: Watermark = max event time seen on the partition minus this many
-            buckets; a bucket closes (and is forecast) once the watermark passes its end.
+        allowed_lateness_s: Watermark = max event time seen on the partition minus this many
+            seconds; a bucket closes (and is forecast) once the watermark passes its end, so
+            a daily bucket closes a minute after midnight (event time) by default. Replaces
+            ``TRENDCAST_LATENESS_BUCKETS`` (whole buckets: a day's forecasts came a day late).
         grace_buckets: Closed buckets still accepting late events; an event for an older
             bucket goes to the dead-letter topic with reason ``late``.
+        live_window_s: A partition whose newest event time is at most this far behind the
+            wall clock is *live*: once it has nothing left to read, its watermark follows the
+            wall clock (now minus the allowed lateness), so its buckets close on time even
+            when no later event comes. Replays and catch-ups of history are never live.
+        refresh_s: An item with new sales in the open bucket gets a ``refresh`` forecast
+            (with the open bucket's nowcast) at most once per this many seconds; 0 = only
+            ``close`` and ``late`` forecasts. Also how often stalls are checked.
+        alerts_topic: Where surge and stall alerts go (key = item id).
+        alert_probability: An alert is raised when what the open bucket sold so far is this
+            improbable under the item's forecast (tail probability): a surge for too much, a
+            stall for nothing sold although that was this unlikely.
+        catchup: When one batch closes several buckets of a partition (a catch-up after an
+            outage, a first load): ``latest`` forecasts each item only as of the newest of
+            them (what subscribers want), ``every`` as of each (backfills).
         batch_size: Most records one fetch hands to the processor (Kafka
             ``max_poll_records``); a fetch is one batch: one Redis round trip, then one commit.
             It only binds while the worker is behind (a worker keeping up takes what arrived
@@ -144,8 +160,15 @@ class WorkerSettings(BaseSettings):
     shadow_bundle: Path | None = None
     consumer_group: str = Field(default="trendcast-worker", min_length=1)
     state_prefix: str = Field(default="trendcast", min_length=1, pattern=r"^[^{}\s]+$")
-    lateness_buckets: int = Field(default=1, ge=0)
+    allowed_lateness_s: float = Field(default=60.0, ge=0)
     grace_buckets: int = Field(default=1, ge=0)
+    live_window_s: float = Field(default=300.0, gt=0)
+    refresh_s: float = Field(default=60.0, ge=0)
+    alerts_topic: str = Field(default="alerts", min_length=1)
+    alert_probability: float = Field(default=0.001, gt=0, lt=0.5)
+    catchup: Literal["latest", "every"] = "latest"
+    #: Replaced by ``allowed_lateness_s``; only read to refuse it with a clear message.
+    lateness_buckets: int | None = Field(default=None, exclude=True, repr=False)
     batch_size: int = Field(default=15_000, gt=0)
     batch_timeout_s: float = Field(default=0.5, gt=0)
     fetch_max_wait_ms: int = Field(default=500, ge=1, le=30_000)
@@ -193,12 +216,22 @@ class WorkerSettings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_topics(self) -> WorkerSettings:
-        topics = {self.sales_topic, self.dlq_topic, self.forecasts_topic}
-        if len(topics) != 3:
+    def _check_replaced(self) -> WorkerSettings:
+        if self.lateness_buckets is not None:
             raise ValueError(
-                "expected distinct sales, dead-letter and forecasts topics, got "
-                f"{self.sales_topic!r}, {self.dlq_topic!r}, {self.forecasts_topic!r}"
+                "TRENDCAST_LATENESS_BUCKETS was replaced by TRENDCAST_ALLOWED_LATENESS_S "
+                f"(seconds, default 60), got lateness_buckets={self.lateness_buckets}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_topics(self) -> WorkerSettings:
+        topics = {self.sales_topic, self.dlq_topic, self.forecasts_topic, self.alerts_topic}
+        if len(topics) != 4:
+            raise ValueError(
+                "expected distinct sales, dead-letter, forecasts and alerts topics, got "
+                f"{self.sales_topic!r}, {self.dlq_topic!r}, {self.forecasts_topic!r}, "
+                f"{self.alerts_topic!r}"
             )
         if self.broker_heartbeat_interval_s >= self.broker_session_timeout_s:
             raise ValueError(

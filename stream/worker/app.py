@@ -238,6 +238,7 @@ def create_app(
         fetch_timeout_s=settings.batch_timeout_s,
         fetch_max_wait_ms=settings.fetch_max_wait_ms,
         preparer=runtime.prepare_fetch,
+        advancer=runtime.advance_idle,
     )
     app.on_partitions_revoked.connect(runtime.on_revoked)
     app.on_partitions_assigned.connect(runtime.on_assigned)

@@ -66,7 +66,7 @@ from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 
-__all__ = ["BatchConsumer", "BatchHandler", "BatchPreparer", "Flusher", "install"]
+__all__ = ["Advancer", "BatchConsumer", "BatchHandler", "BatchPreparer", "Flusher", "install"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ BatchPreparer = Callable[[Mapping[TP, Sequence[Any]]], Awaitable[None]]
 #: Stores what can be stored without a batch (idle, revoke, stop) and returns the offsets
 #: that may be committed now.
 Flusher = Callable[[], Awaitable[Mapping[TP, int]]]
+#: Gets the assigned partitions that have nothing left to read (their fetch position at
+#: the high watermark), between batches and at most every ``advance_interval_s``: their
+#: clocks may follow the wall clock (``SalesProcessor.advance``).
+Advancer = Callable[[Sequence[TP]], Awaitable[None]]
 
 
 class _Fetched(NamedTuple):
@@ -155,6 +159,11 @@ class BatchConsumer(AIOKafkaConsumer):
     batch_handler: BatchHandler | None = None
     batch_preparer: BatchPreparer | None = None
     flusher: Flusher | None = None
+    advancer: Advancer | None = None
+    #: How often caught-up partitions are handed to the advancer (closes land within this
+    #: plus a fetch wait of the bucket's end plus the allowed lateness).
+    advance_interval_s: float = 0.5
+    _last_advance: float = 0.0
     _commit_lock: asyncio.Lock | None = None
     #: Longest wait of one fetch; short, so that a stop or rebalance is noticed quickly.
     fetch_timeout_s: float = 1.0
@@ -223,6 +232,7 @@ class BatchConsumer(AIOKafkaConsumer):
                 ahead = None
                 batch = fetched.batch
                 if not batch:
+                    await self._advance_idle(idle)
                     continue
                 if not self._still_current(fetched.generation):
                     # A rebalance came between the fetch and now: hand nothing over, and
@@ -246,6 +256,7 @@ class BatchConsumer(AIOKafkaConsumer):
                 finally:
                     if work.done():
                         idle.set()
+                await self._advance_idle(idle)
             if ahead is not None:  # stopped: a fetch not handed over is simply read again
                 ahead.cancel()
         except self.consumer_stopped_errors:
@@ -266,6 +277,59 @@ class BatchConsumer(AIOKafkaConsumer):
             if self.transport.app.should_stop:
                 return
             raise
+
+    async def _advance_idle(self, idle: asyncio.Event) -> None:
+        """Hand the caught-up partitions to the advancer, between batches, now and then.
+
+        Run like a batch (the revoke handler waits for it, a stop lets it finish): it may
+        stage the forecasts of buckets the wall clock closed.
+        """
+        if self.advancer is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._last_advance < self.advance_interval_s:
+            return
+        self._last_advance = now
+        caught_up = self.caught_up()
+        if not caught_up:
+            return
+        idle.clear()
+        work = asyncio.ensure_future(self.advancer(caught_up))
+        try:
+            while not work.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(work)
+            work.result()
+        except Exception as exc:  # the next interval tries again
+            logger.warning("could not advance idle partitions (%s)", exc)
+        finally:
+            idle.set()
+
+    def caught_up(self) -> list[TP]:
+        """Assigned partitions whose records up to the high watermark were all handed over.
+
+        The high watermark is the one the last fetch response reported (right on Tansu too,
+        unlike ListOffsets); the position is the offset after the last record handed over
+        in this generation or, for a partition that got none yet, its committed offset.
+        A partition with either unknown is not caught up.
+        """
+        out: list[TP] = []
+        committed: Mapping[TP, int | None] = getattr(self, "_committed_offset", {})
+        try:
+            assignment = self.assignment()
+        except Exception:  # not started
+            return out
+        for tp in assignment:
+            try:
+                high = self.highwater(tp)
+            except Exception:  # consumer thread not started
+                return []
+            position = self._expected.get(tp)
+            if position is None:
+                position = committed.get(tp)
+            if high is not None and high >= 0 and position is not None and position >= high:
+                out.append(tp)
+        return out
 
     def _still_current(self, generation: int) -> bool:
         """Whether records fetched in ``generation`` may still be handed over."""
@@ -378,6 +442,7 @@ def install(
     fetch_timeout_s: float = 1.0,
     fetch_max_wait_ms: int | None = None,
     preparer: BatchPreparer | None = None,
+    advancer: Advancer | None = None,
 ) -> None:
     """Make ``app`` consume through :class:`BatchConsumer` with ``handler``.
 
@@ -391,6 +456,7 @@ def install(
             "batch_handler": staticmethod(handler),
             "flusher": staticmethod(flusher),
             "batch_preparer": None if preparer is None else staticmethod(preparer),
+            "advancer": None if advancer is None else staticmethod(advancer),
             "fetch_timeout_s": fetch_timeout_s,
             "fetch_max_wait_ms": fetch_max_wait_ms,
         },

@@ -7,6 +7,7 @@ functions, so ``trendcast --help`` does not pay for them.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -159,7 +160,10 @@ def build_worker_app(
         client_kwargs = redis_client_kwargs(settings)
         _check_redis(
             settings.redis_url,
-            model.window + settings.lateness_buckets + settings.grace_buckets + 4,
+            model.window
+            + math.ceil(settings.allowed_lateness_s * 1000 / model.freq.step_ms)
+            + settings.grace_buckets
+            + 4,
             cluster=settings.redis_cluster,
             **client_kwargs,
         )

@@ -118,8 +118,10 @@ class WorkerRuntime:
             sink,
             observers=[self.accuracy, self.trends],
             shadow=shadow,
-            lateness_buckets=settings.lateness_buckets,
+            allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
             grace_buckets=settings.grace_buckets,
+            live_window_ms=int(settings.live_window_s * 1000),
+            catchup=settings.catchup,
             inference_batch_size=settings.inference_batch_size,
             max_message_bytes=settings.max_message_bytes,
             max_future_ms=int(settings.max_future_s * 1000),
@@ -186,6 +188,21 @@ class WorkerRuntime:
                     )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def advance_idle(self, partitions: Sequence[TP]) -> None:
+        """Let the caught-up partitions' clocks follow the wall clock (closes on time).
+
+        Called by :mod:`stream.worker.batch_consumer` between batches with the partitions
+        that have nothing left to read; see
+        :meth:`~stream.pipeline.processor.SalesProcessor.advance` for which of them move.
+        A failure is reported like a batch's and tried again at the next interval.
+        """
+        try:
+            await self.processor.advance(_partition_list(partitions))
+        except Exception as exc:
+            self.health.failing(PROCESSING, f"{type(exc).__name__}: {exc}")
+            raise
+        self.health.recovered(PROCESSING)
 
     def _committable(self) -> dict[TP, int]:
         return {TP(p.topic, p.partition): o for p, o in self.processor.take_committable().items()}
@@ -317,3 +334,7 @@ class WorkerRuntime:
                 await self._publish(settings.trends_topic, [(self.instance, snapshot)])
         except TrendcastError as exc:
             logger.warning("could not publish accuracy/trends (%s); next time", exc)
+
+
+def _partition_list(partitions: Sequence[TP]) -> list[PartitionId]:
+    return [PartitionId(tp.topic, tp.partition) for tp in partitions]

@@ -122,6 +122,7 @@ def test_sigterm_finishes_the_batch_commits_and_leaves(
         broker_rebalance_timeout_s=4,
         broker_session_timeout_s=6,
         commit_interval_s=0.5,
+        catchup="every",  # the checks expect a forecast per item and closed bucket
         data_dir=tmp_path,
     )
     placed = produce_tracked(

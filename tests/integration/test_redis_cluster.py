@@ -356,7 +356,14 @@ def test_processor_on_the_cluster_forecasts_like_on_memory(
 
     async def scenario(store: WindowStore) -> tuple[ListSink, dict[str, ItemWindow]]:
         sink = ListSink()
-        proc = SalesProcessor(store, LastValueForecaster(), MODEL, sink, max_future_ms=None)
+        proc = SalesProcessor(
+            store,
+            LastValueForecaster(),
+            MODEL,
+            sink,
+            max_future_ms=None,
+            allowed_lateness_ms=86_400_000,
+        )
         for batch in batches:
             await proc.process(batch)
         forecasts = len(sink.forecasts)

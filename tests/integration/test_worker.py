@@ -26,6 +26,7 @@ import redis
 
 from stream.settings.worker import WorkerSettings
 from stream.worker.runner import inspect_items
+from trendcast import contract
 from trendcast.bundle import load_bundle
 from trendcast.data import bucketize, read_lines, sample_data_path
 from trendcast.devtools.embedded import free_port
@@ -102,6 +103,7 @@ def _settings(bootstrap: str, url: str, tmp: Path, topics: dict[str, str]) -> Wo
         broker_rebalance_timeout_s=3,
         broker_session_timeout_s=6,
         commit_interval_s=0.5,
+        catchup="every",  # the checks expect a forecast per item and closed bucket
     )
 
 
@@ -152,10 +154,10 @@ def run(kafka_bootstrap, redis_url, tmp_path_factory) -> Iterator[Run]:  # noqa:
 
 def expected_forecasts(run: Run) -> Counter[tuple[str, str]]:
     """(item, as_of) per closed bucket of the module's run."""
-    return expected_from_records(run.sales, run.settings.lateness_buckets)
+    return expected_from_records(run.sales, int(run.settings.allowed_lateness_s * 1000))
 
 
-def expected_from_records(sales: list[Any], lateness_buckets: int) -> Counter[tuple[str, str]]:
+def expected_from_records(sales: list[Any], lateness_ms: int) -> Counter[tuple[str, str]]:
     """(item, as_of) per closed bucket, computed from the events as each partition saw them."""
     by_partition: dict[int, list[tuple[str, int]]] = defaultdict(list)
     for rec in sales:
@@ -163,7 +165,7 @@ def expected_from_records(sales: list[Any], lateness_buckets: int) -> Counter[tu
         ts = int(pd.Timestamp(value["ts"]).value // 1_000_000)
         by_partition[rec.partition].append((value["item_id"], ts))
     expected: Counter[tuple[str, str]] = Counter()
-    lateness = lateness_buckets * DAY
+    lateness = lateness_ms
     for events in by_partition.values():
         first_open = FREQ.floor_ms(events[0][1] - lateness)
         end_open = FREQ.floor_ms(max(ts for _, ts in events) - lateness)
@@ -200,9 +202,10 @@ def test_every_active_item_gets_exactly_one_forecast_per_closed_bucket(run: Run)
         what="forecasts",
     )
     assert Counter(got) == expected
-    record = orjson.loads(
-        consume_all(run.bootstrap, run.settings.forecasts_topic, idle_timeout_s=0.5)[0].value
-    )
+    records = consume_all(run.bootstrap, run.settings.forecasts_topic, idle_timeout_s=0.5)
+    for rec in records:  # every record the worker wrote keeps the published contract
+        contract.validate("forecasts", rec.value)
+    record = orjson.loads(records[0].value)
     assert set(record) == {
         "item_id",
         "as_of",
@@ -211,7 +214,10 @@ def test_every_active_item_gets_exactly_one_forecast_per_closed_bucket(run: Run)
         "model_version",
         "fallback",
         "emitted_at_ms",
+        "kind",
+        "open_bucket",
     }
+    assert {orjson.loads(r.value)["kind"] for r in records} <= {"close", "late"}
     assert record["freq"] == "1D" and record["model_version"].startswith("test-")
     assert len(record["horizon"]) == HORIZON
     assert set(record["horizon"][0]) == {"date", "mean", "p10", "p50", "p90"}
@@ -232,6 +238,8 @@ def test_each_bad_event_is_dead_lettered_with_its_reason(run: Run) -> None:
         assert record["source"]["offset"] >= 0
         if value is not None:
             assert base64.b64decode(record["value_b64"]) == value
+    for record in dead:
+        contract.validate("sales.dlq", record)
     late = [d for d in dead if d["reason"] == "late"]
     assert len(late) == 1 and late[0]["item_id"] == run.late_item
     assert late[0]["late_by_ms"] > 0
@@ -347,7 +355,7 @@ def test_a_killed_worker_is_replaced_without_double_counting(
     events = encode_events(lines, "sample")
     produce(kafka_bootstrap, settings.sales_topic, [(k, v) for k, v, _ in events])
     sales = consume_all(kafka_bootstrap, settings.sales_topic, idle_timeout_s=1.0)
-    expected = expected_from_records(sales, settings.lateness_buckets)
+    expected = expected_from_records(sales, int(settings.allowed_lateness_s * 1000))
     ends: dict[int, int] = Counter()
     for rec in sales:
         ends[rec.partition] = max(ends[rec.partition], rec.offset + 1)
@@ -414,6 +422,8 @@ def test_online_accuracy_is_published_for_live_and_shadow_and_trends_too(run: Ru
         timeout_s=40,
         what="accuracy records of both models",
     )
+    for record in records:
+        contract.validate("forecast-accuracy", record)
     latest = {r["role"]: r for r in records}
     for record in latest.values():
         assert record["n"] > 0
@@ -427,6 +437,8 @@ def test_online_accuracy_is_published_for_live_and_shadow_and_trends_too(run: Ru
         for r in consume_all(run.bootstrap, settings.trends_topic, idle_timeout_s=0.5)
     ]
     assert trends, "no trends record"
+    for record in trends:
+        contract.validate("trends", record)
     last = trends[-1]
     assert last["items_considered"] > 0 and last["rising"] + last["falling"]
     for entry in last["rising"]:

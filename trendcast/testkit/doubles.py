@@ -123,7 +123,14 @@ def processor(
     forecaster: FakeForecaster | None = None,
     **kwargs: Any,
 ) -> SalesProcessor:
-    """A processor over the in-memory store, the fake forecaster and a list sink."""
+    """A processor over the in-memory store, the fake forecaster and a list sink.
+
+    The allowed lateness is one day unless given: the scenarios count closes in whole days
+    (an event of day N closes day N-2), which keeps them short. Catch-up is ``every``
+    unless given: the scenarios check one forecast per item and closed bucket.
+    """
+    kwargs.setdefault("allowed_lateness_ms", DAY)
+    kwargs.setdefault("catchup", "every")
     return SalesProcessor(
         store or MemoryWindowStore(FREQ),
         forecaster or FakeForecaster(),

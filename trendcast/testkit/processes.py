@@ -13,7 +13,7 @@ from trendcast.devtools.up import worker_env
 __all__ = ["start_worker"]
 
 #: The checkout's root: ``python -m stream`` runs from it, so the tree under test is imported.
-_REPO = Path(__file__).resolve().parents[3]
+_REPO = Path(__file__).resolve().parents[2]
 
 
 def start_worker(settings: WorkerSettings, log: Any) -> subprocess.Popen[bytes]:

@@ -58,7 +58,13 @@ def _served(location: Path) -> tuple[LoadedModel, SalesProcessor, ListSink, Bund
     loaded = load_model(location)
     sink = ListSink()
     proc = SalesProcessor(
-        MemoryWindowStore(FREQ), loaded.forecaster, loaded.model, sink, max_future_ms=None
+        MemoryWindowStore(FREQ),
+        loaded.forecaster,
+        loaded.model,
+        sink,
+        max_future_ms=None,
+        allowed_lateness_ms=86_400_000,
+        catchup="every",
     )
     return loaded, proc, sink, BundleWatcher(location, loaded)
 

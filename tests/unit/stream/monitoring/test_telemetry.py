@@ -26,7 +26,7 @@ from stream.state.base import PartitionId
 from stream.state.memory import MemoryWindowStore
 from trendcast.exceptions import StateStoreError
 from trendcast.forecasting.base import WindowBatch
-from trendcast.testkit.doubles import MODEL, FakeForecaster, ListSink
+from trendcast.testkit.doubles import DAY, MODEL, FakeForecaster, ListSink
 
 TP = namedtuple("TP", "topic partition")
 
@@ -102,7 +102,7 @@ def test_timed_store_records_each_operation() -> None:
 
 def test_processor_keeps_its_metrics_and_logs_context(caplog: pytest.LogCaptureFixture) -> None:
     store = MemoryWindowStore(MODEL.freq)
-    proc = SalesProcessor(store, FakeForecaster(), MODEL, ListSink())
+    proc = SalesProcessor(store, FakeForecaster(), MODEL, ListSink(), allowed_lateness_ms=DAY)
     before = sample("trendcast_dead_letters_total", reason="not_json")
     msg = RawMessage("sales", 3, 41, b"k", b"{nope")
     with caplog.at_level(logging.WARNING, logger="stream.pipeline.processor"):
@@ -263,7 +263,7 @@ def test_broker_probe_needs_a_started_producer() -> None:
 def test_partition_id_labels_are_strings() -> None:
     # Watermark labels are what dashboards join on: partition as a string, like Kafka's.
     store = MemoryWindowStore(MODEL.freq)
-    proc = SalesProcessor(store, FakeForecaster(), MODEL, ListSink())
+    proc = SalesProcessor(store, FakeForecaster(), MODEL, ListSink(), allowed_lateness_ms=DAY)
     value = orjson.dumps({"item_id": "a", "ts": 14_975 * 86_400_000, "quantity": 1})
     asyncio.run(proc.process([RawMessage("wm-topic", 2, 0, b"a", value)]))
     assert sample("trendcast_watermark_ms", topic="wm-topic", partition="2") > 0

@@ -15,9 +15,8 @@ HOUR = 3_600_000
 def clock(
     lateness: int = 1, grace: int = 1, state: PartitionState | None = None, freq: str = "1D"
 ) -> PartitionClock:
-    return PartitionClock(
-        parse_freq(freq), lateness_buckets=lateness, grace_buckets=grace, state=state
-    )
+    f = parse_freq(freq)
+    return PartitionClock(f, lateness_ms=lateness * f.step_ms, grace_buckets=grace, state=state)
 
 
 def test_empty_clock_closes_nothing_and_nothing_is_late() -> None:

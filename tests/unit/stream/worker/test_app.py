@@ -231,7 +231,12 @@ def test_price_aware_models_get_prices() -> None:
     forecaster = FakeForecaster()
     model = ModelInfo(freq=FREQ, window=3, horizon=3, model_version="p", uses_prices=True)
     proc = SalesProcessor(
-        MemoryWindowStore(FREQ), forecaster, model, ListSink(), max_future_ms=None
+        MemoryWindowStore(FREQ),
+        forecaster,
+        model,
+        ListSink(),
+        max_future_ms=None,
+        allowed_lateness_ms=DAY,
     )
     feed = Feed()
 
