@@ -79,12 +79,16 @@ __all__ = [
     "DEAD_LETTERS",
     "EVENTS",
     "EVENTS_IN",
+    "EVENT_OUTCOMES",
     "FORECASTS",
+    "FORECAST_KINDS",
     "INFERENCE_BATCH_SIZE",
     "INFERENCE_SECONDS",
     "LATE_BY",
     "MODEL_INFO",
     "PREDICTIONS",
+    "PREDICTION_SOURCES",
+    "REDIS_OPERATIONS",
     "REDIS_SECONDS",
     "METRICS_REGISTRY",
     "WATERMARK",
@@ -164,16 +168,30 @@ SHADOW_FAILURES = Counter(
     "Micro-batches the shadow model failed on (live forecasts are unaffected)",
 )
 
+#: ``trendcast_events_total{outcome}``: every outcome of a sale message.
+EVENT_OUTCOMES = ("valid", "invalid", "late", "duplicate")
+#: ``trendcast_forecasts_total{kind}``: first forecasts at a bucket close, re-forecasts after
+#: in-grace late events.
+FORECAST_KINDS = ("closed", "late")
+#: ``trendcast_predictions_total{source}``: rows from the model, rows from its fallback.
+PREDICTION_SOURCES = ("model", "fallback")
+#: ``trendcast_redis_seconds{operation}``: the timed window-store operations.
+REDIS_OPERATIONS = ("apply", "read", "load_partition", "save_partition")
+
 # Known label values start at 0, so dashboards and alerts see a series before the first
-# event of its kind (an absent series makes `rate()` silently empty, not zero).
-for _outcome in ("valid", "invalid", "late", "duplicate"):
-    EVENTS.labels(_outcome)
-for _kind in ("closed", "late"):
-    FORECASTS.labels(_kind)
-for _source in ("model", "fallback"):
-    PREDICTIONS.labels(_source)
-for _operation in ("apply", "read", "load_partition", "save_partition"):
-    REDIS_SECONDS.labels(_operation)
+# event of its kind: an absent series makes `rate()` silently empty, not zero, and an
+# alert on it never fires. tests/unit/deploy/test_metrics.py checks that every label value
+# the code passes is one of these. The dead-letter reasons are the validator's vocabulary:
+# they start at 0 where they are defined (stream.pipeline.events.REASONS), since monitoring
+# may not import the pipeline above it.
+for _metric, _values in (
+    (EVENTS, EVENT_OUTCOMES),
+    (FORECASTS, FORECAST_KINDS),
+    (PREDICTIONS, PREDICTION_SOURCES),
+    (REDIS_SECONDS, REDIS_OPERATIONS),
+):
+    for _value in _values:
+        _metric.labels(_value)
 
 
 def observe_batch(size: int) -> None:

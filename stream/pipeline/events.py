@@ -32,6 +32,7 @@ from typing import Annotated, Any
 import msgspec
 import orjson
 
+from stream.monitoring.telemetry import DEAD_LETTERS
 from trendcast.exceptions import EventError
 
 __all__ = [
@@ -61,6 +62,8 @@ MAX_DEAD_LETTER_BYTES = 256 * 1024
 _MAX_TS_CHARS = 64
 _PREVIEW_CHARS = 256
 
+#: Every dead-letter reason: the validator's codes, then ``late`` (the processor's). The one
+#: list: tests/unit/deploy/test_metrics.py checks that each ``EventError`` raised here uses one.
 REASONS = (
     "empty",
     "too_large",
@@ -77,6 +80,13 @@ REASONS = (
     "bad_timestamp",
     "late",
 )
+
+# Each reason starts as a 0 series of trendcast_dead_letters_total, so the dashboard's
+# DLQ-by-reason panel and the DLQ alert see a reason before its first dead letter (an absent
+# series is no line and no alert, not a zero). Here rather than beside the counter, because
+# monitoring may not import the pipeline above it.
+for _reason in REASONS:
+    DEAD_LETTERS.labels(_reason)
 
 
 class SaleEvent(msgspec.Struct, frozen=True, gc=False):
