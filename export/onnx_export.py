@@ -9,7 +9,9 @@ The export refuses to write a bundle it cannot vouch for:
   absolute difference of both outputs, scaled units), so the worker serves the model that was
   scored, not an approximation of it.
 
-Besides the bundle files (``model.onnx``, ``scales.json``, ``bundle.json``) the Keras model,
+Besides the bundle files (``model.onnx``, ``scales.json``, ``bundle.json`` with the global
+intraday profile, and ``profiles.json`` with the per-item ones when any item has one) the Keras
+model,
 its training history and the validation windows are kept in ``BUNDLE/training/`` (Keras'
 native format, JSON and a plain ``.npz``; never pickle). They are not listed in ``files`` and
 inference never reads them; :func:`export_from_training_dir` re-exports from them (e.g. after
@@ -36,8 +38,10 @@ from training.model import QUANTILES
 from training.trainer import TrainResult, predict_scaled
 from trendcast import __version__ as trendcast_version
 from trendcast.bundle import (
+    PROFILES_FILE,
     SCALES_FILE,
     BundleMeta,
+    IntradayMeta,
     ScalingMeta,
     TrainingMeta,
     load_bundle,
@@ -93,6 +97,9 @@ class ExportSpec:
     prices: dict[str, float]
     training: dict[str, Any]
     metrics: dict[str, Any]
+    # Absent from specs written before intraday profiles: those bundles stay uniform.
+    intraday: dict[str, Any] | None = None
+    item_profiles: dict[str, list[list[float]]] | None = None
 
     @classmethod
     def from_result(cls, result: TrainResult) -> ExportSpec:
@@ -124,6 +131,12 @@ class ExportSpec:
                 },
             },
             metrics={"validation": result.metrics},
+            intraday=(
+                None
+                if result.profile is None
+                else result.profile.to_meta(PROFILES_FILE).model_dump(mode="json")
+            ),
+            item_profiles=None if result.profile is None else result.profile.items_json(),
         )
 
     def to_json(self) -> bytes:
@@ -265,12 +278,21 @@ def _export(
     scales = {"items": spec.scales, "price": spec.prices}
     _write_atomic(bundle_dir / SCALES_FILE, orjson.dumps(scales, option=orjson.OPT_INDENT_2))
     model_sha = sha256_file(model_path)
+    files = {MODEL_FILE: model_sha, SCALES_FILE: sha256_file(bundle_dir / SCALES_FILE)}
+    intraday = None if spec.intraday is None else IntradayMeta(**spec.intraday)
+    if intraday is not None and intraday.items_file is not None:
+        profiles = {"items": spec.item_profiles or {}}
+        _write_atomic(bundle_dir / intraday.items_file, orjson.dumps(profiles))
+        files[intraday.items_file] = sha256_file(bundle_dir / intraday.items_file)
+    else:
+        # Per-item profiles of an earlier export no longer belong to this model.
+        (bundle_dir / PROFILES_FILE).unlink(missing_ok=True)
     created = datetime.now(UTC).replace(microsecond=0)
     meta = BundleMeta(
         model_version=f"{created:%Y%m%dT%H%M%SZ}-{model_sha[:8]}",
         created_at=created,
         model_file=MODEL_FILE,
-        files={MODEL_FILE: model_sha, SCALES_FILE: sha256_file(bundle_dir / SCALES_FILE)},
+        files=files,
         window=spec.window,
         horizon=spec.horizon,
         freq=spec.freq,
@@ -287,6 +309,7 @@ def _export(
             "opset": OPSET,
         },
         versions=_versions(),
+        intraday=intraday,
     )
     write_bundle_meta(bundle_dir, meta)
     bundle = load_bundle(bundle_dir)  # the worker's check, run once here before anyone relies on it

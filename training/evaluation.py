@@ -42,12 +42,22 @@ def score_forecast(
 
 
 def baseline_scores(
-    batch: WindowBatch, y: F32 | F64, scale_sq: F64, scale_abs: F64, horizon: int
+    batch: WindowBatch,
+    y: F32 | F64,
+    scale_sq: F64,
+    scale_abs: F64,
+    horizon: int,
+    *,
+    season: int = 7,
 ) -> dict[str, dict[str, float]]:
-    """Scores of zero, seasonal-naive(7) and 28-bucket mean on the validation windows."""
+    """Scores of zero, seasonal-naive and 28-bucket mean on the validation windows.
+
+    ``season``: the seasonal-naive period in buckets (:func:`trendcast.freq.season_length`
+    of the data: 7 for daily buckets, 60 for one-minute ones).
+    """
     forecasters: list[Forecaster] = [
         ZeroForecaster(horizon),
-        SeasonalNaiveForecaster(horizon, 7),
+        SeasonalNaiveForecaster(horizon, season),
         WindowMeanForecaster(horizon, 28),
     ]
     return {f.name: score_forecast(y, f.predict(batch), scale_sq, scale_abs) for f in forecasters}

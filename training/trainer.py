@@ -60,7 +60,13 @@ from trendcast.forecasting.features import (
     make_training_windows,
 )
 from trendcast.forecasting.onnx import unscale_outputs
-from trendcast.freq import Freq
+from trendcast.forecasting.profile import (
+    DEFAULT_MIN_BUCKETS,
+    DEFAULT_PRIOR_BUCKETS,
+    IntradayProfile,
+    learn_profile,
+)
+from trendcast.freq import Freq, season_length
 
 __all__ = ["RichProgress", "TrainConfig", "TrainResult", "predict_scaled", "train"]
 
@@ -109,6 +115,9 @@ class TrainConfig:
             :func:`training.model.mean_calibration`); the factor is stored in the bundle's
             training metadata. Validation scores are then in-sample for that one factor.
         epsilon: Added to item scales so all-zero items do not divide by zero.
+        profile_min_buckets: Selling buckets an item needs for its own intraday profile
+            (see :mod:`trendcast.forecasting.profile`).
+        profile_prior_buckets: Weight of the global intraday profile in an item's.
     """
 
     window: int = 56
@@ -135,6 +144,8 @@ class TrainConfig:
     max_age: int | None = None
     calibrate: bool = True
     epsilon: float = DEFAULT_EPSILON
+    profile_min_buckets: int = DEFAULT_MIN_BUCKETS
+    profile_prior_buckets: float = DEFAULT_PRIOR_BUCKETS
 
     def validate(self) -> None:
         """Check the values make sense together.
@@ -167,6 +178,11 @@ class TrainConfig:
             blend = getattr(self, name)
             if blend is not None and not 0.0 <= blend <= 1.0:
                 raise ConfigError(f"expected 0 <= {name.replace('_', ' ')} <= 1, got {blend}")
+        if self.profile_min_buckets < 0 or self.profile_prior_buckets < 0:
+            raise ConfigError(
+                "expected non-negative intraday profile settings, got "
+                f"{self.profile_min_buckets} and {self.profile_prior_buckets}"
+            )
         if not 1.0 < self.tweedie_power < 2.0:
             raise ConfigError(f"expected 1 < tweedie power < 2, got {self.tweedie_power}")
 
@@ -195,6 +211,8 @@ class TrainResult:
         epochs_run: Epochs actually run.
         best_epoch: 1-based epoch whose weights were kept.
         seconds: Wall time of ``fit``.
+        extra: More training facts for the bundle (blends, calibration).
+        profile: The intraday profile learned from the panel's lines (uniform without them).
     """
 
     model: keras.Model
@@ -213,6 +231,7 @@ class TrainResult:
     best_epoch: int
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    profile: IntradayProfile | None = None
 
     @property
     def n_windows(self) -> int:
@@ -375,7 +394,13 @@ def train(
     console = console or Console(stderr=True)
     freq = panel.freq
     cutoff = panel.end - (config.horizon - 1) * freq.timedelta  # first validation target
-    features = feature_names(panel.has_price, log1p=config.log1p)
+    features = feature_names(panel.has_price, log1p=config.log1p, freq=freq)
+    profile = learn_profile(
+        panel.lines,
+        freq,
+        min_buckets=config.profile_min_buckets,
+        prior_buckets=config.profile_prior_buckets,
+    )
     scales = item_scales(panel, until=cutoff, epsilon=config.epsilon)
     prices = item_prices(panel, until=cutoff)
     windows = make_training_windows(
@@ -395,7 +420,7 @@ def train(
     console.print(
         f"training on {windows.x_train.shape[0]:,} windows (of {windows.n_available:,}) from "
         f"{windows.n_items:,} items; validating on {windows.x_val.shape[0]:,} items' last "
-        f"{config.horizon} buckets from {cutoff:%Y-%m-%d}"
+        f"{config.horizon} buckets from {freq.label(cutoff)}"
     )
     keras.utils.set_random_seed(config.seed)
     model = build_model(
@@ -461,12 +486,17 @@ def train(
     forecast = unscale_outputs(mean, quantiles, windows.scale_val)
     y_val = windows.y_val * windows.scale_val[:, None]
     metrics: dict[str, Any] = {
-        "split": f"last {config.horizon} buckets of every item (from {cutoff:%Y-%m-%d})",
+        "split": f"last {config.horizon} buckets of every item (from {freq.label(cutoff)})",
         "n_rows": int(y_val.shape[0]),
         "quantiles": list(QUANTILES),
         "lstm": score_forecast(y_val, forecast, windows.val_scale_sq, windows.val_scale_abs),
         "baselines": baseline_scores(
-            windows.val_batch, y_val, windows.val_scale_sq, windows.val_scale_abs, config.horizon
+            windows.val_batch,
+            y_val,
+            windows.val_scale_sq,
+            windows.val_scale_abs,
+            config.horizon,
+            season=season_length(freq),
         ),
     }
     console.print(_summary_table(metrics))
@@ -488,4 +518,5 @@ def train(
         best_epoch=best_epoch,
         seconds=seconds,
         extra={"mean_calibration": calibration, **blends},
+        profile=profile,
     )

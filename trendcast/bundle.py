@@ -1,4 +1,4 @@
-"""The versioned model bundle: ``model.onnx`` + ``bundle.json`` (+ ``scales.json``).
+"""The versioned model bundle: ``model.onnx``, ``bundle.json``, ``scales.json`` (+ profiles).
 
 A bundle is a directory written by ``trendcast export`` and read by ``trendcast forecast``
 and the stream worker. It is plain files (ONNX protobuf and JSON), never pickle, so that a
@@ -15,8 +15,19 @@ Layout::
                            outputs "mean" [batch, horizon], "quantiles" [batch, horizon, n_q]
       model.int8.onnx      optional dynamically-quantized copy (``export --quantize``)
       scales.json          {"items": {item_id: scale}, "price": {item_id: mean price}}
+      profiles.json        optional: {"items": {item_id: [[share, ...], ...]}}, the per-item
+                           intraday profiles ([rows][slots] like ``intraday.shares``)
 
 Outputs are in scaled units; multiply by the item's scale to get quantities.
+
+``intraday`` (:class:`IntradayMeta`, optional) is the intraday profile: how a bucket's units
+spread over its duration, which the nowcast of an open bucket needs (see
+:mod:`trendcast.forecasting.profile` for how it is learned and applied). It holds the kind
+(``hour_by_weekday`` for daily buckets: 7 weekday rows x 24 hourly slots; ``day_of_week``
+for weekly ones: 1 x 7; ``uniform``), the slot length, the learning parameters and the global
+shares; per-item shares, when any item had enough history, are in ``intraday.items_file``
+(``profiles.json``), listed in ``files`` with its sha256 and verified like every other file.
+Bundles without ``intraday`` (written before it existed) load and get the uniform profile.
 """
 
 from __future__ import annotations
@@ -37,6 +48,8 @@ __all__ = [
     "BUNDLE_FORMAT_VERSION",
     "Bundle",
     "BundleMeta",
+    "IntradayMeta",
+    "PROFILES_FILE",
     "ScalingMeta",
     "TrainingMeta",
     "load_bundle",
@@ -49,6 +62,9 @@ logger = logging.getLogger(__name__)
 BUNDLE_FORMAT_VERSION = 1
 META_FILE = "bundle.json"
 SCALES_FILE = "scales.json"
+PROFILES_FILE = "profiles.json"
+# Stored shares are rounded; a row may miss 1 by this much.
+_SHARE_TOLERANCE = 1e-3
 
 
 class _Frozen(BaseModel):
@@ -82,6 +98,30 @@ class TrainingMeta(_Frozen):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+class IntradayMeta(_Frozen):
+    """How a bucket's units spread over its duration (see the module docstring).
+
+    Attributes:
+        kind: ``hour_by_weekday``, ``day_of_week`` or ``uniform``.
+        slot_ms: Length of one slot; a bucket is ``len(shares[0])`` slots.
+        shares: Global shares, ``[rows][slots]``, each row summing to 1.
+        min_buckets: Selling buckets an item needed for its own profile.
+        prior_buckets: Weight of the global profile in an item's, in buckets per row.
+        n_items: Items with their own profile (in ``items_file``).
+        items_file: The per-item profiles' file, or ``None`` when no item has one.
+        source: Where the profile came from (``lines``, or why it is uniform).
+    """
+
+    kind: Literal["uniform", "hour_by_weekday", "day_of_week"]
+    slot_ms: int = Field(gt=0)
+    shares: list[list[float]] = Field(min_length=1)
+    min_buckets: int = Field(ge=0)
+    prior_buckets: float = Field(ge=0)
+    n_items: int = Field(ge=0)
+    items_file: str | None = None
+    source: str = "lines"
+
+
 class BundleMeta(_Frozen):
     """Contents of ``bundle.json``."""
 
@@ -105,18 +145,30 @@ class BundleMeta(_Frozen):
     metrics: dict[str, Any] = Field(default_factory=dict)
     parity: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
+    intraday: IntradayMeta | None = None
 
 
 class Bundle:
-    """A verified bundle on disk: metadata, scales and the path of the ONNX model."""
+    """A verified bundle on disk: metadata, scales, intraday profiles and the ONNX model's path.
+
+    ``item_profiles`` holds the per-item intraday shares of ``profiles.json`` (empty without
+    one); :meth:`trendcast.forecasting.profile.IntradayProfile.from_bundle` turns them and
+    ``meta.intraday`` into the profile the nowcast reads.
+    """
 
     def __init__(
-        self, path: Path, meta: BundleMeta, scales: dict[str, float], prices: dict[str, float]
+        self,
+        path: Path,
+        meta: BundleMeta,
+        scales: dict[str, float],
+        prices: dict[str, float],
+        item_profiles: dict[str, list[list[float]]] | None = None,
     ) -> None:
         self.path = path
         self.meta = meta
         self.scales = scales
         self.prices = prices
+        self.item_profiles = item_profiles or {}
 
     @property
     def freq(self) -> Freq:
@@ -187,6 +239,64 @@ def _check_onnx_shapes(model_file: Path, meta: BundleMeta) -> None:
             )
 
 
+def _check_shares(rows: Any, n_rows: int, n_slots: int, where: str) -> None:
+    """Require ``[n_rows][n_slots]`` finite non-negative shares, each row summing to 1."""
+    ok = (
+        isinstance(rows, list)
+        and len(rows) == n_rows
+        and all(isinstance(r, list) and len(r) == n_slots for r in rows)
+    )
+    if ok:
+        try:
+            ok = all(
+                all(isinstance(v, int | float) and 0.0 <= v <= 1.0 for v in r)
+                and abs(sum(r) - 1.0) <= _SHARE_TOLERANCE
+                for r in rows
+            )
+        except TypeError:
+            ok = False
+    if not ok:
+        raise BundleError(
+            f"{where}: expected {n_rows} x {n_slots} shares in [0, 1], each row summing to 1"
+        )
+
+
+def _intraday_slots(meta: BundleMeta, meta_file: Path) -> tuple[int, int]:
+    """Rows and slots of the bundle's intraday profile, checked against its frequency."""
+    intraday = meta.intraday
+    if intraday is None:  # pragma: no cover - callers check
+        return 1, 1
+    step = parse_freq(meta.freq).step_ms
+    n_rows, n_slots = len(intraday.shares), len(intraday.shares[0])
+    if step % intraday.slot_ms != 0 or step // intraday.slot_ms != n_slots:
+        raise BundleError(
+            f"{meta_file}: expected intraday slots covering one {meta.freq} bucket, got "
+            f"{n_slots} slots of {intraday.slot_ms} ms"
+        )
+    _check_shares(intraday.shares, n_rows, n_slots, f"{meta_file}: intraday.shares")
+    return n_rows, n_slots
+
+
+def _load_item_profiles(path: Path, meta: BundleMeta, meta_file: Path) -> dict[str, Any]:
+    intraday = meta.intraday
+    if intraday is None:
+        return {}
+    n_rows, n_slots = _intraday_slots(meta, meta_file)
+    if intraday.items_file is None:
+        return {}
+    file = path / intraday.items_file
+    try:
+        raw = orjson.loads(file.read_bytes())["items"]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{file}: invalid intraday profiles ({exc})") from exc
+    if not isinstance(raw, dict) or len(raw) != intraday.n_items:
+        got = len(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise BundleError(f"{file}: expected {intraday.n_items} item profiles, got {got}")
+    for item, rows in raw.items():
+        _check_shares(rows, n_rows, n_slots, f"{file}: item {item!r}")
+    return {str(k): v for k, v in raw.items()}
+
+
 def load_bundle(path: Path | str, *, check_model: bool = True) -> Bundle:
     """Load and verify a bundle directory.
 
@@ -231,6 +341,8 @@ def load_bundle(path: Path | str, *, check_model: bool = True) -> Bundle:
     required = {meta.model_file, meta.scaling.scales_file}
     if meta.quantized_file:
         required.add(meta.quantized_file)
+    if meta.intraday is not None and meta.intraday.items_file is not None:
+        required.add(meta.intraday.items_file)
     unlisted = required - set(meta.files)
     if unlisted:
         raise BundleError(f"{meta_file}: no checksum for {', '.join(sorted(unlisted))}")
@@ -249,9 +361,10 @@ def load_bundle(path: Path | str, *, check_model: bool = True) -> Bundle:
         prices = {str(k): float(v) for k, v in scales_raw.get("price", {}).items()}
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"{path / meta.scaling.scales_file}: invalid scales ({exc})") from exc
+    item_profiles = _load_item_profiles(path, meta, meta_file)
     if check_model:
         _check_onnx_shapes(path / meta.model_file, meta)
         if meta.quantized_file:
             _check_onnx_shapes(path / meta.quantized_file, meta)
     logger.info("loaded bundle %s (model %s)", path, meta.model_version)
-    return Bundle(path=path, meta=meta, scales=scales, prices=prices)
+    return Bundle(path=path, meta=meta, scales=scales, prices=prices, item_profiles=item_profiles)

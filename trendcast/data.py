@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -73,11 +73,17 @@ class Panel:
             item then time, default RangeIndex.
         freq: The bucket frequency.
         has_price: Whether a price column was present.
+        lines: The canonical lines (``item_id, ts, quantity``) the buckets were summed from,
+            sorted by time, or ``None`` for a panel built from bucketed data. Training learns
+            from their timestamps how a bucket's units spread over its duration (the
+            intraday profile), and ``trendcast evaluate --intraday`` replays them; the
+            buckets alone cannot tell noon from midnight.
     """
 
     frame: pd.DataFrame
     freq: Freq
     has_price: bool
+    lines: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
     def start(self) -> pd.Timestamp:
@@ -108,14 +114,17 @@ class Panel:
         if horizon >= self.n_buckets:
             raise DataError(
                 f"horizon of {horizon} buckets is longer than {what} "
-                f"({self.n_buckets} buckets of {self.freq.name}, {self.start:%Y-%m-%d}.."
-                f"{self.end:%Y-%m-%d}); use a shorter --horizon or more data"
+                f"({self.n_buckets} buckets of {self.freq.name}, {self.freq.label(self.start)}.."
+                f"{self.freq.label(self.end)}); use a shorter --horizon or more data"
             )
 
     def until(self, cutoff: pd.Timestamp) -> Panel:
         """The panel restricted to buckets starting before ``cutoff`` (a backtest origin)."""
         frame = self.frame[self.frame["ts"] < cutoff].reset_index(drop=True)
-        return Panel(frame=frame, freq=self.freq, has_price=self.has_price)
+        lines = None
+        if self.lines is not None:
+            lines = self.lines[self.lines["ts"] < cutoff].reset_index(drop=True)
+        return Panel(frame=frame, freq=self.freq, has_price=self.has_price, lines=lines)
 
     def series(self) -> dict[str, pd.DataFrame]:
         """Per-item frames, in item order."""
@@ -315,7 +324,10 @@ def bucketize(lines: pd.DataFrame, freq: Freq, *, has_price: bool, min_active: i
         columns.append("price")
     frame = frame[columns].sort_values(["item_id", "ts"], kind="stable").reset_index(drop=True)
     frame["item_id"] = frame["item_id"].astype(str)
-    return Panel(frame=frame, freq=freq, has_price=has_price)
+    kept = lines[lines["item_id"].isin(first.index)] if min_active > 0 else lines
+    raw = kept[["item_id", "ts", "quantity"]].astype({"item_id": str})
+    raw = raw.sort_values("ts", kind="stable").reset_index(drop=True)
+    return Panel(frame=frame, freq=freq, has_price=has_price, lines=raw)
 
 
 def read_lines(

@@ -66,7 +66,8 @@ def test_bundle_loads_and_records_parity(bundle_dir: Path) -> None:
     assert (meta.window, meta.horizon, meta.freq) == (TINY_WINDOW, TINY_HORIZON, "1D")
     assert meta.parity["max_abs_diff"] <= meta.parity["tolerance"] == 1e-4
     assert meta.model_version.endswith(meta.files["model.onnx"][:8])
-    assert set(meta.files) == {"model.onnx", "scales.json"}
+    assert set(meta.files) == {"model.onnx", "scales.json"}  # no per-item profiles
+    assert meta.intraday is not None and meta.intraday.kind == "uniform"  # daily sums
     assert meta.features[0] == "qty" and meta.features[-1] == "price"
     assert {"tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "trendcast"} <= set(
         meta.versions
@@ -236,3 +237,58 @@ def test_onnx_forecaster_never_imports_tensorflow() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _minute_lines(minutes: int = 360, items: int = 4, seed: int = 3) -> pd.DataFrame:
+    """Sales lines every few seconds: a rate that changes with the minute of the hour."""
+    rng = np.random.default_rng(seed)
+    start = pd.Timestamp("2011-06-01 09:00")
+    rows = []
+    for k in range(items):
+        for m in range(minutes):
+            rate = (k + 1) * (1.5 + np.sin(2 * np.pi * m / 60))
+            for s in rng.uniform(0, 60, size=rng.poisson(rate)):
+                rows.append((f"m{k}", start + pd.Timedelta(minutes=m, seconds=float(s)), 1.0))
+    return pd.DataFrame(rows, columns=["item_id", "ts", "quantity"])
+
+
+def test_one_minute_bundle_trains_exports_and_serves(tmp_path: Path) -> None:
+    """A 1min bundle: minute calendar inputs, uniform profile, ONNX == Keras, minute dates."""
+    import keras
+    from rich.console import Console
+
+    from export import export_bundle
+    from training import TrainConfig, train
+    from trendcast.data import bucketize
+    from trendcast.forecasting.output import forecast_frame
+    from trendcast.forecasting.profile import IntradayProfile
+    from trendcast.freq import parse_freq
+
+    panel = bucketize(_minute_lines(), parse_freq("1min"), has_price=False)
+    config = TrainConfig(window=30, horizon=5, epochs=2, units=8, max_windows=500, seed=3)
+    result = train(panel, config, console=Console(quiet=True))
+    bundle = load_bundle(export_bundle(result, tmp_path / "bundle"))
+    meta = bundle.meta
+    assert meta.freq == "1min" and meta.parity["max_abs_diff"] <= 1e-4
+    assert meta.features == [
+        "qty",
+        "moh_sin",
+        "moh_cos",
+        "hod_sin",
+        "hod_cos",
+        "dow_sin",
+        "dow_cos",
+    ]
+    assert meta.intraday is not None and meta.intraday.kind == "uniform"
+    assert IntradayProfile.from_bundle(bundle).kind == "uniform"
+    assert "seasonal_naive60" in meta.metrics["validation"]["baselines"]
+    batch = windows_from_panel(panel, meta.window)
+    x, scale = build_inputs(
+        batch, meta.features, bundle.scales, bundle.prices, bundle.freq, meta.scaling.epsilon
+    )
+    model = keras.models.load_model(tmp_path / "bundle" / "training" / "model.keras", compile=False)
+    expected = np.maximum(np.asarray(model.predict(x, verbose=0)["mean"]) * scale[:, None], 0)
+    out = OnnxForecaster(bundle, threads=1).predict(batch)
+    assert np.abs(out.mean - expected).max() <= 1e-4 * max(1.0, float(scale.max()))
+    frame = forecast_frame(batch, out, bundle.freq)
+    assert frame["date"].iloc[0] == "2011-06-01T15:00:00Z"  # the minute after the data

@@ -18,6 +18,18 @@ Features, per input bucket, in this order:
                    price"); only when the data has prices
 =================  ===========================================================================
 
+Daily, weekly and hourly models get the calendar above (an hourly model sees no hour of day:
+that is the feature set its bundles were trained with, kept as it is). Minute models
+(``freq.is_sub_hourly``) read a window of minutes to hours, in which day of month and month
+are constant; they get instead, in this order after the quantity:
+
+=================  ===========================================================================
+``moh_sin/cos``    minute of the hour of the bucket start (0..59)
+``hod_sin/cos``    hour of the day, with its minutes (0..24), so buckets before and after
+                   noon differ and 23:59 is close to 00:00
+``dow_sin/cos``    day of week, as above
+=================  ===========================================================================
+
 Scaling: an item's scale is the mean of its training history plus ``epsilon`` (stored in
 ``scales.json``); the model sees and predicts quantities divided by it, which lets one global
 model serve items selling 1 or 1,000 units a day. Items unknown to the bundle use the mean of
@@ -50,11 +62,13 @@ from trendcast.freq import Freq
 
 __all__ = [
     "CALENDAR_FEATURES",
+    "MINUTE_CALENDAR_FEATURES",
     "DEFAULT_EPSILON",
     "KNOWN_FEATURES",
     "TrainingWindows",
     "build_inputs",
     "bucket_starts_ms",
+    "calendar_columns",
     "calendar_features",
     "feature_names",
     "item_prices",
@@ -71,23 +85,35 @@ I64 = npt.NDArray[np.int64]
 
 DEFAULT_EPSILON = 1e-3
 CALENDAR_FEATURES = ("dow_sin", "dow_cos", "dom_sin", "dom_cos", "month_sin", "month_cos")
+MINUTE_CALENDAR_FEATURES = ("moh_sin", "moh_cos", "hod_sin", "hod_cos", "dow_sin", "dow_cos")
 QTY_FEATURES = ("qty", "qty_log1p")
-KNOWN_FEATURES = frozenset((*QTY_FEATURES, *CALENDAR_FEATURES, "price"))
+_ALL_CALENDAR = frozenset((*CALENDAR_FEATURES, *MINUTE_CALENDAR_FEATURES))
+KNOWN_FEATURES = frozenset((*QTY_FEATURES, *_ALL_CALENDAR, "price"))
 
+_MINUTE_MS = 60_000
+_HOUR_MS = 3_600_000
 _DAY_MS = 86_400_000
 # 1970-01-01 was a Thursday: with Monday = 0 its weekday is 3.
 _EPOCH_WEEKDAY = 3
 
 
-def feature_names(has_price: bool, *, log1p: bool = False) -> list[str]:
+def feature_names(has_price: bool, *, log1p: bool = False, freq: Freq | None = None) -> list[str]:
     """The model's input features, in order (stored in ``bundle.json``).
+
+    ``freq`` picks the calendar: minute buckets get :data:`MINUTE_CALENDAR_FEATURES`, every
+    other frequency (or none given) :data:`CALENDAR_FEATURES`.
 
     >>> feature_names(False)
     ['qty', 'dow_sin', 'dow_cos', 'dom_sin', 'dom_cos', 'month_sin', 'month_cos']
     >>> feature_names(True, log1p=True)[0], feature_names(True)[-1]
     ('qty_log1p', 'price')
+    >>> from trendcast.freq import parse_freq
+    >>> feature_names(False, freq=parse_freq("5min"))[1:5]
+    ['moh_sin', 'moh_cos', 'hod_sin', 'hod_cos']
     """
-    names = ["qty_log1p" if log1p else "qty", *CALENDAR_FEATURES]
+    minutes = freq is not None and freq.is_sub_hourly
+    calendar = MINUTE_CALENDAR_FEATURES if minutes else CALENDAR_FEATURES
+    names = ["qty_log1p" if log1p else "qty", *calendar]
     if has_price:
         names.append("price")
     return names
@@ -140,6 +166,34 @@ def calendar_features(starts_ms: I64) -> F32:
     for angle in angles:
         parts.extend((np.sin(angle), np.cos(angle)))
     return np.stack(parts, axis=-1).astype(np.float32)
+
+
+def calendar_columns(starts_ms: I64, names: Sequence[str]) -> dict[str, F32]:
+    """The calendar features ``names`` of bucket starts, each of the shape of ``starts_ms``.
+
+    Computes only what is asked, so a daily model pays nothing for the minute features.
+
+    >>> ms = np.array([[0, 6 * 3_600_000 + 15 * 60_000]])  # 00:00 and 06:15 on 1970-01-01
+    >>> cols = calendar_columns(ms, ["hod_sin", "moh_cos"])
+    >>> np.round(cols["hod_sin"], 2).tolist(), np.round(cols["moh_cos"], 2).tolist()
+    ([[0.0, 1.0]], [[1.0, 0.0]])
+    """
+    starts_ms = np.asarray(starts_ms, dtype=np.int64)
+    wanted = set(names)
+    columns: dict[str, F32] = {}
+    if wanted & set(CALENDAR_FEATURES):
+        calendar = calendar_features(starts_ms)
+        for k, name in enumerate(CALENDAR_FEATURES):
+            columns[name] = calendar[..., k]
+    minute_angles = {
+        "moh": 2 * np.pi * (np.mod(starts_ms, _HOUR_MS) // _MINUTE_MS) / 60.0,
+        "hod": 2 * np.pi * (np.mod(starts_ms, _DAY_MS) // _MINUTE_MS) / 1440.0,
+    }
+    for prefix, angle in minute_angles.items():
+        if f"{prefix}_sin" in wanted or f"{prefix}_cos" in wanted:
+            columns[f"{prefix}_sin"] = np.sin(angle).astype(np.float32)
+            columns[f"{prefix}_cos"] = np.cos(angle).astype(np.float32)
+    return {name: columns[name] for name in names if name in columns}
 
 
 def window_scales(quantities: F32, history_len: I64, epsilon: float = DEFAULT_EPSILON) -> F32:
@@ -235,10 +289,10 @@ def build_inputs(
     qty = batch.quantities.astype(np.float32) / scale[:, None]
     columns["qty"] = qty
     columns["qty_log1p"] = np.log1p(np.maximum(qty, 0.0)).astype(np.float32)
-    if any(f in CALENDAR_FEATURES for f in features):
-        calendar = calendar_features(bucket_starts_ms(batch.last_start_ms, window, freq.step_ms))
-        for k, name in enumerate(CALENDAR_FEATURES):
-            columns[name] = calendar[..., k]
+    calendar_names = [f for f in features if f in _ALL_CALENDAR]
+    if calendar_names:
+        starts = bucket_starts_ms(batch.last_start_ms, window, freq.step_ms)
+        columns.update(calendar_columns(starts, calendar_names))
     if "price" in features:
         columns["price"] = _price_feature(batch, prices)
     x = np.stack([columns[f] for f in features], axis=-1).astype(np.float32)

@@ -8,7 +8,9 @@ One ``session.run`` per :meth:`OnnxForecaster.predict` call: the caller micro-ba
 (the stream worker collects many items per batch), which amortises ONNX Runtime's per-call
 overhead. Items with less than ``window`` buckets of history were never seen in that form
 during training (training windows lie fully inside history), so they get the seasonal-naive
-fallback instead, flagged with ``fallback=True``.
+fallback instead, flagged with ``fallback=True``. Its season is
+:func:`trendcast.freq.season_length` of the bundle's buckets (a week of days, a day of hours,
+an hour of minutes).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from trendcast.exceptions import BundleError, ForecastError
 from trendcast.forecasting.base import ForecastBatch, WindowBatch
 from trendcast.forecasting.baselines import SeasonalNaiveForecaster
 from trendcast.forecasting.features import build_inputs
+from trendcast.freq import season_length
 
 __all__ = ["FALLBACK_SEASON", "OnnxForecaster", "default_threads", "unscale_outputs"]
 
 logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
+#: The fallback's season for daily bundles (other sizes: :func:`trendcast.freq.season_length`).
 FALLBACK_SEASON = 7
 # Beyond a few threads a small LSTM gains nothing and starves the rest of the worker.
 _MAX_DEFAULT_THREADS = 4
@@ -119,7 +123,7 @@ class OnnxForecaster:
         self._features = list(meta.features)
         self._epsilon = meta.scaling.epsilon
         self._freq = bundle.freq
-        self._fallback = SeasonalNaiveForecaster(meta.horizon, FALLBACK_SEASON)
+        self._fallback = SeasonalNaiveForecaster(meta.horizon, season_length(self._freq))
         logger.info(
             "ONNX forecaster %s (%s, %d threads)",
             meta.model_version,

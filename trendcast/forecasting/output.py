@@ -32,7 +32,7 @@ def forecast_frame(batch: WindowBatch, result: ForecastBatch, freq: Freq) -> pd.
     n, horizon = result.mean.shape
     starts = horizon_starts_ms(batch.last_start_ms, freq, horizon)
     dates = pd.to_datetime(starts.ravel(), unit="ms")
-    daily = freq.step_ms % 86_400_000 == 0
+    daily = freq.is_daily
     return pd.DataFrame(
         {
             "item_id": np.repeat(np.asarray(batch.item_ids, dtype=object), horizon),

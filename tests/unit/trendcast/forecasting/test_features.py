@@ -230,3 +230,20 @@ def test_max_age_keeps_only_recent_windows() -> None:
     assert w.x_train.shape[0] == 20
     everything, *_ = _windows(panel)
     assert np.array_equal(w.x_train, everything.x_train[-20:])
+
+
+def test_minute_models_get_minute_and_hour_calendar_inputs() -> None:
+    minute = parse_freq("5min")
+    names = feature_names(False, freq=minute)
+    assert names == ["qty", "moh_sin", "moh_cos", "hod_sin", "hod_cos", "dow_sin", "dow_cos"]
+    # Daily and hourly models keep the feature set their bundles were trained with.
+    assert feature_names(False, freq=DAY) == feature_names(False)
+    assert feature_names(True, freq=parse_freq("1h")) == feature_names(True)
+    last = np.array([int(pd.Timestamp("2011-01-03 18:55").value // 1_000_000)])
+    batch = WindowBatch(["a"], np.ones((1, 3), np.float32), None, last, np.array([3]))
+    x, _ = build_inputs(batch, names, {}, {}, minute)
+    moh = np.degrees(np.arctan2(x[0, :, 1], x[0, :, 2])) % 360 / 6  # minute of the hour
+    hod = np.degrees(np.arctan2(x[0, :, 3], x[0, :, 4])) % 360 / 15  # hour of the day
+    np.testing.assert_allclose(moh, [45, 50, 55], atol=1e-3)
+    np.testing.assert_allclose(hod, [18.75, 18 + 50 / 60, 18 + 55 / 60], atol=1e-3)
+    np.testing.assert_allclose(x[0, :, 6], 1.0)  # Monday: dow angle 0
