@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from trendcast.forecasting.profile import IntradayProfile
 from trendcast.freq import Freq
 
 __all__ = ["ModelInfo", "iso_utc"]
@@ -21,6 +22,8 @@ class ModelInfo:
         model_version: Written into every forecast record.
         uses_prices: Whether windows must carry prices (the model has a price feature);
             otherwise the store skips price sums and items stay smaller.
+        profile: How a bucket's units spread over its duration (the bundle's intraday
+            profile; ``None``: evenly), for nowcasts and alerts of the open bucket.
     """
 
     freq: Freq
@@ -28,6 +31,11 @@ class ModelInfo:
     horizon: int
     model_version: str
     uses_prices: bool = False
+    profile: IntradayProfile | None = field(default=None, compare=False, repr=False)
+
+    def intraday(self) -> IntradayProfile:
+        """The intraday profile, uniform when the bundle has none."""
+        return self.profile if self.profile is not None else IntradayProfile.uniform(self.freq)
 
 
 def iso_utc(ms: int, *, date_only: bool = False) -> str:

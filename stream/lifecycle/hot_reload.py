@@ -47,6 +47,7 @@ from stream.monitoring.telemetry import BUNDLE_RELOAD_FAILURES
 from trendcast.bundle import META_FILE, Bundle, load_bundle
 from trendcast.exceptions import BundleError, StateStoreError, TrendcastError
 from trendcast.forecasting.base import Forecaster
+from trendcast.forecasting.profile import IntradayProfile
 
 __all__ = [
     "CURRENT_FILE",
@@ -101,6 +102,7 @@ def model_info(bundle: Bundle) -> ModelInfo:
         horizon=meta.horizon,
         model_version=meta.model_version,
         uses_prices="price" in meta.features,
+        profile=IntradayProfile.from_bundle(bundle),
     )
 
 

@@ -82,6 +82,8 @@ __all__ = [
     "EVENT_OUTCOMES",
     "FORECASTS",
     "FORECAST_KINDS",
+    "ALERTS",
+    "ALERT_KINDS",
     "INFERENCE_BATCH_SIZE",
     "INFERENCE_SECONDS",
     "LATE_BY",
@@ -119,6 +121,7 @@ LATE_BY = Histogram(
     buckets=(1e3, 6e4, 3.6e6, 8.64e7, 6.048e8, float("inf")),
 )
 FORECASTS = Counter("trendcast_forecasts_total", "Forecast records sent", ["kind"])
+ALERTS = Counter("trendcast_alerts_total", "Surge and stall alerts sent", ["kind"])
 PREDICTIONS = Counter(
     "trendcast_predictions_total",
     "Forecast rows produced, by the model or by its fallback (e.g. too short a history)",
@@ -171,8 +174,10 @@ SHADOW_FAILURES = Counter(
 #: ``trendcast_events_total{outcome}``: every outcome of a sale message.
 EVENT_OUTCOMES = ("valid", "invalid", "late", "duplicate")
 #: ``trendcast_forecasts_total{kind}``: first forecasts at a bucket close, re-forecasts after
-#: in-grace late events.
-FORECAST_KINDS = ("closed", "late")
+#: in-grace late events, refreshes of open buckets.
+FORECAST_KINDS = ("closed", "late", "refresh")
+#: ``trendcast_alerts_total{kind}``: surges and stalls of open buckets.
+ALERT_KINDS = ("surge", "stall")
 #: ``trendcast_predictions_total{source}``: rows from the model, rows from its fallback.
 PREDICTION_SOURCES = ("model", "fallback")
 #: ``trendcast_redis_seconds{operation}``: the timed window-store operations.
@@ -187,6 +192,7 @@ REDIS_OPERATIONS = ("apply", "read", "load_partition", "save_partition")
 for _metric, _values in (
     (EVENTS, EVENT_OUTCOMES),
     (FORECASTS, FORECAST_KINDS),
+    (ALERTS, ALERT_KINDS),
     (PREDICTIONS, PREDICTION_SOURCES),
     (REDIS_SECONDS, REDIS_OPERATIONS),
 ):

@@ -83,6 +83,10 @@ class Sink(Protocol):
         """Send ``(original key, JSON value)`` records to the dead-letter topic."""
         ...
 
+    async def send_alerts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """Send ``(item_id, JSON value)`` surge and stall alerts to the alerts topic."""
+        ...
+
 
 @dataclass
 class BatchStats:
@@ -95,6 +99,9 @@ class BatchStats:
     redelivered: int = 0
     forecasts: int = 0
     reforecasts: int = 0
+    #: Forecasts of open buckets (``refresh`` records), and alerts sent.
+    refreshes: int = 0
+    alerts: int = 0
     #: Closed buckets not forecast because a newer one of the same batch was (catch-up
     #: ``latest``).
     skipped_buckets: int = 0

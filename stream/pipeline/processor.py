@@ -62,6 +62,7 @@ from stream.pipeline.commits import Commits
 from stream.pipeline.edges import BatchStats, OnLate, RawMessage, Record, Sink
 from stream.pipeline.ingest import Ingest
 from stream.pipeline.model_slot import ModelSlot
+from stream.pipeline.realtime import OpenBuckets
 from stream.pipeline.staging import Staging
 from stream.pipeline.watermark import PartitionClock
 from stream.state.base import PartitionId, WindowStore
@@ -98,6 +99,10 @@ class SalesProcessor:
         catchup: When one batch closes several buckets of a partition: ``latest`` forecasts
             each item only as of the newest of them (subscribers want the newest forecast,
             not one per stale bucket), ``every`` as of each (backfills).
+        refresh_ms: Least time between two ``refresh`` forecasts of an item with new sales in
+            a live partition's open bucket; 0: none (see :mod:`stream.pipeline.realtime`).
+        alert_probability: Surge and stall alerts below this tail probability.
+        stall_every_ms: How often live partitions are checked for stalls.
         inference_batch_size: Windows per ``predict`` call.
         max_message_bytes: Size limit of a message value.
         max_future_ms: How far ahead of the wall clock an event may be.
@@ -120,6 +125,9 @@ class SalesProcessor:
         grace_buckets: int = 1,
         live_window_ms: int = 300_000,
         catchup: Literal["latest", "every"] = "latest",
+        refresh_ms: int = 60_000,
+        alert_probability: float = 0.001,
+        stall_every_ms: int = 60_000,
         inference_batch_size: int = 256,
         max_message_bytes: int = 64 * 1024,
         max_future_ms: int | None = 86_400_000,
@@ -161,6 +169,12 @@ class SalesProcessor:
             inference_batch_size=inference_batch_size,
             clock_ms=clock_ms,
             catchup=catchup,
+            realtime=OpenBuckets(
+                refresh_ms=refresh_ms,
+                alert_probability=alert_probability,
+                stall_every_ms=stall_every_ms,
+                live_window_ms=live_window_ms,
+            ),
         )
 
     # --- what the parts hold, read (and for the sink, set) through the facade ----------------
@@ -361,6 +375,10 @@ class SalesProcessor:
     ) -> BatchStats | None:
         """Let caught-up live partitions follow the wall clock; close what that closes.
 
+        Also where stalls are looked for (every ``stall_every_ms`` per live partition,
+        busy or quiet: the worker calls this between batches, with or without caught-up
+        partitions).
+
         The worker calls this with the partitions that have nothing left to read. Each one
         that is live (its largest event time at most :attr:`live_window_ms` behind
         ``now_ms``) has its clock moved to ``now_ms`` as if an event had come then: a
@@ -378,6 +396,7 @@ class SalesProcessor:
         """
         now = self.clock_ms() if now_ms is None else now_ms
         closing: dict[PartitionId, Sequence[Record]] = {}
+        realtime = self._staging.realtime
         for pid in partitions:
             clock = await self._commits.clock(pid)
             if not clock.is_live(now, self.live_window_ms):
@@ -386,9 +405,11 @@ class SalesProcessor:
                 closing[pid] = ()
             else:
                 clock.observe(now)  # still live next time; nothing to plan or store
-        if not closing:
-            return None
-        return await self._staging.submit(closing, advance_ms=now)
+            if realtime is not None:
+                realtime.follow(pid, clock.freq.floor_ms(now), now, now)
+        stats = await self._staging.submit(closing, advance_ms=now) if closing else None
+        await self._staging.check_stalls(now)
+        return stats
 
     async def drain(self) -> None:
         """Deliver the forecasts of every batch before: the one in the background
@@ -454,3 +475,5 @@ class SalesProcessor:
         for p in partitions:
             self._commits.release(p)
             self._staging.release(p)  # the next owner plans these from its clocks
+            if self._staging.realtime is not None:
+                self._staging.realtime.release(p)

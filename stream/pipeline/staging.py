@@ -14,21 +14,23 @@ delivered.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from stream.inference.batching import ForecastRequest, forecast
 from stream.inference.model_info import ModelInfo
 from stream.inference.observers import ScoredBatch
-from stream.monitoring.telemetry import BATCH_SECONDS, EVENTS, FORECASTS, WATERMARK
+from stream.monitoring.telemetry import ALERTS, BATCH_SECONDS, EVENTS, FORECASTS, WATERMARK
 from stream.pipeline.commits import Commits
 from stream.pipeline.edges import PROCESSOR_LOGGER, BatchStats, Record, Sink
 from stream.pipeline.ingest import Ingest, Plan
 from stream.pipeline.model_slot import ModelSlot
+from stream.pipeline.realtime import OpenBuckets, open_bucket_record
 from stream.state.base import (
     ApplyResult,
     ItemWindow,
@@ -44,6 +46,8 @@ __all__ = ["Staging"]
 # The processor's logger, not this module's (see PROCESSOR_LOGGER): the batch summaries and
 # re-send warnings keep the name operators filter on.
 logger = logging.getLogger(PROCESSOR_LOGGER)
+
+_DAY_MS = 86_400_000
 
 
 @dataclass
@@ -61,6 +65,8 @@ class _Staged:
     model: ModelInfo
     shadow: tuple[Forecaster, ModelInfo] | None
     started: float = 0.0
+    #: Per live partition, the items whose open bucket sold in this batch (surge checks).
+    sold: dict[PartitionId, list[str]] = field(default_factory=dict)
 
 
 class Staging:
@@ -76,6 +82,8 @@ class Staging:
         clock_ms: Wall clock.
         catchup: ``latest``: when a batch closes several buckets of a partition, each item
             is forecast only as of the newest; ``every``: as of each.
+        realtime: The open buckets of live partitions (refresh forecasts, alerts); None:
+            closes only, no alerts.
     """
 
     def __init__(
@@ -89,9 +97,11 @@ class Staging:
         inference_batch_size: int,
         clock_ms: Callable[[], int],
         catchup: Literal["latest", "every"] = "latest",
+        realtime: OpenBuckets | None = None,
     ) -> None:
         self.store = store
         self.catchup = catchup
+        self.realtime = realtime
         self.sink = sink
         self._ingest = ingest
         self._commits = commits
@@ -152,6 +162,28 @@ class Staging:
         await self._collect_tail()
         await self._resend()
         await self._slot.observed()
+
+    async def check_stalls(self, wall_ms: int) -> int:
+        """Send ``stall`` alerts of live partitions whose check is due; how many were sent.
+
+        Outside the batch order on purpose: it reads windows and sends alerts, but moves no
+        clock and writes no state, so it may run between any two batches.
+        """
+        rt = self.realtime
+        if rt is None:
+            return 0
+        model = self._slot.model
+        profile = model.intraday()
+        candidates = rt.stalls(model, profile, wall_ms)
+        if not candidates:
+            return 0
+        items = sorted({i for group in candidates.values() for i in group})
+        windows = await self.store.read(items)
+        alerts = rt.confirm_stalls(candidates, windows, model, profile, wall_ms)
+        if alerts:
+            await self.sink.send_alerts([(a.item_id, a.value) for a in alerts])
+            ALERTS.labels("stall").inc(len(alerts))
+        return len(alerts)
 
     def release(self, partition: PartitionId) -> None:
         """Drop a revoked partition's clocks from the batches kept for sending again.
@@ -265,10 +297,16 @@ class Staging:
         EVENTS.labels("valid").inc(stats.valid - result.duplicates - result.refused)
         EVENTS.labels("duplicate").inc(result.duplicates)
 
-        # 3. Who to forecast (closed buckets, items whose forecast buckets changed) and
-        #    their windows, read before any later batch writes.
+        # The open buckets of live partitions: what sold, and who is due for a refresh.
+        rt = self.realtime
+        sold = rt.observe(plans, result.changed, now_ms) if rt is not None else {}
+        refresh = rt.refresh_due(sold, now_ms) if rt is not None and sold else []
+
+        # 3. Who to forecast (closed buckets, items whose forecast buckets changed, open
+        #    buckets due for a refresh) and their windows, read before any later batch
+        #    writes.
         started = time.perf_counter()
-        requests, windows = await self._forecast_requests(plans, result, stats)
+        requests, windows = await self._forecast_requests(plans, result, stats, refresh)
         stats.timings["read"] = time.perf_counter() - started
         states: dict[PartitionId, PartitionState] = {}
         for plan in plans:
@@ -289,6 +327,7 @@ class Staging:
             forecaster=forecaster,
             model=model,
             shadow=shadow,
+            sold=sold,
         )
 
     async def _emit(self, staged: _Staged) -> BatchStats:
@@ -301,6 +340,7 @@ class Staging:
         await self._slot.observed()
         if requests:
             started = time.perf_counter()
+            daily = staged.model.freq.step_ms % _DAY_MS == 0
             records = await forecast(
                 staged.forecaster,
                 requests,
@@ -308,14 +348,28 @@ class Staging:
                 staged.model,
                 self.inference_batch_size,
                 scored=scored,
+                open_bucket_record=functools.partial(open_bucket_record, daily=daily),
             )
             stats.timings["forecast"] = time.perf_counter() - started
             started = time.perf_counter()
             await self.sink.send_forecasts(records)
             stats.timings["send"] = time.perf_counter() - started
             stats.forecasts = len(records)
-            FORECASTS.labels("closed").inc(len(records) - stats.reforecasts)
+            FORECASTS.labels("closed").inc(len(records) - stats.reforecasts - stats.refreshes)
             FORECASTS.labels("late").inc(stats.reforecasts)
+            FORECASTS.labels("refresh").inc(stats.refreshes)
+        rt = self.realtime
+        if rt is not None:
+            # Surges of this batch's sales, judged by the forecasts known now (this batch's
+            # refreshes included), sent once the forecasts they refer to are delivered.
+            wall_ms = self.clock_ms()
+            rt.remember(scored, wall_ms)
+            if staged.sold:
+                alerts = rt.surges(staged.sold, staged.model, staged.model.intraday(), wall_ms)
+                if alerts:
+                    await self.sink.send_alerts([(a.item_id, a.value) for a in alerts])
+                    ALERTS.labels("surge").inc(len(alerts))
+                    stats.alerts += len(alerts)
         # Once per batch, when its forecasts are delivered: a batch whose delivery failed is
         # timed when it is sent again, from its first staging (what it really took).
         BATCH_SECONDS.observe(time.perf_counter() - staged.started)
@@ -342,7 +396,11 @@ class Staging:
         return stats
 
     async def _forecast_requests(
-        self, plans: Sequence[Plan], result: ApplyResult, stats: BatchStats
+        self,
+        plans: Sequence[Plan],
+        result: ApplyResult,
+        stats: BatchStats,
+        refresh: Sequence[str] = (),
     ) -> tuple[list[ForecastRequest], dict[str, ItemWindow]]:
         """Who to forecast as of which bucket, and the windows of every candidate.
 
@@ -362,6 +420,7 @@ class Staging:
             regrace[plan.pid] = sorted(i for i in own if any(b < before for b in result.changed[i]))
         candidates = {item for plan in plans for item in result.active.get(plan.pid, [])}
         candidates.update(item for items in regrace.values() for item in items)
+        candidates.update(refresh)
         windows = await self.store.read(sorted(candidates)) if candidates else {}
         sold = {item: sorted(w.buckets) for item, w in windows.items()}
         requests: list[ForecastRequest] = []
@@ -388,4 +447,13 @@ class Staging:
                 if (item, last_closed) not in planned:
                     requests.append(ForecastRequest(item, last_closed, "late"))
                     stats.reforecasts += 1
+        if refresh and self.realtime is not None:
+            made = {(r.item_id, r.last_start_ms) for r in requests}
+            for request in self.realtime.refresh_requests(
+                refresh, windows, model, model.intraday()
+            ):
+                # A close of the same bucket in this batch says it all already.
+                if (request.item_id, request.last_start_ms) not in made:
+                    requests.append(request)
+                    stats.refreshes += 1
         return requests, windows

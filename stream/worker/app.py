@@ -103,11 +103,14 @@ class TopicSink:
         forecasts: faust.types.TopicT,
         dead_letters: faust.types.TopicT,
         *others: faust.types.TopicT,
+        alerts: faust.types.TopicT | None = None,
     ) -> None:
         self._app = app
         self._forecasts = forecasts
         self._dead_letters = dead_letters
-        self._topics = {t.get_topic_name(): t for t in (forecasts, dead_letters, *others)}
+        self._alerts = alerts
+        extra = () if alerts is None else (alerts,)
+        self._topics = {t.get_topic_name(): t for t in (forecasts, dead_letters, *others, *extra)}
         self._declared = False
         # key -> partition per topic, valid while the topic's partition count is: the
         # default partitioner is murmur2 in pure Python, and items repeat at every close.
@@ -166,6 +169,12 @@ class TopicSink:
         """See :class:`stream.pipeline.processor.Sink`."""
         await self._send(self._dead_letters, records)
 
+    async def send_alerts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """See :class:`stream.pipeline.processor.Sink`: the alerts topic, keyed by item."""
+        if self._alerts is None:
+            raise BrokerError("this sink was made without an alerts topic")
+        await self._send(self._alerts, [(key.encode(), value) for key, value in records])
+
 
 def create_app(
     settings: WorkerSettings,
@@ -212,6 +221,7 @@ def create_app(
         _raw_topic(app, settings.dlq_topic),
         _raw_topic(app, settings.accuracy_topic),
         _raw_topic(app, settings.trends_topic),
+        alerts=_raw_topic(app, settings.alerts_topic),
     )
     runtime = WorkerRuntime(
         app,

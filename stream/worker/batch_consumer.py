@@ -290,9 +290,7 @@ class BatchConsumer(AIOKafkaConsumer):
         if now - self._last_advance < self.advance_interval_s:
             return
         self._last_advance = now
-        caught_up = self.caught_up()
-        if not caught_up:
-            return
+        caught_up = self.caught_up()  # may be none: the advancer also looks for stalls
         idle.clear()
         work = asyncio.ensure_future(self.advancer(caught_up))
         try:

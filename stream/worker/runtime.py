@@ -122,6 +122,10 @@ class WorkerRuntime:
             grace_buckets=settings.grace_buckets,
             live_window_ms=int(settings.live_window_s * 1000),
             catchup=settings.catchup,
+            refresh_ms=int(settings.refresh_s * 1000),
+            alert_probability=settings.alert_probability,
+            # Stalls are looked for every refresh interval (a minute when refreshes are off).
+            stall_every_ms=int((settings.refresh_s or 60.0) * 1000),
             inference_batch_size=settings.inference_batch_size,
             max_message_bytes=settings.max_message_bytes,
             max_future_ms=int(settings.max_future_s * 1000),

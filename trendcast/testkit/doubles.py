@@ -72,11 +72,12 @@ class FakeForecaster:
 
 
 class ListSink:
-    """Collects forecasts and dead letters; fails the first ``fail_forecasts`` sends."""
+    """Collects forecasts, dead letters and alerts; fails the first ``fail_forecasts`` sends."""
 
     def __init__(self, fail_forecasts: int = 0) -> None:
         self.forecasts: list[tuple[str, dict[str, Any]]] = []
         self.dead: list[dict[str, Any]] = []
+        self.alerts: list[dict[str, Any]] = []
         self.fail_forecasts = fail_forecasts
 
     async def send_forecasts(self, records: Sequence[tuple[str, bytes]]) -> None:
@@ -87,6 +88,9 @@ class ListSink:
 
     async def send_dead_letters(self, records: Sequence[tuple[bytes | None, bytes]]) -> None:
         self.dead += [orjson.loads(v) for _, v in records]
+
+    async def send_alerts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        self.alerts += [orjson.loads(v) for _, v in records]
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(k, v["as_of"]) for k, v in self.forecasts]
