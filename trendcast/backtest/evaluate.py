@@ -25,7 +25,7 @@ from trendcast.forecasting.baselines import (
     WindowMeanForecaster,
     ZeroForecaster,
 )
-from trendcast.freq import Freq
+from trendcast.freq import Freq, season_length
 from trendcast.plots import plot_training_curves
 
 __all__ = ["DEFAULT_WINDOW", "Evaluation", "TRAINING_HISTORY", "baseline_forecasters", "evaluate"]
@@ -36,27 +36,12 @@ DEFAULT_WINDOW = 56
 TRAINING_HISTORY = Path("training") / "history.json"
 
 
-def _season_for(freq: Freq) -> int:
-    """Seasonal-naive period: a day of sub-daily buckets, a week of daily ones, else a year.
-
-    >>> from trendcast.freq import parse_freq
-    >>> [_season_for(parse_freq(f)) for f in ("1h", "6h", "1D", "1W")]
-    [24, 4, 7, 52]
-    """
-    day, week = 86_400_000, 7 * 86_400_000
-    if freq.step_ms < day:
-        return max(1, day // freq.step_ms)
-    if freq.step_ms < week:
-        return max(1, week // freq.step_ms)
-    return max(1, 52 * week // freq.step_ms)
-
-
 def baseline_forecasters(horizon: int, freq: Freq) -> list[Forecaster]:
     """The baselines every backtest reports: zero, naive, seasonal-naive, 28-bucket mean."""
     return [
         ZeroForecaster(horizon),
         NaiveForecaster(horizon),
-        SeasonalNaiveForecaster(horizon, _season_for(freq)),
+        SeasonalNaiveForecaster(horizon, season_length(freq)),
         WindowMeanForecaster(horizon, 28),
     ]
 
@@ -107,7 +92,7 @@ def evaluate(
         forecasters.append(model)
         windows[model.name] = bundle.meta.window
     forecasters += baseline_forecasters(horizon, panel.freq)
-    window = max(window, _season_for(panel.freq) + 1)
+    window = max(window, season_length(panel.freq) + 1)
     result = backtest(
         panel,
         forecasters,

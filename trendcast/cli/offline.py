@@ -213,6 +213,18 @@ def evaluate(
     horizon: Annotated[
         int, typer.Option(min=1, help="Buckets forecast (from the bundle if given).")
     ] = 28,
+    intraday: Annotated[
+        bool,
+        typer.Option(
+            "--intraday",
+            help="Score the open-bucket nowcasts instead (needs --bundle and timestamped "
+            "lines): the last N buckets replayed, nowcasts at 25/50/75% vs the forecast made "
+            "at the bucket's start, and the alerts each threshold would raise.",
+        ),
+    ] = False,
+    buckets: Annotated[
+        int, typer.Option(min=1, help="With --intraday: test buckets at the end of the data.")
+    ] = 28,
 ) -> None:
     """Rolling-origin backtest of the model (if --bundle) beside the baselines.
 
@@ -226,6 +238,15 @@ def evaluate(
     if loaded is not None:
         freq, horizon = loaded.meta.freq, loaded.meta.horizon
     panel = sales.panel(freq, min_active=min_active)
+    if intraday:
+        if loaded is None:
+            raise ConfigError("expected --bundle with --intraday, got none")
+        from trendcast.intraday import evaluate_intraday
+
+        result = evaluate_intraday(panel, loaded, out, buckets=buckets)
+        typer.echo(result.markdown())
+        typer.echo(f"wrote {out}")
+        return
     panel.require_history(horizon)
     evaluation = run_evaluation(panel, out, bundle=loaded, weeks=weeks, horizon=horizon)
     print_metrics(evaluation.result)

@@ -33,6 +33,7 @@ class WallClock:
 def live_processor(
     wall: WallClock, store: MemoryWindowStore | None = None, sink: ListSink | None = None, **kw: Any
 ) -> SalesProcessor:
+    kw.setdefault("refresh_ms", 0)  # closes only: refreshes have tests of their own
     return processor(store, sink, allowed_lateness_ms=MINUTE, clock_ms=wall, **kw)
 
 
@@ -210,3 +211,122 @@ def test_catch_up_latest_still_forecasts_an_item_whose_sales_left_the_newest_win
     # Closed: days 0..10 (lateness one day); "old" sold on day 0, outside day 10's window,
     # but a close of day 0 would have forecast it: it gets the newest forecast all the same.
     assert sorted(sink.pairs()) == [("old", day_iso(11))]
+
+
+# --- the open bucket: refresh forecasts, surges, stalls ------------------------------------
+
+
+HOUR = 3_600_000
+
+
+def _yesterday_then_close(proc: SalesProcessor, wall: WallClock, feed: Feed, qty: float) -> None:
+    """Item ``a`` sells ``qty`` late on day 0 (live), and day 0 closes by the wall clock."""
+
+    async def run() -> None:
+        wall.now_ms = at(0.999)
+        await proc.process(feed(sale("a", 0.998, qty), sale("z", 0.998, 1.0)))
+        wall.now_ms = at(1) + 2 * MINUTE
+        await proc.advance([PID])
+        await proc.drain()
+
+    asyncio.run(run())
+
+
+def test_a_sale_in_the_open_bucket_brings_a_refresh_with_its_nowcast() -> None:
+    wall = WallClock(at(0.999))
+    sink = ListSink()
+    proc = live_processor(wall, sink=sink, refresh_ms=60_000)
+    feed = Feed()
+    _yesterday_then_close(proc, wall, feed, 8.0)
+    closes = len(sink.forecasts)
+
+    async def today() -> None:
+        wall.now_ms = at(1.5)  # noon: half of a uniform day
+        await proc.process(feed(sale("a", 1.5 - 1 / 1440, 3.0)))
+        await proc.drain()
+        wall.now_ms += 30_000  # within the refresh interval: no second refresh
+        await proc.process(feed(sale("a", 1.5, 1.0)))
+        await proc.drain()
+        wall.now_ms += 60_000
+        await proc.process(feed(sale("a", 1.5 + 1 / 1440, 1.0)))
+        await proc.drain()
+
+    asyncio.run(today())
+    refreshes = [v for _, v in sink.forecasts[closes:]]
+    assert [v["kind"] for v in refreshes] == ["refresh", "refresh"]
+    first, second = refreshes
+    assert first["as_of"] == day_iso(1)  # as the close of day 0: step 1 is the open bucket
+    assert first["horizon"][0]["date"] == "2011-01-02"
+    ob = first["open_bucket"]
+    assert ob["start"] == "2011-01-02" and ob["so_far"] == 3.0
+    assert 3.9 <= ob["expected_so_far"] <= 4.0  # 8 a day, half the day gone
+    assert ob["so_far"] <= ob["p10"] <= ob["nowcast"] <= ob["p90"]
+    assert second["open_bucket"]["so_far"] == 5.0
+    from trendcast import contract
+
+    for _, value in sink.forecasts:
+        contract.validate("forecasts", value)
+
+
+def test_a_surge_raises_one_alert_in_the_batch_that_crosses_the_line() -> None:
+    wall = WallClock(at(0.999))
+    sink = ListSink()
+    proc = live_processor(wall, sink=sink, refresh_ms=60_000, alert_probability=0.001)
+    feed = Feed()
+    _yesterday_then_close(proc, wall, feed, 2.0)
+
+    async def today() -> None:
+        wall.now_ms = at(1) + 10 * HOUR
+        await proc.process(feed(sale("a", 1 + 10 / 24 - 0.001, 1.0)))  # ordinary
+        await proc.drain()
+        assert sink.alerts == []
+        await proc.process(feed(sale("a", 1 + 10 / 24, 60.0)))  # a surge
+        await proc.drain()
+        assert [a["kind"] for a in sink.alerts] == ["surge"]
+        await proc.process(feed(sale("a", 1 + 10 / 24 + 0.001, 60.0)))  # still surging
+        await proc.drain()
+
+    asyncio.run(today())
+    (alert,) = sink.alerts  # one per item, kind and bucket
+    assert alert["item_id"] == "a" and alert["so_far"] == 61.0
+    assert alert["expected_total"] == 2.0 and alert["probability"] < 0.001
+    assert alert["bucket_start"] == "2011-01-02" and alert["nowcast"] > 61.0
+    from trendcast import contract
+
+    contract.validate("alerts", alert)
+
+
+def test_an_item_expected_to_sell_that_sold_nothing_stalls() -> None:
+    wall = WallClock(at(0.999))
+    sink = ListSink()
+    proc = live_processor(
+        wall, sink=sink, refresh_ms=60_000, alert_probability=0.001, stall_every_ms=60_000
+    )
+    feed = Feed()
+    _yesterday_then_close(proc, wall, feed, 200.0)  # "a" sells 200 a day, "z" one
+
+    async def today() -> None:
+        for tick in range(1, 18 * 15):  # nothing sells till 18:00; the worker ticks
+            wall.now_ms = at(1) + 2 * MINUTE + tick * 4 * MINUTE
+            await proc.advance([PID])
+        await proc.drain()
+
+    asyncio.run(today())
+    assert [(a["kind"], a["item_id"]) for a in sink.alerts] == [("stall", "a")]
+    assert sink.alerts[0]["so_far"] == 0.0 and sink.alerts[0]["expected_so_far"] > 10
+
+
+def test_a_replay_gets_no_refreshes_and_no_alerts() -> None:
+    wall = WallClock(at(400))
+    sink = ListSink()
+    proc = live_processor(wall, sink=sink, refresh_ms=60_000)
+    feed = Feed()
+
+    async def run() -> None:
+        await proc.process(feed(sale("a", 0.5, 2.0), sale("a", 1.2, 500.0), sale("a", 2.5)))
+        await proc.advance([PID])
+        await proc.drain()
+
+    asyncio.run(run())
+    assert {v["kind"] for _, v in sink.forecasts} == {"close"}
+    assert sink.alerts == []

@@ -136,3 +136,18 @@ def test_report_wants_input_or_brokers(
     code, _, err = run_cli([*args, "--brokers", "localhost:9092"], monkeypatch, capsys)
     assert code == 1
     assert_one_line_error(err, "give either --input or --brokers, not both")
+
+
+def test_evaluate_intraday_scores_the_nowcasts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = make_fake_bundle(tmp_path / "b", window=28, horizon=7)
+    sample = str(sample_data_path())
+    args = ["evaluate", "--data", sample, "--out", str(tmp_path / "r"), "--intraday"]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 1
+    assert_one_line_error(err, "expected --bundle with --intraday")
+    code, out, _ = run_cli([*args, "--bundle", str(bundle), "--buckets", "7"], monkeypatch, capsys)
+    assert code == 0, out
+    assert "nowcast at 50%" in out and "Recommended TRENDCAST_ALERT_PROBABILITY" in out
+    assert (tmp_path / "r" / "intraday.md").exists()
