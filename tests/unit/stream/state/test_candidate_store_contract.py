@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from redis.cluster import key_slot
+from redis.crc import key_slot
 
 from stream.state.candidates import (
     CandidateStore,
