@@ -36,10 +36,11 @@ from stream.lifecycle.hot_reload import BundleWatcher, LoadedModel
 from stream.monitoring import telemetry
 from stream.monitoring.health import PROCESSING, STATE_STORE, Health
 from stream.monitoring.online_accuracy import AccuracyTracker
-from stream.monitoring.trends import TrendTracker
+from stream.monitoring.trends import TRENDS_KEY, GlobalTrends, TrendTracker
 from stream.pipeline.processor import OnLate, Record, SalesProcessor, Sink
 from stream.settings.worker import WorkerSettings
 from stream.state.base import PartitionId, WindowStore
+from stream.state.candidates import candidate_store_for
 from trendcast.exceptions import TrendcastError
 from trendcast.forecasting.base import Forecaster
 
@@ -321,23 +322,50 @@ class WorkerRuntime:
         telemetry.set_model_info(loaded.model, loaded.forecaster.name)
         self.readiness.set_details("bundle", {"model_version": loaded.model.model_version})
 
+    #: The one trends ranking of all workers (made at the first publish: see below).
+    _global_trends: GlobalTrends | None = None
+
     async def publish_insights(self) -> None:
-        """Publish accuracy records and this worker's trends snapshot.
+        """Publish accuracy records and the trends ranking of all workers.
+
+        Trends: this worker's candidates go to the candidate store beside the windows (the
+        same Redis and prefix), and the worker holding its lease publishes the merged ranking
+        of every worker as one record keyed ``global`` (:class:`GlobalTrends`).
 
         Accuracy and trends are derived data: a failed send is logged and the next interval
         publishes the then-current figures; it never stops the worker.
         """
         settings = self.settings
         now_ms = int(time.time() * 1000)
+        if self._global_trends is None:
+            self._global_trends = GlobalTrends(
+                self.trends,
+                candidate_store_for(self.store),
+                # One name per runtime, also for several in one process (tests, benches).
+                worker=f"{self.instance.decode()}:{id(self):x}",
+                top_k=settings.trends_top_k,
+                # Three intervals: one slow publish neither drops a worker's candidates nor
+                # hands the lease over; a dead worker's vanish within half a minute.
+                ttl_ms=max(3_000 * int(settings.publish_interval_s), 30_000),
+            )
         try:
             records = self.accuracy.drain_records(now_ms)
             if records:
                 await self._publish(settings.accuracy_topic, [(k.encode(), v) for k, v in records])
-            snapshot = self.trends.snapshot(settings.trends_top_k, now_ms)
-            if snapshot is not None:
-                await self._publish(settings.trends_topic, [(self.instance, snapshot)])
+            ranking = await self._global_trends.publish(now_ms, _assigned(self.app, settings))
+            if ranking is not None:
+                await self._publish(settings.trends_topic, [(TRENDS_KEY, ranking)])
         except TrendcastError as exc:
             logger.warning("could not publish accuracy/trends (%s); next time", exc)
+
+
+def _assigned(app: faust.App, settings: WorkerSettings) -> frozenset[int] | None:
+    """The sales partitions this worker consumes now; None before the consumer runs."""
+    try:
+        assignment = app.consumer.assignment()
+    except Exception:  # not started (tests, the first seconds): handovers are not tracked
+        return None
+    return frozenset(tp.partition for tp in assignment if tp.topic == settings.sales_topic)
 
 
 def _partition_list(partitions: Sequence[TP]) -> list[PartitionId]:
