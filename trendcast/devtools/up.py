@@ -15,7 +15,12 @@ What it runs, in order (each step skipped when already configured):
    variables derived from the same :class:`~stream.settings.worker.WorkerSettings`;
 5. a replay of the sample: a warm-up at full speed (enough history for the model's window),
    then a few "live" weeks at a visible speed (default one day per second);
-6. the forecasts as they arrive on the forecasts topic, one line per closed bucket.
+6. the forecasts as they arrive on the forecasts topic, one line per closed bucket;
+7. then (unless ``exit_when_done``) *live* sales: the sample's dates are moved by whole weeks
+   so that it ends yesterday, and after the replay ``up`` keeps selling the sample's items
+   with today's wall-clock time (one sale a second, and one burst of an item's daily
+   volume): yesterday closes on the first of them, refresh forecasts show each selling
+   item's nowcast of today, and the burst raises a surge alert, printed as it happens.
 
 It stops when ``max_seconds`` elapse, when ``exit_when_done`` and the replay is over and no
 forecast arrived for a few seconds, or on Ctrl-C. Shutdown order matters and is always the
@@ -47,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import orjson
 import pandas as pd
 import redis
 from rich.console import Console
@@ -125,6 +132,61 @@ class _Stats:
     items: set[str] = field(default_factory=set)
     replay_done: bool = False
     last_forecast_at: float | None = None
+    refreshes: int = 0
+    alerts: int = 0
+
+
+#: Live sales after the replay: one a second, and the burst this long after the first.
+_LIVE_SALE_EVERY_S = 1.0
+_LIVE_BURST_AFTER_S = 8.0
+#: The top nowcasts are printed at most this often.
+_NOWCAST_EVERY_S = 5.0
+
+
+def rebase_to_yesterday(lines: pd.DataFrame, today: pd.Timestamp) -> pd.DataFrame:
+    """The lines moved by whole weeks so that their last day is before ``today`` (UTC).
+
+    Whole weeks keep every weekday pattern where it was; the sample's history then ends
+    within a week of now, so a sale made now extends real windows rather than ones that
+    stopped years ago.
+
+    >>> lines = pd.DataFrame({"ts": pd.to_datetime(["2011-08-30 10:00"]), "item_id": ["a"]})
+    >>> moved = rebase_to_yesterday(lines, pd.Timestamp("2026-12-02"))
+    >>> str(moved["ts"].iloc[0]), moved["ts"].iloc[0].day_name()
+    ('2026-11-24 10:00:00', 'Tuesday')
+    """
+    last_day = lines["ts"].max().normalize()
+    weeks = (today.normalize() - pd.Timedelta(days=1) - last_day) // pd.Timedelta(weeks=1)
+    out = lines.copy()
+    out["ts"] = out["ts"] + pd.Timedelta(weeks=max(0, int(weeks)))
+    return out
+
+
+class _LiveSales:
+    """Sales with the wall clock's time, after the replay: the shop goes on selling.
+
+    Items are drawn in proportion to their volume over the sample's last four weeks (their
+    usual order size as quantity); one burst sells an item's whole usual day at once, which
+    the worker should flag as a surge within a second or two.
+    """
+
+    def __init__(self, lines: pd.DataFrame, seed: int = 7) -> None:
+        recent = lines[lines["ts"] >= lines["ts"].max() - pd.Timedelta(weeks=4)]
+        volume = recent.groupby("item_id")["quantity"].sum().clip(lower=0)
+        volume = volume[volume > 0]
+        self.items = volume.index.astype(str).tolist()
+        self.weights = (volume / volume.sum()).to_numpy()
+        self.order = recent.groupby("item_id")["quantity"].median().clip(lower=1).to_dict()
+        self.daily = (volume / 28).to_dict()
+        self.rng = np.random.default_rng(seed)
+
+    def sale(self) -> tuple[str, float]:
+        item = str(self.rng.choice(self.items, p=self.weights))
+        return item, float(round(self.order.get(item, 1.0)))
+
+    def burst(self) -> tuple[str, float]:
+        item = self.items[int(np.argmax(self.weights))]
+        return item, float(max(20.0, round(3 * self.daily.get(item, 1.0))))
 
 
 def worker_env(
@@ -281,8 +343,13 @@ class _Printer:
         self.warmup_forecasts = 0
         self.warmup_buckets: set[str] = set()
         self.warmup_reported = False
+        self.nowcasts: dict[str, dict[str, Any]] = {}
+        self.nowcasts_printed_at = float("-inf")
 
     def add(self, record: dict[str, Any], now: float) -> None:
+        if record.get("kind") == "refresh":
+            self.add_refresh(record, now)
+            return
         as_of = str(record.get("as_of", "?"))
         group, _ = self.pending.get(as_of, ([], now))
         group.append(record)
@@ -317,6 +384,32 @@ class _Printer:
         self.console.print(
             f"[cyan]{as_of.removesuffix('T00:00:00Z')}[/] {len(group):>3} items{note}"
             f"  top p50: {shown}",
+            soft_wrap=True,
+        )
+
+    def add_refresh(self, record: dict[str, Any], now: float) -> None:
+        """Keep an item's latest nowcast; the top ones are printed every few seconds."""
+        bucket = record.get("open_bucket")
+        if isinstance(bucket, dict):
+            self.nowcasts[str(record.get("item_id"))] = bucket
+        if self.nowcasts and now - self.nowcasts_printed_at >= _NOWCAST_EVERY_S:
+            self.nowcasts_printed_at = now
+            top = sorted(self.nowcasts.items(), key=lambda kv: -float(kv[1]["nowcast"]))[:3]
+            shown = " · ".join(
+                f"[bold]{item}[/] sold {b['so_far']:g} (expected {b['expected_so_far']:.1f}), "
+                f"day {b['nowcast']:.1f} [dim][{b['p10']:.1f}–{b['p90']:.1f}][/]"
+                for item, b in top
+            )
+            self.console.print(f"[magenta]now[/] {time.strftime('%H:%M:%S')}  {shown}")
+
+    def alert(self, value: dict[str, Any]) -> None:
+        """One line per alert, as it arrives."""
+        color = "red" if value.get("kind") == "surge" else "yellow"
+        self.console.print(
+            f"[bold {color}]{str(value.get('kind', '?')).upper()}[/] "
+            f"[bold]{value.get('item_id')}[/]: sold {value.get('so_far')} of "
+            f"{value.get('bucket_start')} by now, expected {value.get('expected_so_far')} "
+            f"(p={value.get('probability')}); day now {value.get('nowcast')}",
             soft_wrap=True,
         )
 
@@ -356,6 +449,7 @@ async def _follow(bootstrap: str, topic: str, stats: _Stats, printer: _Printer) 
             value = record.get("value")
             if isinstance(value, dict):
                 stats.forecasts += 1
+                stats.refreshes += value.get("kind") == "refresh"
                 stats.fallbacks += bool(value.get("fallback"))
                 stats.items.add(str(value.get("item_id")))
                 stats.last_forecast_at = loop.time()
@@ -365,6 +459,44 @@ async def _follow(bootstrap: str, topic: str, stats: _Stats, printer: _Printer) 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, StreamError):
             await task
+
+
+async def _follow_alerts(bootstrap: str, topic: str, stats: _Stats, printer: _Printer) -> None:
+    """Print alerts as they arrive on ``topic``."""
+    async for record in atail(bootstrap, topic, n=None, follow=True):
+        value = record.get("value")
+        if isinstance(value, dict):
+            stats.alerts += 1
+            printer.alert(value)
+
+
+async def _sell_live(
+    bootstrap: str, topic: str, shop: _LiveSales, stats: _Stats, console: Console
+) -> None:
+    """After the replay: a sale a second with the wall clock's time, and one burst."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=to_bootstrap(bootstrap))
+    await producer.start()
+    try:
+        console.print(
+            "[green]live[/]: selling now (one sale a second, a burst in "
+            f"{_LIVE_BURST_AFTER_S:g} s); refresh nowcasts and alerts follow"
+        )
+        started = time.monotonic()
+        burst_done = False
+        while True:
+            item, qty = shop.sale()
+            if not burst_done and time.monotonic() - started >= _LIVE_BURST_AFTER_S:
+                item, qty = shop.burst()
+                burst_done = True
+                console.print(f"[dim]burst: {item} sells {qty:g} units at once[/]")
+            value = {"item_id": item, "ts": int(time.time() * 1000), "quantity": qty}
+            await producer.send_and_wait(topic, orjson.dumps(value), key=item.encode())
+            stats.events += 1
+            await asyncio.sleep(_LIVE_SALE_EVERY_S)
+    finally:
+        await producer.stop()
 
 
 async def _drive(
@@ -383,6 +515,7 @@ async def _drive(
     stats: _Stats,
     printer: _Printer,
     console: Console,
+    live: _LiveSales | None = None,
 ) -> StopReason:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -418,6 +551,8 @@ async def _drive(
         )  # fmt: skip
         stats.replay_done = True
         console.print(f"[green]replay done[/]: {stats.events} events in total")
+        if live is not None:
+            await _sell_live(bootstrap, settings.sales_topic, live, stats, console)
 
     async def finished() -> StopReason:
         while True:
@@ -438,6 +573,10 @@ async def _drive(
         asyncio.create_task(_follow(bootstrap, settings.forecasts_topic, stats, printer)),
         asyncio.create_task(replays(), name="replay"),
     ]
+    if live is not None:
+        tasks.append(
+            asyncio.create_task(_follow_alerts(bootstrap, settings.alerts_topic, stats, printer))
+        )
     end = asyncio.create_task(finished(), name="finished")
     try:
         pending: set[asyncio.Task[Any]] = {end, *tasks}
@@ -573,6 +712,7 @@ def _start(
             run_settings.sales_topic: run_settings.topic_partitions,
             run_settings.forecasts_topic: run_settings.topic_partitions,
             run_settings.dlq_topic: run_settings.topic_partitions,
+            run_settings.alerts_topic: run_settings.topic_partitions,
             run_settings.accuracy_topic: 1,
             run_settings.trends_topic: 1,
         },
@@ -662,6 +802,10 @@ def run_up(
         raise ConfigError(f"expected a positive --max-seconds, got {max_seconds}")
     data_path = data or sample_data_path()
     lines, _ = read_lines(data_path)
+    live = None
+    if not exit_when_done:  # a run that ends with the replay has no "now" to sell in
+        lines = rebase_to_yesterday(lines, pd.Timestamp.now(tz="UTC").tz_localize(None))
+        live = _LiveSales(lines)
 
     started_at = time.monotonic()
     stopped_by: StopReason = "interrupted"
@@ -698,6 +842,7 @@ def run_up(
                         max_seconds=max_seconds,
                         exit_when_done=exit_when_done,
                         idle_exit_s=idle_exit_s,
+                        live=live,
                         stats=stats,
                         printer=_Printer(console, live_from),
                         console=console,
