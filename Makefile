@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= train,embedded,bench,dev
 
-.PHONY: install test test-all lint format up bench bench-offline bench-chaos bench-throughput clean
+.PHONY: install test test-all lint format up bench bench-offline bench-chaos bench-throughput bench-lookup clean
 
 install: $(STAMP)  ## Create ./.venv with everything (idempotent; fast when done)
 
@@ -45,6 +45,9 @@ bench-chaos: install  ## Crash, rebalance, Redis outage, hostile input (~3 min)
 
 bench-throughput: install  ## Raw Kafka vs plain Faust vs the worker, latency, a close (5-9 min)
 	$(PY) bench/throughput.py
+
+bench-lookup: install  ## GET /forecasts lookups/s and p99 on a real worker and Redis (~2 min)
+	$(PY) bench/lookup.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts

@@ -107,6 +107,12 @@ class WorkerSettings(BaseSettings):
         topic_replicas: Replication factor of topics the worker creates.
         web_enabled: Serve Faust's web endpoints (metrics, health).
         web_port: Port of the Faust web server.
+        web_bind: Address the web server listens on (Faust's ``web_bind``). ``0.0.0.0``
+            (every interface, Faust's default) suits a container, whose probes and scrapes
+            come from outside; ``127.0.0.1`` keeps a worker on a shared host local.
+        web_token: Bearer token the lookup endpoints (``/forecasts``) require
+            (``Authorization: Bearer <token>``); ``None``: open. Probes (``/ready``,
+            ``/health``) and ``/metrics`` never ask for it. Never logged.
         data_dir: Faust's local data directory.
         broker_rebalance_timeout_s: Faust/aiokafka rebalance timeout.
         broker_session_timeout_s: Consumer session timeout (how fast a dead worker is noticed).
@@ -181,6 +187,9 @@ class WorkerSettings(BaseSettings):
     topic_replicas: int = Field(default=1, gt=0)
     web_enabled: bool = True
     web_port: int = Field(default=6066, gt=0, lt=65536)
+    # Every interface is what Faust has always bound, and what a container needs.
+    web_bind: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104
+    web_token: SecretStr | None = None
     data_dir: Path = Path(".trendcast/worker")
     broker_rebalance_timeout_s: float = Field(default=10.0, gt=0)
     broker_session_timeout_s: float = Field(default=10.0, gt=0)
@@ -213,6 +222,15 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 f"expected a redis://, rediss:// or unix:// URL, got {redact_url(value)!r}"
             )
+        return value
+
+    @field_validator("web_token")
+    @classmethod
+    def _check_web_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token would let every request through while the operator believes the
+        # lookups are protected: refuse it rather than read it as "no token".
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("expected a non-empty web_token (or none at all), got an empty one")
         return value
 
     @model_validator(mode="after")

@@ -12,6 +12,13 @@ recently. Four operations are enough for the worker to process a batch:
 * :meth:`WindowStore.load_partition` / :meth:`WindowStore.save_partition` — the clock a
   worker continues from after a restart or rebalance.
 
+Two keep each item's newest forecast record for the lookup API (``GET /forecasts/{item_id}``
+on any worker, since the state is shared):
+
+* :meth:`WindowStore.save_latest` — after a batch's forecasts are delivered, keep each
+  record unless its item already has a newer one (``as_of``, then ``emitted_at_ms``);
+* :meth:`WindowStore.read_latest` — the kept records, byte for byte as on the topic.
+
 Two more tell the worker how to watch the store: :meth:`WindowStore.ping` (``/ready`` and the
 ``/health`` probe) and :attr:`WindowStore.remote` (whether its operations are timed in
 ``trendcast_redis_seconds``).
@@ -23,6 +30,7 @@ contract tests (tests/unit/stream/state/test_window_store_contract.py).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -30,6 +38,7 @@ from typing import NamedTuple, Protocol
 import msgspec
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from trendcast.freq import Freq
 
@@ -39,6 +48,7 @@ __all__ = [
     "BucketSums",
     "ItemUpdate",
     "ItemWindow",
+    "LatestForecast",
     "PartitionId",
     "PartitionUpdate",
     "WindowStore",
@@ -261,6 +271,75 @@ class ItemWindow:
         return quantities, prices, int(history_len)
 
 
+#: ``as_of`` as every forecast record spells it (the forecasts schema's pattern): fixed width,
+#: so comparing two as text compares them in time.
+_AS_OF = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+
+
+@dataclass(frozen=True, slots=True)
+class LatestForecast:
+    """A delivered forecast record, with what decides whether it is its item's newest.
+
+    Attributes:
+        item_id: The item (the record's key).
+        as_of: The record's ``as_of`` (``YYYY-MM-DDTHH:MM:SSZ``): a newer one wins.
+        emitted_at_ms: The record's ``emitted_at_ms``: for equal ``as_of`` (refreshes of
+            the open bucket, a re-forecast) the later one wins.
+        record: The record's value, exactly the bytes sent to the forecasts topic.
+    """
+
+    item_id: str
+    as_of: str
+    emitted_at_ms: int
+    record: bytes
+
+    def __post_init__(self) -> None:
+        if not _AS_OF.fullmatch(self.as_of):
+            raise ValueError(f"expected as_of like 2011-01-26T00:00:00Z, got {self.as_of!r}")
+        if not 0 <= self.emitted_at_ms < 10**15:
+            raise ValueError(f"expected 0 <= emitted_at_ms < 10**15, got {self.emitted_at_ms}")
+
+    @property
+    def order(self) -> tuple[str, int]:
+        """What "newer" compares: ``as_of``, then ``emitted_at_ms``."""
+        return self.as_of, self.emitted_at_ms
+
+    @classmethod
+    def of(cls, item_id: str, record: bytes) -> LatestForecast:
+        """The fields that order ``record``, a forecast record's JSON value.
+
+        The worker's records are compact JSON (``orjson``, the C writer) whose ``as_of``
+        and ``emitted_at_ms`` keys can be found without parsing: inside a JSON string a
+        quote is escaped, so ``"as_of":"`` never occurs in an item id or model version.
+        Parsing costs a few microseconds per record, and a bucket close sends thousands;
+        anything else (spaces, other writers) is parsed.
+
+        >>> r = b'{"item_id":"a","as_of":"2011-01-27T00:00:00Z","emitted_at_ms":5,"kind":"close"}'
+        >>> LatestForecast.of("a", r).order
+        ('2011-01-27T00:00:00Z', 5)
+
+        Raises:
+            ValueError: ``record`` has no valid ``as_of`` or ``emitted_at_ms``.
+        """
+        start = record.find(b'"as_of":"')
+        stamp = record.find(b',"emitted_at_ms":')
+        if start >= 0 and stamp >= 0:
+            as_of = record[start + 9 : start + 29]
+            digits = stamp + 17
+            end = digits
+            while end < len(record) and 48 <= record[end] <= 57:
+                end += 1
+            if end > digits and record[start + 29 : start + 30] == b'"':
+                return cls(
+                    item_id, as_of.decode("ascii", "replace"), int(record[digits:end]), record
+                )
+        try:
+            value = orjson.loads(record)
+            return cls(item_id, str(value["as_of"]), int(value["emitted_at_ms"]), record)
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"expected a forecast record, got {record[:80]!r}") from exc
+
+
 class WindowStore(Protocol):
     """Per-item bucket sums and per-partition clocks (see the module docstring)."""
 
@@ -303,6 +382,30 @@ class WindowStore(Protocol):
 
     async def read(self, item_ids: Sequence[str]) -> dict[str, ItemWindow]:
         """Stored windows of the items (unknown items come back empty)."""
+        ...
+
+    async def save_latest(self, forecasts: Sequence[LatestForecast], ttl_ms: int) -> int:
+        """Keep each record as its item's latest, unless the item has a newer one stored.
+
+        One round trip; per item atomic, so an older record (a late re-forecast of an
+        older bucket, a re-send after a retry) never replaces a newer one, whatever the
+        order the calls arrive in. Records of one call are taken in order. A kept record
+        expires after ``ttl_ms`` (the item's window TTL) unless a newer one replaces it.
+
+        Returns:
+            How many records were kept (became their item's latest).
+
+        Raises:
+            StateStoreError: The backend failed; saving the same records again is safe.
+        """
+        ...
+
+    async def read_latest(self, item_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """Each item's latest forecast record as sent to the topic (``None``: none kept).
+
+        Raises:
+            StateStoreError: The backend failed.
+        """
         ...
 
     async def load_partition(self, partition: PartitionId) -> PartitionState:

@@ -15,6 +15,7 @@ from stream.state.base import (
     BucketSums,
     ItemUpdate,
     ItemWindow,
+    LatestForecast,
     PartitionId,
     PartitionState,
     PartitionUpdate,
@@ -45,6 +46,7 @@ class MemoryWindowStore:
         self._items: dict[str, _Item] = {}
         self._clocks: dict[PartitionId, PartitionState] = {}
         self._sellers: dict[PartitionId, dict[str, int]] = {}
+        self._latest: dict[str, LatestForecast] = {}
 
     @property
     def freq(self) -> Freq:
@@ -114,6 +116,24 @@ class MemoryWindowStore:
         for item_id in item_ids:
             item = self._items.get(item_id, _Item())
             out[item_id] = ItemWindow(item_id, item.first_ms, dict(sorted(item.buckets.items())))
+        return out
+
+    async def save_latest(self, forecasts: Sequence[LatestForecast], ttl_ms: int) -> int:
+        """See :meth:`stream.state.base.WindowStore.save_latest` (``ttl_ms`` is not modelled)."""
+        kept = 0
+        for forecast in forecasts:
+            stored = self._latest.get(forecast.item_id)
+            if stored is None or stored.order <= forecast.order:
+                self._latest[forecast.item_id] = forecast
+                kept += 1
+        return kept
+
+    async def read_latest(self, item_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """See :meth:`stream.state.base.WindowStore.read_latest`."""
+        out: dict[str, bytes | None] = {}
+        for item_id in item_ids:
+            stored = self._latest.get(item_id)
+            out[item_id] = None if stored is None else stored.record
         return out
 
     async def load_partition(self, partition: PartitionId) -> PartitionState:

@@ -10,6 +10,9 @@ so every script touches the keys of one slot only)::
                                   "q,price_qty,priced_qty"; "f" -> first sale's bucket index
     P:{<item_id>}:d        zset   dedupe key -> bucket index (forgotten once the bucket is late);
                                   "\\x1e", "\\x1f" -> trim markers (see ``_ITEM_FUNCTION``)
+    P:{<item_id>}:f        string the item's latest forecast record, behind a 35-byte header
+                                  (``as_of`` + ``emitted_at_ms`` in 15 digits: see
+                                  ``_SAVE_LATEST``); read back without the header
     P:{p:<topic>:<n>}:s    hash   "m" -> max event ms, "e" -> first bucket not yet forecast,
                                   "o" -> first offset not fully processed
     P:{p:<topic>:<n>}:a    zset   item_id -> start ms of its latest bucket with a sale
@@ -57,6 +60,7 @@ from stream.state.base import (
     BucketSums,
     ItemUpdate,
     ItemWindow,
+    LatestForecast,
     PartitionId,
     PartitionState,
     PartitionUpdate,
@@ -65,7 +69,7 @@ from stream.state.redis_clients import CLIENT_ERRORS, AsyncRedisClient, async_cl
 from trendcast.exceptions import StateStoreError
 from trendcast.freq import Freq
 
-__all__ = ["RedisWindowStore", "item_keys", "partition_keys"]
+__all__ = ["RedisWindowStore", "item_keys", "latest_key", "partition_keys"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,12 +161,28 @@ _SUMS_CACHED = 1 << 15
 #: enough that one call keeps Redis busy for milliseconds, not seconds.
 _ITEMS_PER_CALL = 200
 
+#: Keys per MGET of :meth:`RedisWindowStore.read_latest` (the lookup API asks for at most
+#: 500; larger reads are split so that one command never holds Redis for long).
+_READS_PER_CALL = 1000
+
 # lua/apply_partition.lua. KEYS: clock hash, sellers zset.
 # ARGV: max_event_ms, emitted_to_ms, forget_before_ms, active_from_ms, next_offset ('' = none),
 #       then 2 per item: item_id, latest sale bucket ms. Returns the active items (or {}).
 # One HMGET/HSET for the clock and one ZADD GT per 1000 sellers rather than a call per item:
 # each redis.call costs more than the command itself.
 _APPLY_PARTITION = _script("apply_partition")
+
+# lua/save_latest.lua. KEYS: latest-forecast strings. ARGV: ttl_ms, header width, then one
+# value per key: header + record. Keeps each value unless its key holds a newer header; returns
+# how many were kept.
+# The header is ``as_of`` (fixed width, ISO) then ``emitted_at_ms`` zero-padded, so "newer"
+# is one string comparison in Lua, on a GETRANGE of the header alone (the stored record is
+# never copied into Lua). On a single server one call takes up to _ITEMS_PER_CALL keys; on a
+# cluster one key per call (keys of different items are in different slots).
+_SAVE_LATEST = _script("save_latest")
+
+#: ``as_of`` (``YYYY-MM-DDTHH:MM:SSZ``) + ``emitted_at_ms`` in 15 digits.
+_LATEST_HEADER = 20 + 15
 
 
 def _tag(item_id: str) -> str:
@@ -182,6 +202,24 @@ def item_keys(prefix: str, item_id: str) -> tuple[str, str]:
     tag = _tag(item_id)
     base = f"{prefix}:{{{tag}}}" if tag == item_id else f"{prefix}:{{{tag}}}:{item_id}"
     return f"{base}:w", f"{base}:d"
+
+
+def latest_key(prefix: str, item_id: str) -> str:
+    """Key of an item's latest forecast record (the hash slot of its window).
+
+    >>> latest_key("tc", "85123A")
+    'tc:{85123A}:f'
+    """
+    return item_keys(prefix, item_id)[0][:-1] + "f"
+
+
+def _latest_value(forecast: LatestForecast) -> bytes:
+    """The stored value: the header that orders it, then the record.
+
+    >>> _latest_value(LatestForecast("a", "2011-01-27T00:00:00Z", 5, b"{}"))
+    b'2011-01-27T00:00:00Z000000000000005{}'
+    """
+    return b"%s%015d%s" % (forecast.as_of.encode(), forecast.emitted_at_ms, forecast.record)
 
 
 def partition_keys(prefix: str, partition: PartitionId) -> tuple[str, str]:
@@ -281,7 +319,11 @@ class RedisWindowStore:
 
     async def _load_scripts(self) -> None:
         # On a cluster, redis-py sends SCRIPT LOAD to every primary (and returns one sha).
-        scripts = [("item", _APPLY_ITEM), ("partition", _APPLY_PARTITION)]
+        scripts = [
+            ("item", _APPLY_ITEM),
+            ("partition", _APPLY_PARTITION),
+            ("latest", _SAVE_LATEST),
+        ]
         if not self._cluster:
             scripts += [("items", _APPLY_ITEMS), ("read", _READ_WINDOWS)]
         for name, body in scripts:
@@ -613,6 +655,82 @@ class RedisWindowStore:
         # HGETALL through Lua is a flat [field, value, field, value, ...] list: paired by
         # zipping one iterator with itself.
         return [dict(zip(*[iter(flat)] * 2, strict=True)) for r in replies for flat in r]
+
+    async def save_latest(self, forecasts: Sequence[LatestForecast], ttl_ms: int) -> int:
+        """See :meth:`stream.state.base.WindowStore.save_latest`."""
+        if not forecasts:
+            return 0
+        try:
+            if "latest" not in self._shas:
+                await self._load_scripts()
+            results = await self._save_latest(forecasts, ttl_ms)
+            if any(isinstance(r, NoScriptError) for r in results):
+                logger.warning("Redis lost the window scripts; reloading them")
+                await self._load_scripts()
+                results = await self._save_latest(forecasts, ttl_ms)
+        except CLIENT_ERRORS as exc:
+            raise StateStoreError(f"Redis failed saving latest forecasts: {exc}") from exc
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise StateStoreError(f"Redis failed saving latest forecasts: {errors[0]}") from errors[
+                0
+            ]
+        return sum(int(r) for r in results)
+
+    async def _save_latest(self, forecasts: Sequence[LatestForecast], ttl_ms: int) -> list[Any]:
+        """One pipeline of save_latest calls; a reply (or error) per call."""
+        sha, prefix = self._shas["latest"], self._prefix
+        if self._cluster:
+            pipe = self._client.pipeline(transaction=False)
+            for f in forecasts:
+                pipe.execute_command(
+                    "EVALSHA",
+                    sha,
+                    1,
+                    latest_key(prefix, f.item_id),
+                    ttl_ms,
+                    _LATEST_HEADER,
+                    _latest_value(f),
+                )
+            return list(await pipe.execute(raise_on_error=False))
+
+        def calls() -> Iterator[list[EncodableT]]:
+            for start in range(0, len(forecasts), _ITEMS_PER_CALL):
+                chunk = forecasts[start : start + _ITEMS_PER_CALL]
+                call: list[EncodableT] = ["EVALSHA", sha, len(chunk)]
+                call += [latest_key(prefix, f.item_id) for f in chunk]
+                call += [ttl_ms, _LATEST_HEADER]
+                call += [_latest_value(f) for f in chunk]
+                yield call
+
+        return await self._stream(calls())
+
+    async def read_latest(self, item_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """See :meth:`stream.state.base.WindowStore.read_latest`."""
+        if not item_ids:
+            return {}
+        keys = [latest_key(self._prefix, item_id) for item_id in item_ids]
+        try:
+            if self._cluster:
+                pipe = self._client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.get(key)
+                values = list(await pipe.execute())
+            else:
+                replies = await self._stream(
+                    ["MGET", *keys[start : start + _READS_PER_CALL]]
+                    for start in range(0, len(keys), _READS_PER_CALL)
+                )
+                for reply in replies:
+                    if isinstance(reply, Exception):
+                        raise reply
+                values = [v for reply in replies for v in reply]
+        except CLIENT_ERRORS as exc:
+            raise StateStoreError(f"Redis failed reading latest forecasts: {exc}") from exc
+        return {
+            item_id: None if value is None else value[_LATEST_HEADER:]
+            for item_id, value in zip(item_ids, values, strict=True)
+        }
 
     async def load_partition(self, partition: PartitionId) -> PartitionState:
         """See :meth:`stream.state.base.WindowStore.load_partition`."""

@@ -19,18 +19,33 @@ nothing past that batch and reports itself unhealthy through one
 failing components, the ``trendcast_healthy`` gauge drops to 0, and one log line marks each
 transition. A timer pings the state store too, so an idle worker also reports an outage.
 When the batch finally succeeds everything clears by itself; no operator action is needed.
+
+The web server (Faust's, on ``TRENDCAST_WEB_BIND``:``TRENDCAST_WEB_PORT``) also answers
+lookups of each item's latest forecast record, kept in the state store once delivered (see
+:class:`~stream.worker.runtime.LatestForecastSink`), so any worker answers for any item:
+
+* ``GET /forecasts/{item_id}``: 200 with the record, exactly the bytes on the forecasts
+  topic; 404 ``{"error": ...}`` for an item with none;
+* ``GET /forecasts?items=a,b``: a JSON object item id -> record or ``null``, for at most
+  :data:`MAX_LOOKUP_ITEMS` items (400 beyond, or without ``items``).
+
+With ``TRENDCAST_WEB_TOKEN`` set, both need ``Authorization: Bearer <token>`` (401
+otherwise); ``/ready``, ``/health`` and ``/metrics`` stay open for probes and scrapers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, cast
 
 import faust
+import orjson
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 
 from stream.inference.model_info import ModelInfo
 from stream.lifecycle.hot_reload import BundleWatcher
@@ -42,10 +57,10 @@ from stream.settings.worker import WorkerSettings
 from stream.state.base import WindowStore
 from stream.worker import batch_consumer
 from stream.worker.runtime import Publish, WorkerRuntime
-from trendcast.exceptions import BrokerError
+from trendcast.exceptions import BrokerError, StateStoreError
 from trendcast.forecasting.base import Forecaster
 
-__all__ = ["Publish", "TopicSink", "create_app", "send_batches"]
+__all__ = ["MAX_LOOKUP_ITEMS", "Publish", "TopicSink", "create_app", "send_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +73,10 @@ _PROBE_INTERVAL_S = 2.0
 _METRICS_CONTENT_TYPE = "; ".join(
     part.strip() for part in CONTENT_TYPE_LATEST.split(";") if "charset" not in part
 )
+
+#: Most items one ``GET /forecasts?items=...`` may name: one Redis MGET, a response of a few
+#: hundred KB; a subscriber wanting more asks several times (or reads the topic).
+MAX_LOOKUP_ITEMS = 500
 
 #: Keys whose partition the sink remembers per topic (item ids: the catalogue).
 _PARTITION_CACHE_MAX = 1_000_000
@@ -295,6 +314,119 @@ def _add_pages(app: faust.App, runtime: WorkerRuntime) -> None:
         status, body = runtime.health_report()
         return web.json(body, status=status)
 
+    guard = _bearer_guard(runtime.settings.web_token)
+
+    @app.page("/forecasts/{item_id}")
+    async def forecast_page(web: View, request: Request, item_id: str) -> Response:
+        refused = guard(web, request)
+        if refused is not None:
+            return refused
+
+        async def answer() -> Response:
+            record = (await runtime.latest_forecasts([item_id]))[item_id]
+            if record is None:
+                return _error(web, 404, f"no forecast for item {item_id!r}")
+            return web.bytes(record, content_type="application/json")
+
+        return await _with_store(web, answer)
+
+    @app.page("/forecasts")
+    async def forecasts_page(web: View, request: Request) -> Response:
+        refused = guard(web, request)
+        if refused is not None:
+            return refused
+        item_ids = _lookup_items(request.query)
+        if isinstance(item_ids, str):
+            return _error(web, 400, item_ids)
+
+        async def answer() -> Response:
+            found = await runtime.latest_forecasts(item_ids)
+            return web.bytes(_json_object(found), content_type="application/json")
+
+        return await _with_store(web, answer)
+
+
+def _error(web: View, status: int, message: str, **headers: str) -> Response:
+    """A JSON error body ``{"error": message}``: what every lookup client parses."""
+    return web.json({"error": message}, status=status, headers=headers or None)
+
+
+def _bearer_guard(token: SecretStr | None) -> Callable[[View, Request], Response | None]:
+    """A check of ``Authorization: Bearer <token>``: ``None`` lets the request through.
+
+    The comparison is constant-time (``hmac.compare_digest`` on bytes), so the time a wrong
+    token takes tells nothing about how much of it was right. Without a token every request
+    passes.
+    """
+    if token is None:
+        return lambda web, request: None
+    expected = token.get_secret_value().encode()
+
+    def check(web: View, request: Request) -> Response | None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            return _error(
+                web,
+                401,
+                "expected an Authorization: Bearer <token> header, got none",
+                **{"WWW-Authenticate": 'Bearer realm="trendcast"'},
+            )
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            return _error(
+                web,
+                401,
+                "the bearer token is not the one this worker expects",
+                **{"WWW-Authenticate": 'Bearer realm="trendcast", error="invalid_token"'},
+            )
+        return None
+
+    return check
+
+
+def _lookup_items(query: Mapping[str, str]) -> list[str] | str:
+    """The item ids of ``?items=a,b`` (repeating ``items`` works too), or what is wrong.
+
+    Empty names are dropped and repeats kept once, in order, so the answer is a JSON object
+    without duplicate keys.
+
+    >>> from multidict import MultiDict
+    >>> _lookup_items(MultiDict([("items", "a,b,,a"), ("items", "c")]))
+    ['a', 'b', 'c']
+    >>> _lookup_items(MultiDict())
+    'expected a query parameter items=ID[,ID...], got none'
+    """
+    getall = getattr(query, "getall", None)
+    values = getall("items", []) if getall is not None else [query.get("items", "")]
+    item_ids = list(dict.fromkeys(i for v in values for i in v.split(",") if i))
+    if not item_ids:
+        return "expected a query parameter items=ID[,ID...], got none"
+    if len(item_ids) > MAX_LOOKUP_ITEMS:
+        return f"expected at most {MAX_LOOKUP_ITEMS} item ids in items, got {len(item_ids)}"
+    return item_ids
+
+
+def _json_object(found: Mapping[str, bytes | None]) -> bytes:
+    """``{"id": record-or-null, ...}`` with each record's bytes as they are (never re-encoded).
+
+    >>> _json_object({"a": b'{"x":1}', "b": None})
+    b'{"a":{"x":1},"b":null}'
+    """
+    parts = [orjson.dumps(k) + b":" + (b"null" if v is None else v) for k, v in found.items()]
+    return b"{" + b",".join(parts) + b"}"
+
+
+async def _with_store(web: View, answer: Callable[[], Awaitable[Response]]) -> Response:
+    """``answer()``, or 503 while the state store fails (a lookup never raises into Faust).
+
+    The client gets no more than that: the reason (hosts, ports, Redis's words) goes to the
+    log, where ``/health`` reports the outage too.
+    """
+    try:
+        return await answer()
+    except StateStoreError as exc:
+        logger.warning("lookup failed: %s", exc)
+        return _error(web, 503, "state store unavailable, try again shortly")
+
 
 def _raw_topic(app: faust.App, name: str) -> faust.types.TopicT:
     """A topic of raw bytes both ways: we decode ourselves, so bad bytes become dead letters
@@ -315,6 +447,7 @@ def _faust_app(settings: WorkerSettings) -> faust.App:
         datadir=str(settings.data_dir),
         web_enabled=settings.web_enabled,
         web_port=settings.web_port,
+        web_bind=settings.web_bind,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replicas,
         # No leader-election topic: the worker has no leader tasks, and one topic less to

@@ -39,12 +39,12 @@ from stream.monitoring.online_accuracy import AccuracyTracker
 from stream.monitoring.trends import TRENDS_KEY, GlobalTrends, TrendTracker
 from stream.pipeline.processor import OnLate, Record, SalesProcessor, Sink
 from stream.settings.worker import WorkerSettings
-from stream.state.base import PartitionId, WindowStore
+from stream.state.base import LatestForecast, PartitionId, WindowStore
 from stream.state.candidates import candidate_store_for
 from trendcast.exceptions import TrendcastError
 from trendcast.forecasting.base import Forecaster
 
-__all__ = ["Publish", "WorkerRuntime"]
+__all__ = ["LatestForecastSink", "Publish", "WorkerRuntime"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,54 @@ _PROBE_TIMEOUT_S = 2.0
 
 #: Sends records to a named topic (accuracy, trends) and returns once they are delivered.
 Publish = Callable[[str, Sequence[tuple[bytes | None, bytes]]], Awaitable[None]]
+
+
+class LatestForecastSink:
+    """A sink that, once forecasts are delivered, keeps each item's newest in the store.
+
+    What ``GET /forecasts/{item_id}`` answers from: the store is shared, so any worker
+    answers for any item. Wraps whatever sink the worker sends through (the topics, or a
+    test's), so the lookup always shows what subscribers got, and is written only *after*
+    delivery: a record never appears in a lookup before it is on the topic. A failed write
+    fails the batch's delivery step like a failed send, and the batch is sent again
+    (forecasts are at-least-once anyway), so the lookup never lags the topic silently.
+
+    Args:
+        inner: Where the records go.
+        store: Where the latest records are kept (one round trip per call).
+        ttl_ms: The items' window TTL (read at each call: the processor derives it).
+    """
+
+    def __init__(self, inner: Sink, store: WindowStore, ttl_ms: Callable[[], int]) -> None:
+        self._inner = inner
+        self._store = store
+        self._ttl_ms = ttl_ms
+
+    async def send_forecasts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """Deliver, then keep the newest record of each item (see the class docstring)."""
+        await self._inner.send_forecasts(records)
+        if not records:
+            return
+        try:
+            latest = [LatestForecast.of(item_id, value) for item_id, value in records]
+        except ValueError:
+            # Our own writer made these records: a bug, not bad input. The lookup must
+            # never hold up the stream, so the well-formed ones are kept and it is logged.
+            latest = []
+            for item_id, value in records:
+                try:
+                    latest.append(LatestForecast.of(item_id, value))
+                except ValueError as exc:
+                    logger.error("not kept for lookups: forecast of %r (%s)", item_id, exc)
+        await self._store.save_latest(latest, self._ttl_ms())
+
+    async def send_dead_letters(self, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+        """Deliver dead letters (nothing is kept)."""
+        await self._inner.send_dead_letters(records)
+
+    async def send_alerts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """Deliver alerts (nothing is kept)."""
+        await self._inner.send_alerts(records)
 
 
 def _partition_ids(records: Mapping[Any, Sequence[Any]]) -> dict[PartitionId, Sequence[Any]]:
@@ -112,6 +160,8 @@ class WorkerRuntime:
             max_items=settings.accuracy_max_items,
         )
         self.trends = TrendTracker()
+        # The processor derives the window TTL from the model, so it is read when needed.
+        sink = LatestForecastSink(sink, store, lambda: self.processor.state_ttl_ms)
         self.processor = SalesProcessor(
             store,
             forecaster,
@@ -307,6 +357,14 @@ class WorkerRuntime:
         """``/health``: 503 while a component fails, so that a load balancer or orchestrator
         can act on it without parsing the body."""
         return 200 if self.health.healthy else 503, self.health.snapshot()
+
+    async def latest_forecasts(self, item_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """``/forecasts``: each item's latest forecast record, as sent (``None``: none).
+
+        Raises:
+            StateStoreError: The store failed.
+        """
+        return await self.store.read_latest(item_ids)
 
     # --- timers: hot reload, insights --------------------------------------------------
 

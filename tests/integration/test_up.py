@@ -163,3 +163,13 @@ def test_up_end_to_end_with_the_real_worker(bundle: Path):
     assert report.forecasts > 0
     assert report.items > 10
     assert report.worker_exit_code == 0
+
+
+def test_worker_env_passes_secrets_in_clear() -> None:
+    from pydantic import SecretStr
+
+    settings = WorkerSettings(redis_password=SecretStr("s3cret"), web_token=SecretStr("tok"))
+    env = worker_env(settings, {"kafka_sasl_password": SecretStr("k")}, base={})
+    assert env["TRENDCAST_REDIS_PASSWORD"] == "s3cret"  # noqa: S105
+    assert env["TRENDCAST_WEB_TOKEN"] == "tok"  # noqa: S105
+    assert env["TRENDCAST_KAFKA_SASL_PASSWORD"] == "k"  # noqa: S105

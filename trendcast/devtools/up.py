@@ -56,6 +56,7 @@ import numpy as np
 import orjson
 import pandas as pd
 import redis
+from pydantic import SecretStr
 from rich.console import Console
 
 from stream.settings.worker import WorkerSettings
@@ -165,9 +166,11 @@ def rebase_to_yesterday(lines: pd.DataFrame, today: pd.Timestamp) -> pd.DataFram
 class _LiveSales:
     """Sales with the wall clock's time, after the replay: the shop goes on selling.
 
-    Items are drawn in proportion to their volume over the sample's last four weeks (their
-    usual order size as quantity); one burst sells an item's whole usual day at once, which
-    the worker should flag as a surge within a second or two.
+    First what today sold before now (each item its usual share of a day by now, stamped
+    between midnight and now: the shop did not open when ``up`` started), then single units
+    of items drawn in proportion to their volume over the sample's last four weeks; one burst
+    sells three of an item's usual days at once, which the worker should flag as a surge
+    within a second or two.
     """
 
     def __init__(self, lines: pd.DataFrame, seed: int = 7) -> None:
@@ -182,7 +185,19 @@ class _LiveSales:
 
     def sale(self) -> tuple[str, float]:
         item = str(self.rng.choice(self.items, p=self.weights))
-        return item, float(round(self.order.get(item, 1.0)))
+        return item, 1.0
+
+    def today_so_far(self, now_ms: int) -> list[tuple[str, float, int]]:
+        """``(item, units, ts_ms)``: each item's usual units from midnight (UTC) to now."""
+        midnight = now_ms - now_ms % 86_400_000
+        share = (now_ms - midnight) / 86_400_000
+        out = []
+        for item, daily in self.daily.items():
+            units = round(float(daily) * share)
+            if units >= 1:
+                ts = midnight + int(self.rng.uniform(0.0, max(1.0, now_ms - midnight - 1)))
+                out.append((str(item), float(units), ts))
+        return out
 
     def burst(self) -> tuple[str, float]:
         item = self.items[int(np.argmax(self.weights))]
@@ -203,7 +218,13 @@ def worker_env(
     >>> env["TRENDCAST_REDIS_URL"], env["TRENDCAST_WEB_ENABLED"], "TRENDCAST_STATE_TTL_S" in env
     ('redis://h:1/0', 'true', False)
     """
-    values = settings.model_dump(mode="json") | dict(overrides or {})
+    values = settings.model_dump(mode="json")
+    # model_dump masks secrets ("**********"): the child needs the real ones.
+    for name in WorkerSettings.model_fields:
+        secret = getattr(settings, name, None)
+        if isinstance(secret, SecretStr):
+            values[name] = secret.get_secret_value()
+    values |= dict(overrides or {})
     unknown = set(values) - set(WorkerSettings.model_fields)
     if unknown:
         raise ConfigError(f"unknown worker setting(s): {', '.join(sorted(unknown))}")
@@ -216,6 +237,8 @@ def worker_env(
             env.pop(key, None)
         elif isinstance(value, bool):
             env[key] = "true" if value else "false"
+        elif isinstance(value, SecretStr):
+            env[key] = value.get_secret_value()
         else:
             env[key] = str(value)
     return env
@@ -483,6 +506,16 @@ async def _sell_live(
             "[green]live[/]: selling now (one sale a second, a burst in "
             f"{_LIVE_BURST_AFTER_S:g} s); refresh nowcasts and alerts follow"
         )
+        now_ms = int(time.time() * 1000)
+        # The first sale is stamped now: the partition turns live, yesterday closes, and
+        # today's earlier sales land in today's open bucket.
+        first_item, first_qty = shop.sale()
+        earlier = [(first_item, first_qty, now_ms), *shop.today_so_far(now_ms)]
+        for item, qty, ts in earlier:
+            value = {"item_id": item, "ts": ts, "quantity": qty}
+            await producer.send(topic, orjson.dumps(value), key=item.encode())
+        await producer.flush()
+        stats.events += len(earlier)
         started = time.monotonic()
         burst_done = False
         while True:

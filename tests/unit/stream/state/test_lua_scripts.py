@@ -12,7 +12,14 @@ import pytest
 
 import stream.state.redis_store as redis_store
 
-SCRIPTS = ("item_lib", "apply_item", "apply_items", "apply_partition", "read_windows")
+SCRIPTS = (
+    "item_lib",
+    "apply_item",
+    "apply_items",
+    "apply_partition",
+    "read_windows",
+    "save_latest",
+)
 
 
 def test_the_lua_directory_holds_exactly_the_scripts() -> None:
@@ -35,6 +42,7 @@ def test_the_store_sends_the_files_unchanged() -> None:
         "apply_items": redis_store._APPLY_ITEMS,
         "apply_partition": redis_store._APPLY_PARTITION,
         "read_windows": redis_store._READ_WINDOWS,
+        "save_latest": redis_store._SAVE_LATEST,
     }
     # The item scripts are the shared functions followed by their own main chunk.
     files = {
@@ -42,5 +50,6 @@ def test_the_store_sends_the_files_unchanged() -> None:
         "apply_items": script("item_lib") + script("apply_items"),
         "apply_partition": script("apply_partition"),
         "read_windows": script("read_windows"),
+        "save_latest": script("save_latest"),
     }
     assert files == sent

@@ -9,18 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 
 from stream.state.base import (
     BucketDelta,
     ItemUpdate,
+    LatestForecast,
     PartitionId,
     PartitionState,
     PartitionUpdate,
     WindowStore,
 )
 from stream.state.memory import MemoryWindowStore
-from stream.state.redis_store import RedisWindowStore, item_keys, partition_keys
+from stream.state.redis_store import RedisWindowStore, item_keys, latest_key, partition_keys
+from trendcast import contract
 from trendcast.freq import parse_freq
 from trendcast.testkit.stores import run
 
@@ -234,6 +237,110 @@ def test_odd_item_ids(store: WindowStore) -> None:
         assert [quantities(got[i]) for i in ids] == [{1: n + 1.0} for n in range(len(ids))]
 
     run(store, scenario)
+
+
+# --- latest forecasts (the lookup API) -------------------------------------------------------
+
+
+def fc(item: str, day: int, emitted: int, kind: str = "close") -> LatestForecast:
+    """A forecast record as the worker writes it (compact JSON, keys in the contract's order)."""
+    as_of = f"2011-01-{day:02d}T00:00:00Z"
+    record = (
+        b'{"item_id":%s,"as_of":"%s","freq":"1D","horizon":[{"date":"2011-01-%02d","mean":1.0,'
+        b'"p10":0.5,"p50":1.0,"p90":2.0}],"model_version":"m","fallback":false,'
+        b'"emitted_at_ms":%d,"kind":"%s","open_bucket":null}'
+        % (orjson.dumps(item), as_of.encode(), day, emitted, kind.encode())
+    )
+    parsed = LatestForecast.of(item, record)
+    assert parsed.order == (as_of, emitted)
+    return parsed
+
+
+@both
+def test_latest_forecast_is_the_record_byte_for_byte(store: WindowStore) -> None:
+    ids = ["a", "a}b", "ünïcödé 商品", "x" * 128]
+    records = [fc(i, 10, 1_300_000_000_000 + n) for n, i in enumerate(ids)]
+
+    async def scenario(s: WindowStore) -> dict[str, bytes | None]:
+        assert await s.save_latest(records, ttl_ms=3_600_000) == len(ids)
+        return await s.read_latest([*ids, "unknown"])
+
+    got = run(store, scenario)
+    assert got == {**{r.item_id: r.record for r in records}, "unknown": None}
+    for record in got.values():
+        if record is not None:
+            contract.validate("forecasts", record)
+
+
+@both
+def test_an_older_forecast_never_replaces_a_newer_one(store: WindowStore) -> None:
+    async def scenario(s: WindowStore) -> list[Any]:
+        seen = []
+        # One call, in batch order: the later as_of wins, then a late re-forecast of the
+        # older bucket (emitted later) must not replace it.
+        kept = await s.save_latest(
+            [fc("a", 10, 100), fc("a", 11, 100), fc("a", 10, 200, "late")], 1000
+        )
+        seen.append((kept, (await s.read_latest(["a"]))["a"]))
+        # Across calls: a re-send of an older record, then a refresh of the same as_of
+        # (later emitted_at_ms wins), then an earlier emission of that as_of (loses).
+        await s.save_latest([fc("a", 9, 999)], 1000)
+        seen.append((await s.read_latest(["a"]))["a"])
+        await s.save_latest([fc("a", 11, 300, "refresh")], 1000)
+        seen.append((await s.read_latest(["a"]))["a"])
+        kept = await s.save_latest([fc("a", 11, 250, "refresh")], 1000)
+        seen.append((kept, (await s.read_latest(["a"]))["a"]))
+        return seen
+
+    first, after_resend, after_refresh, after_earlier = run(store, scenario)
+    assert first == (2, fc("a", 11, 100).record)
+    assert after_resend == fc("a", 11, 100).record
+    assert after_refresh == fc("a", 11, 300, "refresh").record
+    assert after_earlier == (0, fc("a", 11, 300, "refresh").record)
+
+
+@both
+def test_latest_forecasts_of_many_items_and_nothing(store: WindowStore) -> None:
+    ids = [f"item-{n}" for n in range(450)]  # more than one script call and MGET chunk
+
+    async def scenario(s: WindowStore) -> dict[str, bytes | None]:
+        assert await s.save_latest([], 1000) == 0
+        assert await s.read_latest([]) == {}
+        assert await s.save_latest([fc(i, 12, 1) for i in ids], 60_000) == len(ids)
+        return await s.read_latest(ids)
+
+    got = run(store, scenario)
+    assert got == {i: fc(i, 12, 1).record for i in ids}
+
+
+def test_latest_forecast_of_a_record_needs_its_order() -> None:
+    spaced = b'{"item_id": "a", "as_of": "2011-01-10T00:00:00Z", "emitted_at_ms": 7}'
+    assert LatestForecast.of("a", spaced).order == ("2011-01-10T00:00:00Z", 7)
+    for bad in (b"{}", b"not json", b'{"as_of": "2011-01-10", "emitted_at_ms": 7}'):
+        with pytest.raises(ValueError, match="expected"):
+            LatestForecast.of("a", bad)
+
+
+@pytest.mark.parametrize("store", ["redis"], indirect=True)
+def test_redis_latest_forecast_shares_the_item_slot_expires_and_survives_a_script_flush(
+    store: RedisWindowStore, request: pytest.FixtureRequest
+) -> None:
+    client = request.getfixturevalue("redis_client")
+    from redis.crc import key_slot
+
+    for item in ["85123A", "a}b", "{x}"]:
+        assert key_slot(latest_key("p", item).encode()) == key_slot(
+            item_keys("p", item)[0].encode()
+        )
+
+    async def scenario(st: RedisWindowStore) -> bytes | None:
+        await st.save_latest([fc("a", 10, 1)], ttl_ms=3_600_000)
+        client.script_flush()
+        await st.save_latest([fc("a", 11, 1)], ttl_ms=3_600_000)
+        return (await st.read_latest(["a"]))["a"]
+
+    assert run(store, scenario) == fc("a", 11, 1).record
+    assert 0 < client.pttl(latest_key(store._prefix, "a")) <= 3_600_000
 
 
 @both
