@@ -154,7 +154,7 @@ def rebase_to_yesterday(lines: pd.DataFrame, today: pd.Timestamp) -> pd.DataFram
     >>> lines = pd.DataFrame({"ts": pd.to_datetime(["2011-08-30 10:00"]), "item_id": ["a"]})
     >>> moved = rebase_to_yesterday(lines, pd.Timestamp("2026-12-02"))
     >>> str(moved["ts"].iloc[0]), moved["ts"].iloc[0].day_name()
-    ('2026-11-24 10:00:00', 'Tuesday')
+    ('2026-12-01 10:00:00', 'Tuesday')
     """
     last_day = lines["ts"].max().normalize()
     weeks = (today.normalize() - pd.Timedelta(days=1) - last_day) // pd.Timedelta(weeks=1)
