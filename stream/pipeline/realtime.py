@@ -33,8 +33,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
-from trendcast.forecasting.nowcast import alert_probabilities, nowcast
-from trendcast.forecasting.profile import IntradayProfile
 
 from stream.inference.batching import ForecastRequest, OpenBucketSales
 from stream.inference.model_info import ModelInfo, iso_utc
@@ -42,6 +40,8 @@ from stream.inference.observers import ScoredBatch
 from stream.pipeline.edges import PROCESSOR_LOGGER
 from stream.pipeline.ingest import Plan
 from stream.state.base import ItemWindow, PartitionId
+from trendcast.forecasting.nowcast import alert_probabilities, nowcast
+from trendcast.forecasting.profile import IntradayProfile
 
 __all__ = ["OpenBuckets", "open_bucket_record"]
 
@@ -116,9 +116,10 @@ class OpenBuckets:
         """
         sold: dict[PartitionId, list[str]] = {}
         for plan in plans:
-            part = self._part(plan, now_ms)
-            if part is None:
+            found = self._part(plan, now_ms)
+            if found is None:
                 continue
+            part, judged = found
             bucket = part.bucket_ms
             items = []
             for update in plan.items:
@@ -129,9 +130,16 @@ class OpenBuckets:
                 part.so_far[item] = part.so_far.get(item, 0.0) + qty
                 self._item_partition[item] = plan.pid
                 items.append(item)
-            if items:
+            if items and judged:
                 sold[plan.pid] = items
         return sold
+
+    def watch(self, pid: PartitionId, items: Iterable[str]) -> None:
+        """Items a live partition's close forecast: their forecasts are kept (and their
+        stalls looked for); those of other partitions (replays, catch-ups) are not."""
+        if pid in self._parts:
+            for item in items:
+                self._item_partition[item] = pid
 
     def refresh_due(self, sold: Mapping[PartitionId, Sequence[str]], wall_ms: int) -> list[str]:
         """The items of ``sold`` due for a refresh forecast (marked refreshed now)."""
@@ -199,6 +207,8 @@ class OpenBuckets:
                 strict=True,
             )
             for item, start, (m, lo, mid, hi) in zip(one.batch.item_ids, starts, cols, strict=True):
+                if item not in self._item_partition:
+                    continue  # not in a live partition: no open bucket to judge
                 known = self._forecasts.get(item)
                 if known is None or known[0] <= start:
                     self._forecasts[item] = (start, m, lo, mid, hi)
@@ -301,17 +311,17 @@ class OpenBuckets:
 
     # --- inside ---------------------------------------------------------------------------
 
-    def _part(self, plan: Plan, wall_ms: int) -> _Partition | None:
-        """The partition's open-bucket state, moved to its current bucket; None unless live."""
+    def _part(self, plan: Plan, wall_ms: int) -> tuple[_Partition, bool] | None:
+        """The partition's open-bucket state, moved to its current bucket (None unless live),
+        and whether its sales can be judged yet: not while the bucket before is still open
+        (allowed lateness), whose close forecast refreshes and alerts build on."""
         clock = plan.clock
         newest = clock.state.max_event_ms
         open_from = clock.open_from_ms
         if newest is None or open_from is None or wall_ms - newest > self.live_window_ms:
             return None
         bucket = clock.freq.floor_ms(newest)
-        if bucket != open_from:
-            return None  # the bucket before is still open (allowed lateness)
-        return self._move(plan.pid, bucket, newest)
+        return self._move(plan.pid, bucket, newest), bucket == open_from
 
     def _move(self, pid: PartitionId, bucket_ms: int, now_event_ms: int) -> _Partition:
         part = self._parts.get(pid)

@@ -439,6 +439,8 @@ class Staging:
                         planned.add((item, bucket))
             if latest:
                 stats.skipped_buckets += len(plan.due) - 1
+            if self.realtime is not None and plan.due:
+                self.realtime.watch(plan.pid, result.active.get(plan.pid, []))
             open_from = plan.clock.open_from_ms
             if open_from is None:
                 continue
