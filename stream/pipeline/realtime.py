@@ -48,8 +48,10 @@ __all__ = ["OpenBuckets", "open_bucket_record"]
 logger = logging.getLogger(PROCESSOR_LOGGER)
 
 _DAY_MS = 86_400_000
-#: Alerts wait until the forecast expected at least this many units by now: below it a
-#: "surge" is one unlucky order and a "stall" is no news.
+#: A stall needs the forecast to have expected at least this many units by now (below it,
+#: selling nothing is no news), and a surge a forecast of at least this many for the whole
+#: bucket: against a forecast of nothing (a new item, no history yet) every first sale would
+#: be "improbable".
 _MIN_EXPECTED = 0.5
 
 
@@ -381,10 +383,15 @@ class OpenBuckets:
             known, self._probabilities(part, known, profile), strict=True
         ):
             probability = surge if kind == "surge" else stall
-            if probability >= self.alert_probability or expected < _MIN_EXPECTED:
+            if probability >= self.alert_probability:
                 continue
-            if kind == "surge" and part.so_far.get(item, 0.0) <= 0.0:
-                continue
+            if kind == "stall" and expected < _MIN_EXPECTED:
+                continue  # nothing meaningful was expected: selling nothing is no news
+            if kind == "surge" and (
+                part.so_far.get(item, 0.0) <= max(expected, 0.0)
+                or self._forecasts[item][1] < _MIN_EXPECTED
+            ):
+                continue  # more than expected, and of an item the forecast expects to sell
             part.alerted.add((item, kind))
             out.append(
                 Alert(item, self._record(part, item, kind, probability, share, model, wall_ms))
