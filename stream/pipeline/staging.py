@@ -76,6 +76,8 @@ class Staging:
         clock_ms: Wall clock.
         catchup: ``latest``: when a batch closes several buckets of a partition, each item
             is forecast only as of the newest; ``every``: as of each.
+        hold: Keeps the plans whose forecasts may be made (``None``: all): a partition whose
+            state is being rebuilt from the log has its closes held until the rebuild ends.
     """
 
     def __init__(
@@ -89,8 +91,11 @@ class Staging:
         inference_batch_size: int,
         clock_ms: Callable[[], int],
         catchup: Literal["latest", "every"] = "latest",
+        hold: Callable[[Sequence[Plan]], list[Plan]] | None = None,
     ) -> None:
         self.store = store
+        # Drops the plans of partitions being rebuilt (stream.pipeline.recovery).
+        self._hold = hold
         self.catchup = catchup
         self.sink = sink
         self._ingest = ingest
@@ -351,6 +356,8 @@ class Staging:
         last closed bucket, unless that forecast is being made anyway. The candidates'
         windows are read in one round trip and reused for inference.
         """
+        if self._hold is not None:
+            plans = self._hold(plans)  # no forecast from a partly rebuilt window
         model = self._slot.model
         step, window = model.freq.step_ms, model.window
         regrace: dict[PartitionId, list[str]] = {}

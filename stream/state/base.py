@@ -134,6 +134,12 @@ class PartitionUpdate:
         forget_before_ms: Items whose latest sale bucket starts before this are forgotten.
         active_from_ms: If set, :attr:`ApplyResult.active` lists the partition's items whose
             latest sale bucket starts at or after this.
+        expect_offset: The next offset of the clock this worker knows to be stored (``None``:
+            none known). If the stored clock is missing or older, the state was lost (a
+            ``FLUSHALL``, a failover to a replica that lagged, a restart without
+            persistence): the clock is then left unwritten, so that a clock never vouches
+            for windows that are not there, and the partition is reported in
+            :attr:`ApplyResult.lost` (see :mod:`stream.pipeline.recovery`).
     """
 
     partition: PartitionId
@@ -141,6 +147,7 @@ class PartitionUpdate:
     last_sale_ms: Mapping[str, int] = field(default_factory=dict)
     forget_before_ms: int | None = None
     active_from_ms: int | None = None
+    expect_offset: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,12 +159,15 @@ class ApplyResult:
         duplicates: Deltas skipped because their dedupe key was already applied.
         refused: Deltas refused because their bucket was before ``dedupe_from_ms``.
         active: Per partition with ``active_from_ms``, its recently selling items (sorted).
+        lost: Partitions whose stored clock was missing or older than an update's
+            ``expect_offset``: their state is gone, their clock was not written.
     """
 
     changed: dict[str, list[int]]
     duplicates: int
     refused: int
     active: dict[PartitionId, list[str]]
+    lost: frozenset[PartitionId] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,6 +134,8 @@ class WorkerRuntime:
             health=health,
             timeout_s=settings.ready_timeout_s,
         )
+        # Partitions whose lost state is rebuilt from the log show in /health meanwhile.
+        self.processor.recovery.on_change = self._rebuild_changed
         #: Names this worker's trends snapshots (one per worker process).
         self.instance = f"{socket.gethostname()}:{os.getpid()}".encode()
 
@@ -169,12 +171,15 @@ class WorkerRuntime:
         """
         backoff = 0.2
         size = sum(len(records) for records in batch.values())
+        batch = dict(batch)  # one object for every retry (a failed batch is known by it)
         while True:
             try:
+                await self._check_assigned(batch)
                 # Returns once the batch's state is stored; its forecasts are made and sent
                 # while the next batch is fetched and stored (SalesProcessor.submit).
                 await self.processor.submit(batch)
                 self.health.recovered(PROCESSING)
+                await self._rewind()
                 return True
             except Exception as exc:
                 self.health.failing(PROCESSING, f"{type(exc).__name__}: {exc}")
@@ -188,6 +193,37 @@ class WorkerRuntime:
                     )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    async def _check_assigned(self, batch: dict[PartitionId, Sequence[Record]]) -> None:
+        """Start rebuilding newly assigned partitions whose stored state is lost.
+
+        Lost means: a stored clock missing or behind the group's committed offset (see
+        :meth:`~stream.pipeline.recovery.Recovery.check_assigned`). Their records are taken
+        out of the batch: they are read again from the start of the log (:meth:`_rewind`).
+        """
+        recovery = self.processor.recovery
+        committed: Mapping[TP, int | None] = getattr(self.app.consumer, "_committed_offset", {})
+        for pid in list(batch):
+            if await recovery.check_assigned(pid, committed.get(TP(pid.topic, pid.partition))):
+                del batch[pid]
+
+    async def _rewind(self) -> None:
+        """Seek the partitions whose state is lost back to the start of the log."""
+        recovery = self.processor.recovery
+        rewinds = recovery.take_rewinds()
+        rewind = getattr(self.app.consumer, "rewind", None)
+        for pid in rewinds:
+            if rewind is None:  # not consuming (tests): nothing to seek
+                continue
+            try:
+                start = await rewind(TP(pid.topic, pid.partition))
+            except Exception as exc:  # revoked meanwhile: the next owner rebuilds it
+                logger.warning("could not seek %s[%d] back (%s)", pid.topic, pid.partition, exc)
+                continue
+            recovery.rewound(pid, start)
+
+    def _rebuild_changed(self, pid: PartitionId, detail: dict[str, Any] | None) -> None:
+        self.health.notice(f"rebuilding {pid.topic}[{pid.partition}]", detail)
 
     async def advance_idle(self, partitions: Sequence[TP]) -> None:
         """Let the caught-up partitions' clocks follow the wall clock (closes on time).
@@ -219,6 +255,7 @@ class WorkerRuntime:
             await self.processor.flush()
         except TrendcastError as exc:
             logger.warning("could not store partition clocks (%s); they lag until next time", exc)
+        await self._rewind()  # a flush may find a partition's state lost
         return self._committable()
 
     async def commit_processed(self) -> None:
