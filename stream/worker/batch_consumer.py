@@ -202,11 +202,20 @@ class BatchConsumer(AIOKafkaConsumer):
             rewinding = self.__dict__["_rewinding_partitions"] = {}
         return rewinding
 
+    @property
+    def _handed(self) -> dict[TP, int]:
+        """Per partition, the offset after the last record handed to the handler."""
+        handed: dict[TP, int] | None = self.__dict__.get("_handed_offsets")
+        if handed is None:
+            handed = self.__dict__["_handed_offsets"] = {}
+        return handed
+
     def forget_positions(self) -> None:
         """Drop the expected offsets (on assignment: Faust seeks to the committed ones)."""
         self._expected.clear()
         self._rewound.clear()
         self._rewinding.clear()
+        self._handed.clear()
 
     async def rewind(self, tp: TP) -> int:
         """Read ``tp`` again from the start of the log (its state is rebuilt); returns where.
@@ -215,7 +224,8 @@ class BatchConsumer(AIOKafkaConsumer):
         the replay must come first (:meth:`_skip_rewinding`).
         """
         start = (await self.earliest_offsets(tp))[tp]
-        stale_from = self._expected.get(tp)
+        # Not _expected: the fetch ahead may have moved that past records not handed over.
+        stale_from = self._handed.get(tp)
         await self.seek(tp, start)
         self._expected[tp] = start
         if stale_from is not None and stale_from > start:
@@ -447,6 +457,9 @@ class BatchConsumer(AIOKafkaConsumer):
                     logger.info("could not seek %s back to %d: %s", tp, offset, exc)
 
     async def _run(self, handler: BatchHandler, batch: Mapping[TP, Sequence[Any]]) -> None:
+        handed = self._handed
+        for tp, recs in batch.items():
+            handed[tp] = recs[-1].offset + 1
         offsets = await handler(batch)
         for tp, recs in batch.items():
             self._read_offset[tp] = recs[-1].offset
