@@ -38,8 +38,10 @@ from stream.monitoring.health import PROCESSING, STATE_STORE, Health
 from stream.monitoring.online_accuracy import AccuracyTracker
 from stream.monitoring.trends import TrendTracker
 from stream.pipeline.processor import OnLate, Record, SalesProcessor, Sink
+from stream.settings.security import KafkaSecurity
 from stream.settings.worker import WorkerSettings
 from stream.state.base import PartitionId, WindowStore
+from stream.worker.retention import check_retention, required_retention_ms
 from trendcast.exceptions import TrendcastError
 from trendcast.forecasting.base import Forecaster
 
@@ -134,6 +136,7 @@ class WorkerRuntime:
             health=health,
             timeout_s=settings.ready_timeout_s,
         )
+        self._retention_check: asyncio.Future[int | None] | None = None
         # Partitions whose lost state is rebuilt from the log show in /health meanwhile.
         self.processor.recovery.on_change = self._rebuild_changed
         #: Names this worker's trends snapshots (one per worker process).
@@ -148,6 +151,8 @@ class WorkerRuntime:
         when the worker is stopping before the batch could be stored: nothing of it may be
         committed, and whoever runs next gets it again.
         """
+        if self._retention_check is None:  # once, when the broker is surely reachable
+            self._retention_check = asyncio.ensure_future(self._check_retention())
         batch = _partition_ids(records)
         telemetry.observe_batch(sum(len(recs) for recs in batch.values()))
         if not await self._process_with_retry(batch):
@@ -221,6 +226,17 @@ class WorkerRuntime:
                 logger.warning("could not seek %s[%d] back (%s)", pid.topic, pid.partition, exc)
                 continue
             recovery.rewound(pid, start)
+
+    async def _check_retention(self) -> int | None:
+        """Say in the log whether the sales topic keeps enough to rebuild lost state."""
+        settings = self.settings
+        recovery = self.processor.recovery
+        return await check_retention(
+            settings.kafka_brokers,
+            settings.sales_topic,
+            required_retention_ms(recovery.window_buckets, self.processor.model.freq.step_ms),
+            KafkaSecurity.from_settings(settings).aiokafka_kwargs(),
+        )
 
     def _rebuild_changed(self, pid: PartitionId, detail: dict[str, Any] | None) -> None:
         self.health.notice(f"rebuilding {pid.topic}[{pid.partition}]", detail)
