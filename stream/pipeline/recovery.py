@@ -54,6 +54,7 @@ from stream.state.base import (
     PartitionId,
     PartitionState,
     PartitionUpdate,
+    StateLostError,
     WindowStore,
 )
 from trendcast.freq import Freq
@@ -134,6 +135,29 @@ class Recovery:
             self._begin(pid, state.next_offset or 0, state.emitted_to_ms, "lost")
             self._fresh.add(pid)
 
+    async def verify(self, partitions: Iterable[PartitionId]) -> list[PartitionId]:
+        """Check that idle partitions' stored clocks are still there; rebuild those lost.
+
+        Why: a partition with nothing to read makes no round trip, so a loss would go
+        unnoticed until its next event. The worker calls this with its caught-up partitions
+        between batches (every few seconds). The stored clock only grows, so one behind the
+        clock known stored means a loss. Returns the partitions found lost.
+
+        Raises:
+            StateStoreError: Loading a clock failed.
+        """
+        commits = self._commits
+        found: list[PartitionId] = []
+        for pid in partitions:
+            known = commits.expect_offset(pid)
+            if known is None or pid in commits.rebuilding:
+                continue
+            state = await commits.store.load_partition(pid)
+            if state.next_offset is None or state.next_offset < known:
+                found.append(pid)
+        self.lost(found)
+        return found
+
     def _begin(
         self, pid: PartitionId, reached: int, emitted_to_ms: int | None, reason: str
     ) -> None:
@@ -210,9 +234,13 @@ class Recovery:
             if plan.pid in self._fresh:
                 # The batch that found the loss: its events are stored (dedupe skips them
                 # in the replay), its offsets were judged: the rebuild reaches past them.
+                # The rebuilding clock starts from nothing but that offset, even if this
+                # batch was judged with it (staged again after StateLostError): the replay
+                # must not find its events late.
                 if plan.next_offset is not None and plan.next_offset > rebuild.reached_offset:
                     rebuild.reached_offset = plan.next_offset
-                    self._commits.clocks[plan.pid].mark_processed(plan.next_offset)
+                reached = rebuild.reached_offset
+                self._commits.clocks[plan.pid].restore(PartitionState(next_offset=reached or None))
                 plan.due = []
                 continue
             if not rebuild.replaying:
@@ -325,6 +353,8 @@ class RecoveringStore:
     def __init__(self, inner: WindowStore, recovery: Recovery) -> None:
         self.inner = inner
         self._recovery = recovery
+        # item -> partition, of the sellers the last round trip listed (see read).
+        self._sellers: dict[str, PartitionId] = {}
 
     @property
     def freq(self) -> Freq:
@@ -352,11 +382,35 @@ class RecoveringStore:
         result = await self.inner.apply(items, checked)
         if result.lost:
             self._recovery.lost(result.lost)
+        self._sellers = {i: pid for pid, sold in result.active.items() for i in sold}
         return result
 
     async def read(self, item_ids: Sequence[str]) -> dict[str, ItemWindow]:
-        """See :meth:`stream.state.base.WindowStore.read`."""
-        return await self.inner.read(item_ids)
+        """See :meth:`stream.state.base.WindowStore.read`; a seller without a window is a loss.
+
+        The round trip before listed the partition's recent sellers; one whose window comes
+        back empty lost its bookkeeping between the two (a ``FLUSHALL`` in between, an
+        eviction). Its forecasts must not be skipped silently while the close is claimed:
+        the partition starts rebuilding and the batch fails with :class:`StateLostError`,
+        so that it is staged again, its closes held until the rebuild ends.
+
+        Raises:
+            StateLostError: Sellers of a partition have no stored window.
+        """
+        windows = await self.inner.read(item_ids)
+        sellers, rebuilding = self._sellers, self._recovery.rebuilding
+        lost = {
+            sellers[i]
+            for i in item_ids
+            if i in sellers and windows[i].first_ms is None and sellers[i] not in rebuilding
+        }
+        if lost:
+            self._recovery.lost(lost)
+            raise StateLostError(
+                "the window of a recent seller is gone from the store; rebuilding "
+                + ", ".join(f"{p.topic}[{p.partition}]" for p in sorted(lost))
+            )
+        return windows
 
     async def load_partition(self, partition: PartitionId) -> PartitionState:
         """See :meth:`stream.state.base.WindowStore.load_partition`."""

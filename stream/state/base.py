@@ -31,6 +31,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from trendcast.exceptions import StateStoreError
 from trendcast.freq import Freq
 
 __all__ = [
@@ -41,10 +42,17 @@ __all__ = [
     "ItemWindow",
     "PartitionId",
     "PartitionUpdate",
+    "StateLostError",
     "WindowStore",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class StateLostError(StateStoreError):
+    """The store no longer holds state the worker counted (flushed, evicted, a failover to
+    a replica that lagged): e.g. an item the partition's sellers list has no window. The
+    batch is retried once the partition's rebuild from the log has started."""
 
 
 class PartitionId(NamedTuple):

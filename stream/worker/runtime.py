@@ -57,6 +57,9 @@ _MAX_BACKOFF_S = 10.0
 #: short outage from the probe altogether.
 _PROBE_TIMEOUT_S = 2.0
 
+#: How often idle partitions' stored clocks are checked for a loss (one HGETALL each).
+_VERIFY_IDLE_S = 5.0
+
 #: Sends records to a named topic (accuracy, trends) and returns once they are delivered.
 Publish = Callable[[str, Sequence[tuple[bytes | None, bytes]]], Awaitable[None]]
 
@@ -137,6 +140,7 @@ class WorkerRuntime:
             timeout_s=settings.ready_timeout_s,
         )
         self._retention_check: asyncio.Future[int | None] | None = None
+        self._verified_at = 0.0  # when idle partitions' stored state was last checked
         # Partitions whose lost state is rebuilt from the log show in /health meanwhile.
         self.processor.recovery.on_change = self._rebuild_changed
         #: Names this worker's trends snapshots (one per worker process).
@@ -250,11 +254,25 @@ class WorkerRuntime:
         A failure is reported like a batch's and tried again at the next interval.
         """
         try:
+            await self._verify_idle(partitions)
             await self.processor.advance(_partition_list(partitions))
         except Exception as exc:
             self.health.failing(PROCESSING, f"{type(exc).__name__}: {exc}")
             raise
         self.health.recovered(PROCESSING)
+
+    async def _verify_idle(self, partitions: Sequence[TP]) -> None:
+        """Every few seconds, check that idle partitions' state is still stored.
+
+        An idle partition makes no round trip that would notice a loss; one found lost is
+        read again from the start of the log (:meth:`_rewind`) like any other.
+        """
+        now = time.monotonic()
+        if now - self._verified_at < _VERIFY_IDLE_S:
+            return
+        self._verified_at = now
+        if await self.processor.recovery.verify(_partition_list(partitions)):
+            await self._rewind()
 
     def _committable(self) -> dict[TP, int]:
         return {TP(p.topic, p.partition): o for p, o in self.processor.take_committable().items()}

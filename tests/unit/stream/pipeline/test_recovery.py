@@ -16,7 +16,7 @@ import pytest
 
 from stream.monitoring.telemetry import METRICS_REGISTRY
 from stream.pipeline.processor import RawMessage, SalesProcessor
-from stream.state.base import PartitionId, PartitionState
+from stream.state.base import PartitionId, PartitionState, StateLostError
 from stream.state.memory import MemoryWindowStore
 from trendcast.testkit.doubles import FREQ, MODEL, Feed, ListSink, processor, sale
 
@@ -250,3 +250,54 @@ def test_a_log_that_no_longer_reaches_back_is_rebuilt_with_what_it_holds(
     for item, buckets in full.items():
         recent = {b: q for b, q in buckets.items() if b >= max(buckets) - 3 * FREQ.step_ms}
         assert {b: got[item].get(b) for b in recent} == recent
+
+
+class _FlushBeforeRead(MemoryWindowStore):
+    """Loses everything once, between a round trip and the window read after it."""
+
+    def __init__(self) -> None:
+        super().__init__(FREQ)
+        self.armed = False
+
+    async def read(self, item_ids: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            self.flush()
+        return await super().read(item_ids)
+
+
+def test_a_loss_between_the_round_trip_and_the_window_read_skips_no_forecast() -> None:
+    """The sellers listed by the round trip have no window: the batch fails with
+    StateLostError and is staged again with the partition rebuilding, its close held."""
+    log = _log()
+    _, control_sink = _control(log)
+    store, sink = _FlushBeforeRead(), ListSink()
+    proc = processor(store=store, sink=sink)
+    errors: list[str] = []
+
+    async def run() -> None:
+        pos, n = {0: 0, 1: 0}, 0
+        while any(pos[p] < len(log[p]) for p in log):
+            batch = {}
+            for p, msgs in log.items():
+                if pos[p] < len(msgs):
+                    batch[PartitionId("sales", p)] = msgs[pos[p] : pos[p] + BATCH]
+                    pos[p] += BATCH
+            n += 1
+            store.armed = n == 6
+            while True:  # the worker's retry loop
+                try:
+                    await proc.submit(batch)
+                    await proc.drain()
+                    break
+                except StateLostError as exc:
+                    errors.append(str(exc))
+            for pid in proc.recovery.take_rewinds():
+                pos[pid.partition] = 0
+                proc.recovery.rewound(pid, 0)
+        await proc.drain()
+        await proc.flush()
+
+    asyncio.run(run())
+    assert errors and "rebuilding" in errors[0]
+    assert set(_records(sink)) == set(_records(control_sink))
