@@ -73,6 +73,7 @@ class Health:
     def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._failures: dict[str, Failure] = {}
+        self._notices: dict[str, tuple[float, dict[str, Any]]] = {}
         HEALTHY.set(1)
 
     @property
@@ -113,6 +114,27 @@ class Health:
         if not self._failures:
             HEALTHY.set(1)
 
+    def notice(self, component: str, detail: dict[str, Any] | None) -> None:
+        """Show ``component`` in :meth:`snapshot` with ``detail`` (None: no longer).
+
+        For work that is not a failure but that an operator should see while it lasts, e.g.
+        a partition whose lost state is rebuilt from the log: the worker is healthy and
+        keeps serving its other partitions, so it neither fails ``/health`` (an
+        orchestrator would restart it mid-rebuild) nor stays flagged once it is done.
+
+        >>> h = Health(clock=iter([1.0, 2.0, 4.0]).__next__)
+        >>> h.notice("rebuilding sales[0]", {"to_offset": 9})
+        >>> h.snapshot()["notices"]
+        {'rebuilding sales[0]': {'to_offset': 9, 'for_s': 1.0}}
+        >>> h.notice("rebuilding sales[0]", None); h.snapshot()
+        {'healthy': True, 'failing': {}}
+        """
+        if detail is None:
+            self._notices.pop(component, None)
+            return
+        known = self._notices.get(component)
+        self._notices[component] = (self._clock() if known is None else known[0], dict(detail))
+
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready state, e.g. for ``/health``.
 
@@ -122,8 +144,8 @@ class Health:
         {'healthy': False, 'failing': {'state_store': {'reason': 'connection refused', \
 'for_s': 2.5, 'attempts': 1}}}
         """
-        now = self._clock() if self._failures else 0.0
-        return {
+        now = self._clock() if self._failures or self._notices else 0.0
+        out: dict[str, Any] = {
             "healthy": self.healthy,
             "failing": {
                 name: {
@@ -134,3 +156,9 @@ class Health:
                 for name, f in sorted(self._failures.items())
             },
         }
+        if self._notices:
+            out["notices"] = {
+                name: {**detail, "for_s": round(now - since, 3)}
+                for name, (since, detail) in sorted(self._notices.items())
+            }
+        return out

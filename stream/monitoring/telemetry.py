@@ -91,6 +91,8 @@ __all__ = [
     "PREDICTIONS",
     "PREDICTION_SOURCES",
     "REDIS_OPERATIONS",
+    "REBUILDING_PARTITIONS",
+    "REBUILDS",
     "REDIS_SECONDS",
     "METRICS_REGISTRY",
     "WATERMARK",
@@ -165,6 +167,14 @@ MODEL_INFO = Info("trendcast_model", "The model bundle the worker serves")
 BUNDLE_RELOAD_FAILURES = Counter(
     "trendcast_bundle_reload_failures_total",
     "New bundles refused by hot reload (unverifiable or incompatible); the old one serves on",
+)
+REBUILDING_PARTITIONS = Gauge(
+    "trendcast_rebuilding_partitions",
+    "Source partitions whose lost window state is being rebuilt from the sales log",
+)
+REBUILDS = Counter(
+    "trendcast_rebuilds_total",
+    "Rebuilds of a partition's window state from the sales log (state lost in Redis)",
 )
 SHADOW_FAILURES = Counter(
     "trendcast_shadow_failures_total",

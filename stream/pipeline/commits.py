@@ -15,17 +15,50 @@ every event it would accept.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from stream.pipeline.edges import PROCESSOR_LOGGER
 from stream.pipeline.watermark import PartitionClock
 from stream.state.base import PartitionId, PartitionState, PartitionUpdate, WindowStore
 from trendcast.freq import Freq
 
-__all__ = ["Commits"]
+__all__ = ["Commits", "Rebuild"]
 
 # The processor's logger, not this module's (see PROCESSOR_LOGGER).
 logger = logging.getLogger(PROCESSOR_LOGGER)
+
+
+@dataclass
+class Rebuild:
+    """A partition whose state is being rebuilt from the log (:mod:`stream.pipeline.recovery`).
+
+    Attributes:
+        reached_offset: The offset the partition had reached before its state was lost: the
+            rebuild ends with the batch that reaches it again. Events before it were judged
+            before the loss (their dead letters were sent), so they are never dead-lettered
+            again.
+        reason: Why: ``missing`` (no stored clock), ``older`` (a stored clock behind the
+            committed offset) or ``lost`` (a round trip found the clock gone).
+        started_s: Monotonic time the rebuild started.
+        emitted_to_ms: The lost clock's first bucket not yet forecast (``None``: unknown):
+            the replay's closes before it were forecast before the loss, the others are
+            held until the rebuild ends.
+        replaying: The consumer was sought back to the start of the log: the batches of the
+            partition are the replay.
+        from_offset: Where the replay starts (the start of the log), once known.
+        first_bucket_ms: The oldest bucket of the replayed events, once seen.
+        events: Events replayed so far.
+    """
+
+    reached_offset: int
+    reason: str
+    started_s: float
+    emitted_to_ms: int | None = None
+    replaying: bool = False
+    from_offset: int | None = None
+    first_bucket_ms: int | None = None
+    events: int = 0
 
 
 class Commits:
@@ -55,6 +88,14 @@ class Commits:
         # The clocks known to be stored (loaded, or stored by a round trip that returned):
         # what a worker taking over would start from, which bounds what may be forgotten.
         self.stored_states: dict[PartitionId, PartitionState] = {}
+        # Partitions whose state is being rebuilt from the log (stream.pipeline.recovery):
+        # no clock of theirs is stored or committed until the rebuild ends, so a clock never
+        # vouches for windows that are only partly rebuilt.
+        self.rebuilding: dict[PartitionId, Rebuild] = {}
+        #: Told of partitions a round trip found lost (set by the recovery).
+        self.on_lost: Callable[[Iterable[PartitionId]], None] | None = None
+        #: Told of a rebuild given up because its partition was revoked (set by the recovery).
+        self.on_dropped: Callable[[PartitionId], None] | None = None
 
     async def clock(self, partition: PartitionId) -> PartitionClock:
         """The partition's cached clock, loaded from the store (plus what is unsaved) if none."""
@@ -75,8 +116,31 @@ class Commits:
         return clock
 
     def delivered(self, states: Mapping[PartitionId, PartitionState]) -> None:
-        """A batch's outputs are delivered: its clocks may be stored from now on."""
+        """A batch's outputs are delivered: its clocks may be stored from now on.
+
+        Not those of rebuilding partitions: stored, they would claim windows that are not
+        rebuilt yet (the clock is stored with the batch that ends the rebuild).
+        """
+        if self.rebuilding:
+            states = {p: s for p, s in states.items() if p not in self.rebuilding}
         self.unsaved.update(states)
+
+    def expect_offset(self, partition: PartitionId) -> int | None:
+        """The next offset of the partition's clock known to be stored (``None``: none).
+
+        Sent with every clock update (:attr:`PartitionUpdate.expect_offset`): a stored clock
+        that is missing or older means the state was lost.
+        """
+        known = self.stored_states.get(partition)
+        return None if known is None else known.next_offset
+
+    def reset(self, partition: PartitionId, clock: PartitionClock) -> None:
+        """Start a partition over with ``clock`` (a rebuild): nothing of it is known stored,
+        nothing is pending or committable (its stored state is gone)."""
+        self.clocks[partition] = clock
+        self.unsaved.pop(partition, None)
+        self._committable.pop(partition, None)
+        self.stored_states[partition] = PartitionState()
 
     def take_unsaved(self) -> dict[PartitionId, PartitionState]:
         """The delivered clocks, to store with a batch's round trip (:meth:`keep_unsaved`
@@ -96,7 +160,15 @@ class Commits:
             StateStoreError: The store failed; the clocks stay pending.
         """
         unsaved = dict(self.unsaved)
-        await self.store.apply([], [PartitionUpdate(pid, st) for pid, st in unsaved.items()])
+        result = await self.store.apply(
+            [],
+            [
+                PartitionUpdate(pid, st, expect_offset=self.expect_offset(pid))
+                for pid, st in unsaved.items()
+            ],
+        )
+        if result.lost and self.on_lost is not None:
+            self.on_lost(result.lost)
         for pid, state in unsaved.items():
             if self.unsaved.get(pid) is state:
                 del self.unsaved[pid]
@@ -105,6 +177,8 @@ class Commits:
     def stored(self, states: Mapping[PartitionId, PartitionState]) -> None:
         """A round trip stored ``states``: their offsets become committable."""
         for pid, state in states.items():
+            if pid in self.rebuilding:
+                continue  # not stored: the round trip found its state lost
             known_state = self.stored_states.get(pid)
             self.stored_states[pid] = state if known_state is None else known_state.merged(state)
             if state.next_offset is not None:
@@ -131,3 +205,5 @@ class Commits:
         self.unsaved.pop(partition, None)
         self._committable.pop(partition, None)
         self.stored_states.pop(partition, None)
+        if self.rebuilding.pop(partition, None) is not None and self.on_dropped is not None:
+            self.on_dropped(partition)  # the next owner finds the state lost and rebuilds it

@@ -271,6 +271,9 @@ class Ingest:
             clock.observe(aggregate.first_ms)
         for msg, event, max_event in aggregate.rejects:
             if isinstance(event, EventError):
+                if clock.is_redelivered(msg.offset):  # dead-lettered before (a rebuild)
+                    stats.redelivered += 1
+                    continue
                 stats.invalid += 1
                 EVENTS.labels("invalid").inc()
                 dead.append(self._dead_letter(pid, msg, event.reason, event.detail, now_ms))

@@ -63,6 +63,7 @@ from stream.pipeline.edges import BatchStats, OnLate, RawMessage, Record, Sink
 from stream.pipeline.ingest import Ingest
 from stream.pipeline.model_slot import ModelSlot
 from stream.pipeline.realtime import OpenBuckets
+from stream.pipeline.recovery import Recovery
 from stream.pipeline.staging import Staging
 from stream.pipeline.watermark import PartitionClock
 from stream.state.base import PartitionId, WindowStore
@@ -151,6 +152,9 @@ class SalesProcessor:
         self._commits = Commits(
             store, model.freq, lateness_ms=allowed_lateness_ms, grace_buckets=grace_buckets
         )
+        # Lost state is rebuilt from the log: every clock update is checked (the store below).
+        self._recovery = Recovery(self._commits, window_buckets=span // step)
+        store = self._commits.store = self._recovery.store
         self._ingest = Ingest(
             self._commits,
             self._slot,
@@ -175,14 +179,15 @@ class SalesProcessor:
                 stall_every_ms=stall_every_ms,
                 live_window_ms=live_window_ms,
             ),
+            hold=self._recovery.hold,
         )
 
     # --- what the parts hold, read (and for the sink, set) through the facade ----------------
 
     @property
     def store(self) -> WindowStore:
-        """Window state."""
-        return self._staging.store
+        """Window state (as given; the parts use it through the recovery's checks)."""
+        return self._recovery.store.inner
 
     @property
     def sink(self) -> Sink:
@@ -192,6 +197,11 @@ class SalesProcessor:
     @sink.setter
     def sink(self, sink: Sink) -> None:
         self._staging.sink = sink
+
+    @property
+    def recovery(self) -> Recovery:
+        """Rebuilds of lost partition state from the log (:mod:`stream.pipeline.recovery`)."""
+        return self._recovery
 
     @property
     def forecaster(self) -> Forecaster:

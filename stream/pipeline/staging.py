@@ -84,6 +84,8 @@ class Staging:
             is forecast only as of the newest; ``every``: as of each.
         realtime: The open buckets of live partitions (refresh forecasts, alerts); None:
             closes only, no alerts.
+        hold: Keeps the plans whose forecasts may be made (``None``: all): a partition whose
+            state is being rebuilt from the log has its closes held until the rebuild ends.
     """
 
     def __init__(
@@ -98,8 +100,11 @@ class Staging:
         clock_ms: Callable[[], int],
         catchup: Literal["latest", "every"] = "latest",
         realtime: OpenBuckets | None = None,
+        hold: Callable[[Sequence[Plan]], list[Plan]] | None = None,
     ) -> None:
         self.store = store
+        # Drops the plans of partitions being rebuilt (stream.pipeline.recovery).
+        self._hold = hold
         self.catchup = catchup
         self.realtime = realtime
         self.sink = sink
@@ -409,6 +414,8 @@ class Staging:
         last closed bucket, unless that forecast is being made anyway. The candidates'
         windows are read in one round trip and reused for inference.
         """
+        if self._hold is not None:
+            plans = self._hold(plans)  # no forecast from a partly rebuilt window
         model = self._slot.model
         step, window = model.freq.step_ms, model.window
         regrace: dict[PartitionId, list[str]] = {}

@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from trendcast.exceptions import StateStoreError
 from trendcast.freq import Freq
 
 __all__ = [
@@ -51,10 +52,17 @@ __all__ = [
     "LatestForecast",
     "PartitionId",
     "PartitionUpdate",
+    "StateLostError",
     "WindowStore",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+class StateLostError(StateStoreError):
+    """The store no longer holds state the worker counted (flushed, evicted, a failover to
+    a replica that lagged): e.g. an item the partition's sellers list has no window. The
+    batch is retried once the partition's rebuild from the log has started."""
 
 
 class PartitionId(NamedTuple):
@@ -144,6 +152,12 @@ class PartitionUpdate:
         forget_before_ms: Items whose latest sale bucket starts before this are forgotten.
         active_from_ms: If set, :attr:`ApplyResult.active` lists the partition's items whose
             latest sale bucket starts at or after this.
+        expect_offset: The next offset of the clock this worker knows to be stored (``None``:
+            none known). If the stored clock is missing or older, the state was lost (a
+            ``FLUSHALL``, a failover to a replica that lagged, a restart without
+            persistence): the clock is then left unwritten, so that a clock never vouches
+            for windows that are not there, and the partition is reported in
+            :attr:`ApplyResult.lost` (see :mod:`stream.pipeline.recovery`).
     """
 
     partition: PartitionId
@@ -151,6 +165,7 @@ class PartitionUpdate:
     last_sale_ms: Mapping[str, int] = field(default_factory=dict)
     forget_before_ms: int | None = None
     active_from_ms: int | None = None
+    expect_offset: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +177,15 @@ class ApplyResult:
         duplicates: Deltas skipped because their dedupe key was already applied.
         refused: Deltas refused because their bucket was before ``dedupe_from_ms``.
         active: Per partition with ``active_from_ms``, its recently selling items (sorted).
+        lost: Partitions whose stored clock was missing or older than an update's
+            ``expect_offset``: their state is gone, their clock was not written.
     """
 
     changed: dict[str, list[int]]
     duplicates: int
     refused: int
     active: dict[PartitionId, list[str]]
+    lost: frozenset[PartitionId] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

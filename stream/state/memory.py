@@ -94,9 +94,15 @@ class MemoryWindowStore:
                 known = changed.setdefault(update.item_id, [])
                 known.extend(b for b in touched if b not in known)
         active: dict[PartitionId, list[str]] = {}
+        lost: set[PartitionId] = set()
         for p in partitions:
-            stored = self._clocks.get(p.partition, PartitionState())
-            self._clocks[p.partition] = stored.merged(p.state)
+            stored = self._clocks.get(p.partition)
+            if p.expect_offset is not None and (
+                stored is None or stored.next_offset is None or stored.next_offset < p.expect_offset
+            ):
+                lost.add(p.partition)  # the state is gone: the clock is not written
+            else:
+                self._clocks[p.partition] = (stored or PartitionState()).merged(p.state)
             sellers = self._sellers.setdefault(p.partition, {})
             for item_id, last in p.last_sale_ms.items():
                 sellers[item_id] = max(last, sellers.get(item_id, last))
@@ -108,7 +114,19 @@ class MemoryWindowStore:
             if p.active_from_ms is not None:
                 since = p.active_from_ms
                 active[p.partition] = sorted(i for i, b in sellers.items() if b >= since)
-        return ApplyResult(changed=changed, duplicates=duplicates, refused=refused, active=active)
+        return ApplyResult(
+            changed=changed,
+            duplicates=duplicates,
+            refused=refused,
+            active=active,
+            lost=frozenset(lost),
+        )
+
+    def flush(self) -> None:
+        """Forget everything, like ``FLUSHALL`` on Redis (tests of the rebuild from the log)."""
+        self._items.clear()
+        self._clocks.clear()
+        self._sellers.clear()
 
     async def read(self, item_ids: Sequence[str]) -> dict[str, ItemWindow]:
         """See :meth:`stream.state.base.WindowStore.read`."""

@@ -166,8 +166,10 @@ _ITEMS_PER_CALL = 200
 _READS_PER_CALL = 1000
 
 # lua/apply_partition.lua. KEYS: clock hash, sellers zset.
-# ARGV: max_event_ms, emitted_to_ms, forget_before_ms, active_from_ms, next_offset ('' = none),
-#       then 2 per item: item_id, latest sale bucket ms. Returns the active items (or {}).
+# ARGV: max_event_ms, emitted_to_ms, forget_before_ms, active_from_ms, next_offset,
+#       expect_offset ('' = none), then 2 per item: item_id, latest sale bucket ms.
+# Returns {lost, active items (or {})}: lost is 1 when expect_offset is set and the stored
+# clock is missing or older (the clock is then not written; see PartitionUpdate).
 # One HMGET/HSET for the clock and one ZADD GT per 1000 sellers rather than a call per item:
 # each redis.call costs more than the command itself.
 _APPLY_PARTITION = _script("apply_partition")
@@ -375,10 +377,19 @@ class RedisWindowStore:
                 else:
                     known.extend(b for b in starts if b not in known)
         active: dict[PartitionId, list[str]] = {}
+        lost: set[PartitionId] = set()
         for p, result in zip(partitions, results[len(items) :], strict=True):
+            if int(result[0]):
+                lost.add(p.partition)
             if p.active_from_ms is not None:
-                active[p.partition] = sorted(_decode(i) for i in result)
-        return ApplyResult(changed=changed, duplicates=duplicates, refused=refused, active=active)
+                active[p.partition] = sorted(_decode(i) for i in result[1])
+        return ApplyResult(
+            changed=changed,
+            duplicates=duplicates,
+            refused=refused,
+            active=active,
+            lost=frozenset(lost),
+        )
 
     def _item_args(self, u: ItemUpdate, *, summed: bool) -> tuple[list[EncodableT], int]:
         """apply_item's arguments after the head (see ``_ITEM_FUNCTION``), and how many
@@ -551,6 +562,7 @@ class RedisWindowStore:
                 _opt(p.forget_before_ms),
                 _opt(p.active_from_ms),
                 _opt(p.state.next_offset),
+                _opt(p.expect_offset),
             ]
             for item_id, last in p.last_sale_ms.items():
                 call += [item_id, last]

@@ -193,10 +193,60 @@ class BatchConsumer(AIOKafkaConsumer):
             rewound = self.__dict__["_rewound_partitions"] = set()
         return rewound
 
+    @property
+    def _rewinding(self) -> dict[TP, int]:
+        """Partitions sought back to the start of the log (:meth:`rewind`), each with the
+        offset from which records fetched before that seek start."""
+        rewinding: dict[TP, int] | None = self.__dict__.get("_rewinding_partitions")
+        if rewinding is None:
+            rewinding = self.__dict__["_rewinding_partitions"] = {}
+        return rewinding
+
+    @property
+    def _handed(self) -> dict[TP, int]:
+        """Per partition, the offset after the last record handed to the handler."""
+        handed: dict[TP, int] | None = self.__dict__.get("_handed_offsets")
+        if handed is None:
+            handed = self.__dict__["_handed_offsets"] = {}
+        return handed
+
     def forget_positions(self) -> None:
         """Drop the expected offsets (on assignment: Faust seeks to the committed ones)."""
         self._expected.clear()
         self._rewound.clear()
+        self._rewinding.clear()
+        self._handed.clear()
+
+    async def rewind(self, tp: TP) -> int:
+        """Read ``tp`` again from the start of the log (its state is rebuilt); returns where.
+
+        Records of ``tp`` fetched before the seek (the fetch ahead) are not handed over:
+        the replay must come first (:meth:`_skip_rewinding`).
+        """
+        start = (await self.earliest_offsets(tp))[tp]
+        # Not _expected: the fetch ahead may have moved that past records not handed over.
+        stale_from = self._handed.get(tp)
+        await self.seek(tp, start)
+        self._expected[tp] = start
+        if stale_from is not None and stale_from > start:
+            self._rewinding[tp] = stale_from
+        logger.info("%s[%d]: reading again from offset %d", tp.topic, tp.partition, start)
+        return start
+
+    def _skip_rewinding(self, batch: dict[TP, list[Any]]) -> dict[TP, list[Any]]:
+        """``batch`` without records fetched before a :meth:`rewind` of their partition."""
+        rewinding = self._rewinding
+        if not rewinding:
+            return batch
+        out: dict[TP, list[Any]] = {}
+        for tp, recs in batch.items():
+            stale_from = rewinding.get(tp)
+            if stale_from is not None:
+                if recs[0].offset >= stale_from:
+                    continue  # fetched before the seek back: the replay comes first
+                del rewinding[tp]
+            out[tp] = recs
+        return out
 
     def _idle_event(self) -> asyncio.Event:
         if self._idle is None:
@@ -230,7 +280,7 @@ class BatchConsumer(AIOKafkaConsumer):
                     ahead = asyncio.ensure_future(self._next_batch())
                 fetched = await ahead
                 ahead = None
-                batch = fetched.batch
+                batch = self._skip_rewinding(fetched.batch)
                 if not batch:
                     await self._advance_idle(idle)
                     continue
@@ -405,6 +455,9 @@ class BatchConsumer(AIOKafkaConsumer):
                     logger.info("could not seek %s back to %d: %s", tp, offset, exc)
 
     async def _run(self, handler: BatchHandler, batch: Mapping[TP, Sequence[Any]]) -> None:
+        handed = self._handed
+        for tp, recs in batch.items():
+            handed[tp] = recs[-1].offset + 1
         offsets = await handler(batch)
         for tp, recs in batch.items():
             self._read_offset[tp] = recs[-1].offset

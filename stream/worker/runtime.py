@@ -38,9 +38,11 @@ from stream.monitoring.health import PROCESSING, STATE_STORE, Health
 from stream.monitoring.online_accuracy import AccuracyTracker
 from stream.monitoring.trends import TRENDS_KEY, GlobalTrends, TrendTracker
 from stream.pipeline.processor import OnLate, Record, SalesProcessor, Sink
+from stream.settings.security import KafkaSecurity
 from stream.settings.worker import WorkerSettings
 from stream.state.base import LatestForecast, PartitionId, WindowStore
 from stream.state.candidates import candidate_store_for
+from stream.worker.retention import check_retention, required_retention_ms
 from trendcast.exceptions import TrendcastError
 from trendcast.forecasting.base import Forecaster
 
@@ -55,6 +57,9 @@ _MAX_BACKOFF_S = 10.0
 #: redis-py retries a refused connection with backoff inside ``ping()``, which would hide a
 #: short outage from the probe altogether.
 _PROBE_TIMEOUT_S = 2.0
+
+#: How often idle partitions' stored clocks are checked for a loss (one HGETALL each).
+_VERIFY_IDLE_S = 5.0
 
 #: Sends records to a named topic (accuracy, trends) and returns once they are delivered.
 Publish = Callable[[str, Sequence[tuple[bytes | None, bytes]]], Awaitable[None]]
@@ -189,6 +194,10 @@ class WorkerRuntime:
             health=health,
             timeout_s=settings.ready_timeout_s,
         )
+        self._retention_check: asyncio.Future[int | None] | None = None
+        self._verified_at = 0.0  # when idle partitions' stored state was last checked
+        # Partitions whose lost state is rebuilt from the log show in /health meanwhile.
+        self.processor.recovery.on_change = self._rebuild_changed
         #: Names this worker's trends snapshots (one per worker process).
         self.instance = f"{socket.gethostname()}:{os.getpid()}".encode()
 
@@ -201,6 +210,8 @@ class WorkerRuntime:
         when the worker is stopping before the batch could be stored: nothing of it may be
         committed, and whoever runs next gets it again.
         """
+        if self._retention_check is None:  # once, when the broker is surely reachable
+            self._retention_check = asyncio.ensure_future(self._check_retention())
         batch = _partition_ids(records)
         telemetry.observe_batch(sum(len(recs) for recs in batch.values()))
         if not await self._process_with_retry(batch):
@@ -224,12 +235,15 @@ class WorkerRuntime:
         """
         backoff = 0.2
         size = sum(len(records) for records in batch.values())
+        batch = dict(batch)  # one object for every retry (a failed batch is known by it)
         while True:
             try:
+                await self._check_assigned(batch)
                 # Returns once the batch's state is stored; its forecasts are made and sent
                 # while the next batch is fetched and stored (SalesProcessor.submit).
                 await self.processor.submit(batch)
                 self.health.recovered(PROCESSING)
+                await self._rewind()
                 return True
             except Exception as exc:
                 self.health.failing(PROCESSING, f"{type(exc).__name__}: {exc}")
@@ -244,6 +258,48 @@ class WorkerRuntime:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
+    async def _check_assigned(self, batch: dict[PartitionId, Sequence[Record]]) -> None:
+        """Start rebuilding newly assigned partitions whose stored state is lost.
+
+        Lost means: a stored clock missing or behind the group's committed offset (see
+        :meth:`~stream.pipeline.recovery.Recovery.check_assigned`). Their records are taken
+        out of the batch: they are read again from the start of the log (:meth:`_rewind`).
+        """
+        recovery = self.processor.recovery
+        committed: Mapping[TP, int | None] = getattr(self.app.consumer, "_committed_offset", {})
+        for pid in list(batch):
+            if await recovery.check_assigned(pid, committed.get(TP(pid.topic, pid.partition))):
+                del batch[pid]
+
+    async def _rewind(self) -> None:
+        """Seek the partitions whose state is lost back to the start of the log."""
+        recovery = self.processor.recovery
+        rewinds = recovery.take_rewinds()
+        rewind = getattr(self.app.consumer, "rewind", None)
+        for pid in rewinds:
+            if rewind is None:  # not consuming (tests): nothing to seek
+                continue
+            try:
+                start = await rewind(TP(pid.topic, pid.partition))
+            except Exception as exc:  # revoked meanwhile: the next owner rebuilds it
+                logger.warning("could not seek %s[%d] back (%s)", pid.topic, pid.partition, exc)
+                continue
+            recovery.rewound(pid, start)
+
+    async def _check_retention(self) -> int | None:
+        """Say in the log whether the sales topic keeps enough to rebuild lost state."""
+        settings = self.settings
+        recovery = self.processor.recovery
+        return await check_retention(
+            settings.kafka_brokers,
+            settings.sales_topic,
+            required_retention_ms(recovery.window_buckets, self.processor.model.freq.step_ms),
+            KafkaSecurity.from_settings(settings).aiokafka_kwargs(),
+        )
+
+    def _rebuild_changed(self, pid: PartitionId, detail: dict[str, Any] | None) -> None:
+        self.health.notice(f"rebuilding {pid.topic}[{pid.partition}]", detail)
+
     async def advance_idle(self, partitions: Sequence[TP]) -> None:
         """Let the caught-up partitions' clocks follow the wall clock (closes on time).
 
@@ -253,11 +309,25 @@ class WorkerRuntime:
         A failure is reported like a batch's and tried again at the next interval.
         """
         try:
+            await self._verify_idle(partitions)
             await self.processor.advance(_partition_list(partitions))
         except Exception as exc:
             self.health.failing(PROCESSING, f"{type(exc).__name__}: {exc}")
             raise
         self.health.recovered(PROCESSING)
+
+    async def _verify_idle(self, partitions: Sequence[TP]) -> None:
+        """Every few seconds, check that idle partitions' state is still stored.
+
+        An idle partition makes no round trip that would notice a loss; one found lost is
+        read again from the start of the log (:meth:`_rewind`) like any other.
+        """
+        now = time.monotonic()
+        if now - self._verified_at < _VERIFY_IDLE_S:
+            return
+        self._verified_at = now
+        if await self.processor.recovery.verify(_partition_list(partitions)):
+            await self._rewind()
 
     def _committable(self) -> dict[TP, int]:
         return {TP(p.topic, p.partition): o for p, o in self.processor.take_committable().items()}
@@ -274,6 +344,7 @@ class WorkerRuntime:
             await self.processor.flush()
         except TrendcastError as exc:
             logger.warning("could not store partition clocks (%s); they lag until next time", exc)
+        await self._rewind()  # a flush may find a partition's state lost
         return self._committable()
 
     async def commit_processed(self) -> None:
