@@ -67,6 +67,7 @@ __all__ = [
     "ensure_topics_async",
     "free_port",
     "kafka_answers",
+    "kafka_failure_reason",
     "list_topics_async",
     "redis_answers",
     "resolve_redis",
@@ -787,6 +788,33 @@ def resolve_redis(
     return server.url, server
 
 
+def kafka_failure_reason(
+    bootstrap: str, exc: BaseException, client_kwargs: Mapping[str, Any]
+) -> str:
+    """``exc`` as a message, with the TLS handshake's own error when TLS is why it failed.
+
+    aiokafka logs a failed handshake (``CERTIFICATE_VERIFY_FAILED``, a hostname mismatch)
+    and then raises "Unable to bootstrap", which does not say why. When the client uses TLS,
+    one handshake with the same context against the first bootstrap server recovers the
+    reason, so the user reads "certificate verify failed" instead of guessing.
+    """
+    reason = f"{type(exc).__name__}: {exc}"
+    context = client_kwargs.get("ssl_context")
+    if not isinstance(context, ssl.SSLContext):
+        return reason
+    host, _, port = to_bootstrap(bootstrap).split(",")[0].rpartition(":")
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return reason  # the handshake works: TLS is not the problem
+    except ssl.SSLError as tls_exc:
+        return f"TLS handshake with {host}:{port} failed ({tls_exc}); check the CA file and host"
+    except (OSError, ValueError):
+        return reason
+
+
 async def list_topics_async(
     bootstrap: str, *, timeout_s: float = 10.0, **client_kwargs: Any
 ) -> set[str]:
@@ -804,7 +832,10 @@ async def list_topics_async(
         await admin.start()
         return set(await admin.list_topics())
     except KafkaError as exc:
-        raise BrokerError(f"cannot list topics on Kafka at {bootstrap}: {exc}") from exc
+        raise BrokerError(
+            f"cannot list topics on Kafka at {bootstrap}: "
+            f"{kafka_failure_reason(bootstrap, exc, client_kwargs)}"
+        ) from exc
     finally:
         await admin.close()
 
@@ -875,7 +906,10 @@ async def ensure_topics_async(
                         want,
                     )
     except KafkaError as exc:
-        raise BrokerError(f"cannot create topics on Kafka at {bootstrap}: {exc}") from exc
+        raise BrokerError(
+            f"cannot create topics on Kafka at {bootstrap}: "
+            f"{kafka_failure_reason(bootstrap, exc, client_kwargs)}"
+        ) from exc
     finally:
         await admin.close()
     if created:

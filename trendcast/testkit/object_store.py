@@ -76,9 +76,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise PermissionError(key)
         return target
 
-    def _reply(
-        self, status: int, body: bytes = b"", headers: dict[str, str] | None = None
-    ) -> None:
+    def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
