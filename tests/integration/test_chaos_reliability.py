@@ -48,3 +48,34 @@ def test_broker_restart(kafka_bootstrap: str) -> None:  # kafka_bootstrap: skips
     c = result.checks
     assert c.items > 30 and c.buckets_compared > 500 and c.forecasts_expected > 1_000
     assert result.ok, format_table([result])
+
+
+def test_redis_failover(kafka_bootstrap: str) -> None:
+    """Kill a Redis Cluster primary mid-stream; the replica takes over, the worker follows."""
+    from trendcast.testkit.redis_cluster import cluster_binaries
+
+    if isinstance(cluster_binaries(), str):
+        pytest.skip(f"needs redis-server and redis-cli: {cluster_binaries()}")
+    lines = _lines(4_000)
+    plan = ChaosPlan(
+        events=len(lines),
+        partitions=4,
+        seed=17,
+        scenarios=("failover",),
+        timeout_s=240,
+        batch_size=5,
+    )
+    started = time.monotonic()
+    (result,) = run_chaos(lines, plan)
+    print(f"\n{format_table([result])}\n({time.monotonic() - started:.0f}s)")
+    assert result.kills == 1
+    assert not result.problems, format_table([result])  # kept going: no exit, recovered
+    c = result.checks
+    assert c.items > 30 and c.buckets_compared > 500 and c.forecasts_expected > 1_000
+    assert c.forecasts_missing == 0, format_table([result])
+    if c.mismatching_items:
+        pytest.xfail(
+            "windows lost writes the replica had not received; rebuilding them from the log is "
+            "issue 19 part 1: " + format_table([result])
+        )
+    assert result.ok, format_table([result])
