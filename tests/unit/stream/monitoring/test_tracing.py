@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,9 +27,20 @@ from pydantic import ValidationError
 
 from stream.monitoring import tracing
 from stream.settings.worker import WorkerSettings
+from stream.state.base import PartitionId
 from stream.state.memory import MemoryWindowStore
 from stream.worker.app import create_app, send_batches
-from trendcast.testkit.doubles import FREQ, MODEL, FakeForecaster, ListSink, sale
+from trendcast.testkit.doubles import (
+    DAY,
+    FREQ,
+    MODEL,
+    T0,
+    FakeForecaster,
+    Feed,
+    ListSink,
+    processor,
+    sale,
+)
 
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace", reason="the tracing extra")
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
@@ -51,6 +64,7 @@ class HeaderSink(ListSink):
         self.headers: dict[str, list[Sequence[tuple[str, bytes]]]] = {
             "forecasts": [],
             "dead": [],
+            "alerts": [],
         }
 
     async def send_forecasts(self, records: Sequence[tuple[str, bytes]]) -> None:
@@ -60,6 +74,10 @@ class HeaderSink(ListSink):
     async def send_dead_letters(self, records: Sequence[tuple[bytes | None, bytes]]) -> None:
         self.headers["dead"].append(tracing.traceparent_headers())
         await super().send_dead_letters(records)
+
+    async def send_alerts(self, records: Sequence[tuple[str, bytes]]) -> None:
+        self.headers["alerts"].append(tracing.traceparent_headers())
+        await super().send_alerts(records)
 
 
 class Records:
@@ -195,8 +213,6 @@ def test_links_are_capped_and_bad_traceparents_ignored(exporter: InMemorySpanExp
         (b"a", b"{}", b"00-nonsense"),
     )
     bad = records((b"a", b"{}", b"garbage"), (b"a", b"{}", b"\xff\xfe"))
-    from stream.state.base import PartitionId
-
     trace = tracing.start_batch({PartitionId("sales", 0): batch})
     trace.end_fetch()
     assert isinstance(trace, tracing.BatchTrace) and trace is not tracing.NO_TRACE
@@ -221,6 +237,49 @@ def test_forecasts_carry_the_traceparent_of_the_batch_that_made_them(
     assert sink.headers["forecasts"] == [header(first), header(second)]
     # Outside a batch's delivery (stall checks, accuracy, trends): no header.
     assert tracing.traceparent_headers() == ()
+
+
+def test_a_surge_alert_carries_the_traceparent_of_the_batch_that_crossed_the_line(
+    exporter: InMemorySpanExporter,
+) -> None:
+    wall = [T0 + DAY - 60_000]
+    sink = HeaderSink()
+    proc = processor(
+        sink=sink,
+        allowed_lateness_ms=60_000,
+        clock_ms=lambda: wall[0],
+        refresh_ms=60_000,
+        alert_probability=0.001,
+    )
+    feed = Feed()
+
+    async def fetched(*values: bytes) -> None:  # as handle_fetch hands a fetch over
+        batch = {PartitionId("sales", 0): feed(*values)}
+        with tracing.handing_over(tracing.start_batch(batch)):
+            await proc.process_partitions(batch)
+
+    async def scenario() -> None:
+        await fetched(sale("a", 0.998, 2.0), sale("z", 0.998, 1.0))  # 2 a day, live
+        wall[0] = T0 + DAY + 120_000
+        await proc.advance([PartitionId("sales", 0)])  # day 0 closes by the wall clock
+        wall[0] = T0 + DAY + 10 * 3_600_000
+        await fetched(sale("a", 1 + 10 / 24, 60.0))  # a surge
+        await proc.drain()
+
+    asyncio.run(scenario())
+    assert [a["kind"] for a in sink.alerts] == ["surge"]
+    spans = exporter.get_finished_spans()
+    surge = [s for s in spans if s.name == "batch"][-1]
+    assert sink.headers["alerts"] == [header(surge)]
+    assert (surge.attributes or {})["trendcast.alerts"] == 1
+    produce = [
+        s for s in spans if s.name == "produce" and s.parent.span_id == surge.context.span_id
+    ]
+    assert {"trendcast.output": "alerts", "trendcast.records": 1} in [
+        dict(s.attributes or {}) for s in produce
+    ]
+    # The close by the wall clock had no fetch: its forecasts carry no header.
+    assert () in sink.headers["forecasts"]
 
 
 def test_a_batch_delivered_again_later_keeps_its_own_trace(
@@ -260,7 +319,7 @@ def test_with_tracing_off_nothing_is_traced_and_no_header_added(tmp_path: Path) 
     sink = HeaderSink()
     _fetch_two_batches(_app(tmp_path, sink), Records())
     assert len(sink.forecasts) == 3 and len(sink.dead) == 1
-    assert sink.headers == {"forecasts": [(), ()], "dead": [()]}
+    assert sink.headers == {"forecasts": [(), ()], "dead": [()], "alerts": []}
 
 
 def test_configure_is_off_by_default_and_without_the_packages(
@@ -278,6 +337,26 @@ def test_configure_is_off_by_default_and_without_the_packages(
     sink = HeaderSink()
     _fetch_two_batches(_app(tmp_path, sink), Records())
     assert len(sink.forecasts) == 3 and sink.headers["forecasts"] == [(), ()]
+
+
+def test_the_worker_loads_no_opentelemetry_while_tracing_is_off() -> None:
+    # What the worker image relies on: with the packages absent nothing may import them.
+    code = (
+        "import sys; import stream.worker.runner, stream.worker.app; "
+        "from stream.monitoring import tracing; from stream.settings.worker import WorkerSettings; "
+        "assert not tracing.configure(WorkerSettings()); "
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "TRENDCAST_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[4],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_configure_exports_with_the_sdk_and_names_the_service(
