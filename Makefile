@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= train,embedded,bench,dev
+EXTRAS ?= train,embedded,bench,dev,tracing
 
 .PHONY: install test test-all lint format up bench bench-offline bench-chaos bench-throughput bench-lookup clean
 

@@ -25,6 +25,7 @@ from typing import Literal
 from stream.inference.batching import ForecastRequest, forecast
 from stream.inference.model_info import ModelInfo
 from stream.inference.observers import ScoredBatch
+from stream.monitoring import tracing
 from stream.monitoring.telemetry import ALERTS, BATCH_SECONDS, EVENTS, FORECASTS, WATERMARK
 from stream.pipeline.commits import Commits
 from stream.pipeline.edges import PROCESSOR_LOGGER, BatchStats, Record, Sink
@@ -67,6 +68,9 @@ class _Staged:
     started: float = 0.0
     #: Per live partition, the items whose open bucket sold in this batch (surge checks).
     sold: dict[PartitionId, list[str]] = field(default_factory=dict)
+    #: The batch's trace (a no-op while tracing is off), carried here because the batch is
+    #: emitted in the background, or again from a later batch's task.
+    trace: tracing.BatchTrace = tracing.NO_TRACE
 
 
 class Staging:
@@ -267,23 +271,26 @@ class Staging:
         now_ms = self.clock_ms()
         slot = self._slot
         forecaster, model, shadow = slot.forecaster, slot.model, slot.shadow
+        trace = tracing.current_batch()
 
         started = time.perf_counter()
         # 1. Validate and classify; plan the store writes of each partition.
         dead: list[tuple[bytes | None, bytes]] = []
         plans: list[Plan] = []
-        for pid, msgs in by_partition.items():
-            if msgs:
-                plan = await self._ingest.ingest(pid, msgs, now_ms, stats, dead)
-            elif advance_ms is not None:
-                plan = await self._ingest.advance(pid, advance_ms)
-            else:
-                continue
-            if plan is not None:
-                plans.append(plan)
-                stats.closed_buckets[pid] = plan.due
+        with trace.stage("validate"):
+            for pid, msgs in by_partition.items():
+                if msgs:
+                    plan = await self._ingest.ingest(pid, msgs, now_ms, stats, dead)
+                elif advance_ms is not None:
+                    plan = await self._ingest.advance(pid, advance_ms)
+                else:
+                    continue
+                if plan is not None:
+                    plans.append(plan)
+                    stats.closed_buckets[pid] = plan.due
         if dead:
-            await self.sink.send_dead_letters(dead)
+            with trace.stage("produce", output="dead_letters", records=len(dead)):
+                await self.sink.send_dead_letters(dead)
 
         # 2. One round trip: sums, dedupe, clocks, recent sellers.
         updates = [plan.partition for plan in plans]
@@ -292,7 +299,8 @@ class Staging:
         stats.timings["ingest"] = time.perf_counter() - started
         started = time.perf_counter()
         try:
-            result = await self.store.apply([u for plan in plans for u in plan.items], updates)
+            with trace.stage("store", op="apply"):
+                result = await self.store.apply([u for plan in plans for u in plan.items], updates)
         except BaseException:
             self._commits.keep_unsaved(pending)  # still delivered; store them later
             raise
@@ -311,7 +319,8 @@ class Staging:
         #    buckets due for a refresh) and their windows, read before any later batch
         #    writes.
         started = time.perf_counter()
-        requests, windows = await self._forecast_requests(plans, result, stats, refresh)
+        with trace.stage("store", op="read"):
+            requests, windows = await self._forecast_requests(plans, result, stats, refresh)
         stats.timings["read"] = time.perf_counter() - started
         states: dict[PartitionId, PartitionState] = {}
         for plan in plans:
@@ -333,6 +342,7 @@ class Staging:
             model=model,
             shadow=shadow,
             sold=sold,
+            trace=trace,
         )
 
     async def _emit(self, staged: _Staged) -> BatchStats:
@@ -346,18 +356,20 @@ class Staging:
         if requests:
             started = time.perf_counter()
             daily = staged.model.freq.step_ms % _DAY_MS == 0
-            records = await forecast(
-                staged.forecaster,
-                requests,
-                windows,
-                staged.model,
-                self.inference_batch_size,
-                scored=scored,
-                open_bucket_record=functools.partial(open_bucket_record, daily=daily),
-            )
+            with staged.trace.stage("infer", windows=len(requests)):
+                records = await forecast(
+                    staged.forecaster,
+                    requests,
+                    windows,
+                    staged.model,
+                    self.inference_batch_size,
+                    scored=scored,
+                    open_bucket_record=functools.partial(open_bucket_record, daily=daily),
+                )
             stats.timings["forecast"] = time.perf_counter() - started
             started = time.perf_counter()
-            await self.sink.send_forecasts(records)
+            with staged.trace.stage("produce", output="forecasts", records=len(records)):
+                await self.sink.send_forecasts(records)
             stats.timings["send"] = time.perf_counter() - started
             stats.forecasts = len(records)
             FORECASTS.labels("closed").inc(len(records) - stats.reforecasts - stats.refreshes)
@@ -372,7 +384,8 @@ class Staging:
             if staged.sold:
                 alerts = rt.surges(staged.sold, staged.model, staged.model.intraday(), wall_ms)
                 if alerts:
-                    await self.sink.send_alerts([(a.item_id, a.value) for a in alerts])
+                    with staged.trace.stage("produce", output="alerts", records=len(alerts)):
+                        await self.sink.send_alerts([(a.item_id, a.value) for a in alerts])
                     ALERTS.labels("surge").inc(len(alerts))
                     stats.alerts += len(alerts)
         # Once per batch, when its forecasts are delivered: a batch whose delivery failed is
@@ -383,6 +396,7 @@ class Staging:
         # before this line leaves the stored clocks where they were, so the forecasts are
         # made again (at-least-once), never skipped.
         self._commits.delivered(staged.states)
+        staged.trace.finish(stats, staged.model.model_version)
         if scored or (requests and staged.shadow is not None):
             self._slot.tell(scored, staged.shadow, requests, windows)
         if stats.invalid or stats.late or stats.forecasts:

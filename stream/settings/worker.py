@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["KafkaProtocol", "SaslMechanism", "WorkerSettings"]
@@ -122,6 +122,14 @@ class WorkerSettings(BaseSettings):
             level, logger, message and topic/partition/offset where known) for log shippers.
         ready_timeout_s: Longest wait for one ``/ready`` probe (Redis PING, broker
             metadata); a dependency that does not answer in time counts as down.
+        otel_traces_exporter: OpenTelemetry traces of the worker's batches
+            (:mod:`stream.monitoring.tracing`, docs/tracing.md): ``none`` (off), ``otlp``
+            (OTLP/HTTP to ``OTEL_EXPORTER_OTLP_ENDPOINT``), ``console`` (one JSON line per span
+            on stdout), or a comma-separated list. Read from the standard
+            ``OTEL_TRACES_EXPORTER``, or from ``TRENDCAST_OTEL_TRACES_EXPORTER``, which wins
+            (child processes get every setting that way). Only this switch is a setting: the
+            SDK reads its other ``OTEL_*`` variables itself. Without the ``tracing`` extra
+            installed, tracing stays off.
         kafka_security_protocol: How the worker, ``replay`` and ``tail`` talk to Kafka.
         kafka_sasl_mechanism: SASL mechanism with ``SASL_PLAINTEXT`` / ``SASL_SSL``.
         kafka_sasl_username: SASL user (required with SASL).
@@ -197,6 +205,12 @@ class WorkerSettings(BaseSettings):
     commit_interval_s: float = Field(default=1.0, gt=0)
     log_format: Literal["text", "json"] = "text"
     ready_timeout_s: float = Field(default=2.0, gt=0)
+    otel_traces_exporter: str = Field(
+        default="none",
+        validation_alias=AliasChoices(
+            "TRENDCAST_OTEL_TRACES_EXPORTER", "OTEL_TRACES_EXPORTER", "otel_traces_exporter"
+        ),
+    )
     kafka_security_protocol: KafkaProtocol = "PLAINTEXT"
     kafka_sasl_mechanism: SaslMechanism = "PLAIN"
     kafka_sasl_username: str | None = None
@@ -305,6 +319,18 @@ class WorkerSettings(BaseSettings):
                 "expected the Redis user either in redis_url or in redis_username, got both"
             )
         return self
+
+    @field_validator("otel_traces_exporter")
+    @classmethod
+    def _check_traces_exporter(cls, value: str) -> str:
+        # Checked with the settings rather than when tracing starts: a typo stops the worker
+        # at start with one line instead of leaving it running untraced.
+        names = [n.strip().lower() for n in value.split(",") if n.strip()] or ["none"]
+        if any(n not in ("otlp", "console", "none") for n in names):
+            raise ValueError(
+                f"expected OTEL_TRACES_EXPORTER of otlp, console or none, got {value!r}"
+            )
+        return ",".join(dict.fromkeys(names))
 
     def __repr_args__(self) -> Any:
         # A password inside redis_url (redis://user:pass@host) must not reach logs or

@@ -49,7 +49,7 @@ from pydantic import SecretStr
 
 from stream.inference.model_info import ModelInfo
 from stream.lifecycle.hot_reload import BundleWatcher
-from stream.monitoring import telemetry
+from stream.monitoring import telemetry, tracing
 from stream.monitoring.health import Health
 from stream.pipeline.processor import OnLate, Sink
 from stream.settings.security import KafkaSecurity
@@ -86,19 +86,26 @@ _PRODUCER_BATCH_BYTES = 512 * 1024
 
 
 async def send_batches(
-    producer: Any, topic: str, by_partition: Mapping[int, Sequence[tuple[bytes | None, bytes]]]
+    producer: Any,
+    topic: str,
+    by_partition: Mapping[int, Sequence[tuple[bytes | None, bytes]]],
+    headers: Sequence[tuple[str, bytes]] = (),
 ) -> None:
     """Send records through an aiokafka producer in record batches, one partition at a time,
     and await their delivery (``create_batch``/``send_batch``: no per-record Python send path).
+
+    ``headers`` go on every record (the batch's ``traceparent`` while tracing); none, the
+    default, encodes exactly as aiokafka's own default.
     """
+    header_list = list(headers)  # aiokafka's C batch builder takes a list only
     futures = []
     for partition, records in by_partition.items():
         batch = producer.create_batch()
         for key, value in records:
-            if batch.append(key=key, value=value, timestamp=None) is None:  # full: ship it
+            if batch.append(key=key, value=value, timestamp=None, headers=header_list) is None:
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
+                batch = producer.create_batch()  # the one before was full: shipped
+                batch.append(key=key, value=value, timestamp=None, headers=header_list)
         if batch.record_count():
             futures.append(await producer.send_batch(batch, topic, partition=partition))
     await asyncio.gather(*futures)
@@ -163,7 +170,10 @@ class TopicSink:
         await self._send(self._topics[topic], records)
 
     async def _send(
-        self, topic: faust.types.TopicT, records: Sequence[tuple[bytes | None, bytes]]
+        self,
+        topic: faust.types.TopicT,
+        records: Sequence[tuple[bytes | None, bytes]],
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> None:
         await self._declare()
         name, faust_producer = topic.get_topic_name(), self._app.producer
@@ -176,13 +186,15 @@ class TopicSink:
             by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
             for key, value in records:
                 by_partition.setdefault(partition_of(key), []).append((key, value))
-            await send_batches(producer, name, by_partition)
+            await send_batches(producer, name, by_partition, headers)
         except Exception as exc:  # aiokafka raises many types; all mean "not delivered"
             raise BrokerError(f"could not deliver {len(records)} records to {name}: {exc}") from exc
 
     async def send_forecasts(self, records: Sequence[tuple[str, bytes]]) -> None:
-        """See :class:`stream.pipeline.processor.Sink`."""
-        await self._send(self._forecasts, [(k.encode(), v) for k, v in records])
+        """See :class:`stream.pipeline.processor.Sink`; with the producing batch's
+        ``traceparent`` header while tracing."""
+        headers = tracing.traceparent_headers()
+        await self._send(self._forecasts, [(k.encode(), v) for k, v in records], headers)
 
     async def send_dead_letters(self, records: Sequence[tuple[bytes | None, bytes]]) -> None:
         """See :class:`stream.pipeline.processor.Sink`."""
@@ -192,7 +204,8 @@ class TopicSink:
         """See :class:`stream.pipeline.processor.Sink`: the alerts topic, keyed by item."""
         if self._alerts is None:
             raise BrokerError("this sink was made without an alerts topic")
-        await self._send(self._alerts, [(key.encode(), value) for key, value in records])
+        headers = tracing.traceparent_headers()  # the surge's batch; none for stall checks
+        await self._send(self._alerts, [(key.encode(), value) for key, value in records], headers)
 
 
 def create_app(

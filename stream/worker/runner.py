@@ -196,11 +196,13 @@ def run_worker(settings: WorkerSettings, *, loglevel: str = "info") -> None:
     """
     import faust
 
+    from stream.monitoring import tracing
     from stream.monitoring.telemetry import logging_config
 
     app = build_worker_app(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     tune_gc(settings.gc_threshold)
+    tracing.configure(settings)  # off unless OTEL_TRACES_EXPORTER asks (docs/tracing.md)
     json_logs = settings.log_format == "json"
     worker = faust.Worker(
         app,

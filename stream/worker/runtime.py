@@ -33,7 +33,7 @@ from prometheus_client import generate_latest
 
 from stream.inference.model_info import ModelInfo
 from stream.lifecycle.hot_reload import BundleWatcher, LoadedModel
-from stream.monitoring import telemetry
+from stream.monitoring import telemetry, tracing
 from stream.monitoring.health import PROCESSING, STATE_STORE, Health
 from stream.monitoring.online_accuracy import AccuracyTracker
 from stream.monitoring.trends import TRENDS_KEY, GlobalTrends, TrendTracker
@@ -209,13 +209,18 @@ class WorkerRuntime:
         Called by :mod:`stream.worker.batch_consumer` with every fetch. Returns ``None``
         when the worker is stopping before the batch could be stored: nothing of it may be
         committed, and whoever runs next gets it again.
+
+        With tracing on, the batch's span starts here (linked to its events' ``traceparent``
+        headers) and goes with the batch to the processor, which ends it once the batch's
+        outputs are delivered (:mod:`stream.monitoring.tracing`).
         """
         if self._retention_check is None:  # once, when the broker is surely reachable
             self._retention_check = asyncio.ensure_future(self._check_retention())
         batch = _partition_ids(records)
         telemetry.observe_batch(sum(len(recs) for recs in batch.values()))
-        if not await self._process_with_retry(batch):
-            return None
+        with tracing.handing_over(tracing.start_batch(batch)):
+            if not await self._process_with_retry(batch):
+                return None
         return self._committable()
 
     async def prepare_fetch(self, records: Mapping[Any, Sequence[Any]]) -> None:
