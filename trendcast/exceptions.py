@@ -13,6 +13,8 @@ can turn it into one line and a non-zero exit, and library users can catch one t
     └── StreamError          the stream worker and its services
         ├── BrokerError      Kafka unreachable or misbehaving
         ├── StateStoreError  Redis unreachable or misbehaving
+        │   └── StateLostError  a partition's state is gone (rebuilt from the log;
+        │                       defined in stream.state.base)
         └── EventError       one event is invalid (carries the dead-letter reason)
 
 Third-party errors are wrapped with ``raise X(...) from exc`` so the cause stays visible in

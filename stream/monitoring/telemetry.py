@@ -62,6 +62,7 @@ from stream.state.base import (
     ApplyResult,
     ItemUpdate,
     ItemWindow,
+    LatestForecast,
     PartitionId,
     PartitionState,
     PartitionUpdate,
@@ -191,7 +192,14 @@ ALERT_KINDS = ("surge", "stall")
 #: ``trendcast_predictions_total{source}``: rows from the model, rows from its fallback.
 PREDICTION_SOURCES = ("model", "fallback")
 #: ``trendcast_redis_seconds{operation}``: the timed window-store operations.
-REDIS_OPERATIONS = ("apply", "read", "load_partition", "save_partition")
+REDIS_OPERATIONS = (
+    "apply",
+    "read",
+    "load_partition",
+    "save_partition",
+    "save_latest",
+    "read_latest",
+)
 
 # Known label values start at 0, so dashboards and alerts see a series before the first
 # event of its kind: an absent series makes `rate()` silently empty, not zero, and an
@@ -306,6 +314,16 @@ class TimedWindowStore:
         """See :meth:`stream.state.base.WindowStore.save_partition`."""
         with REDIS_SECONDS.labels("save_partition").time():
             await self.inner.save_partition(partition, state)
+
+    async def save_latest(self, forecasts: Sequence[LatestForecast], ttl_ms: int) -> int:
+        """See :meth:`stream.state.base.WindowStore.save_latest`."""
+        with REDIS_SECONDS.labels("save_latest").time():
+            return await self.inner.save_latest(forecasts, ttl_ms)
+
+    async def read_latest(self, item_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """See :meth:`stream.state.base.WindowStore.read_latest`."""
+        with REDIS_SECONDS.labels("read_latest").time():
+            return await self.inner.read_latest(item_ids)
 
     async def ping(self) -> None:
         """The wrapped store's ``ping``."""

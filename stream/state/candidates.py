@@ -250,9 +250,7 @@ def candidate_store_for(window_store: object) -> CandidateStore:
         inner = inner.inner
     if isinstance(inner, RedisWindowStore):
         # The window store's own client: one connection pool per worker, closed with it.
-        client: AsyncRedisClient = inner._client
-        prefix: str = inner._prefix
-        return RedisCandidateStore(client, prefix)
+        return RedisCandidateStore(inner.client, inner.prefix)
     store = _MEMORY.get(inner)
     if store is None:
         store = _MEMORY[inner] = MemoryCandidateStore()

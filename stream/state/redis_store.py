@@ -316,6 +316,17 @@ class RedisWindowStore:
         """Every operation is a round trip to Redis (timed in ``trendcast_redis_seconds``)."""
         return True
 
+    @property
+    def client(self) -> AsyncRedisClient:
+        """The Redis client (shared by stores that keep other state beside the windows, e.g.
+        the trends candidates, so that TLS, credentials and Cluster mode are the same)."""
+        return self._client
+
+    @property
+    def prefix(self) -> str:
+        """Prefix of every key this store writes."""
+        return self._prefix
+
     def _idx(self, ms: int) -> int:
         return (ms - self._freq.origin_ms) // self._freq.step_ms
 

@@ -40,7 +40,7 @@ KEDA_SCHEMA = K8S / "schemas" / "keda-scaledobject-v1alpha1.json"
 KUBERNETES_VERSIONS = ("1.27.0", kubernetes_validate.latest_version())
 #: Settings the manifests already set that issue 21 (section 2) adds to WorkerSettings; until
 #: then the worker ignores them (extra="ignore") and binds every interface, as Faust does.
-PENDING_SETTINGS = {"TRENDCAST_WEB_BIND", "TRENDCAST_WEB_TOKEN"}
+PENDING_SETTINGS: set[str] = set()
 Doc = dict[str, Any]
 
 
