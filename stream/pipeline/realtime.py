@@ -102,6 +102,9 @@ class OpenBuckets:
         self._forecasts: dict[str, tuple[int, float, float, float, float]] = {}
         self._refreshed_ms: dict[str, int] = {}
         self._item_partition: dict[str, PartitionId] = {}
+        # The items of each partition (the inverse of _item_partition): stall checks and
+        # releases look at one partition's items, not the whole catalogue.
+        self._members: dict[PartitionId, set[str]] = {}
 
     # --- per batch --------------------------------------------------------------------
 
@@ -130,7 +133,7 @@ class OpenBuckets:
                     continue
                 qty = sum(d.quantity for d in update.deltas if d.bucket_ms == bucket)
                 part.so_far[item] = part.so_far.get(item, 0.0) + qty
-                self._item_partition[item] = plan.pid
+                self._assign(item, plan.pid)
                 items.append(item)
             if items and judged:
                 sold[plan.pid] = items
@@ -141,7 +144,7 @@ class OpenBuckets:
         stalls looked for); those of other partitions (replays, catch-ups) are not."""
         if pid in self._parts:
             for item in items:
-                self._item_partition[item] = pid
+                self._assign(item, pid)
 
     def refresh_due(self, sold: Mapping[PartitionId, Sequence[str]], wall_ms: int) -> list[str]:
         """The items of ``sold`` due for a refresh forecast (marked refreshed now)."""
@@ -244,9 +247,9 @@ class OpenBuckets:
                 continue  # no longer live: nothing to say
             quiet = [
                 item
-                for item, (bucket, *_rest) in self._forecasts.items()
-                if bucket == part.bucket_ms
-                and self._item_partition.get(item) == pid
+                for item in self._members.get(pid, ())
+                if (f := self._forecasts.get(item)) is not None
+                and f[0] == part.bucket_ms
                 and part.so_far.get(item, 0.0) <= 0.0
                 and (item, "stall") not in part.alerted
             ]
@@ -293,8 +296,8 @@ class OpenBuckets:
             return []
         return [
             item
-            for item, (bucket, *_rest) in self._forecasts.items()
-            if bucket == part.bucket_ms and self._item_partition.get(item) == pid
+            for item in self._members.get(pid, ())
+            if (f := self._forecasts.get(item)) is not None and f[0] == part.bucket_ms
         ]
 
     def follow(self, pid: PartitionId, bucket_ms: int, now_event_ms: int, wall_ms: int) -> None:
@@ -306,10 +309,19 @@ class OpenBuckets:
     def release(self, pid: PartitionId) -> None:
         """Forget a revoked partition (its next owner watches it)."""
         self._parts.pop(pid, None)
-        for item in [i for i, p in self._item_partition.items() if p == pid]:
-            del self._item_partition[item]
-            self._forecasts.pop(item, None)
-            self._refreshed_ms.pop(item, None)
+        for item in self._members.pop(pid, set()):
+            if self._item_partition.get(item) == pid:
+                del self._item_partition[item]
+                self._forecasts.pop(item, None)
+                self._refreshed_ms.pop(item, None)
+
+    def _assign(self, item: str, pid: PartitionId) -> None:
+        before = self._item_partition.get(item)
+        if before != pid:
+            if before is not None:
+                self._members.get(before, set()).discard(item)
+            self._item_partition[item] = pid
+            self._members.setdefault(pid, set()).add(item)
 
     # --- inside ---------------------------------------------------------------------------
 
