@@ -29,6 +29,14 @@ Tansu quirks worth knowing (met while writing this module and the tests):
   listener stays plaintext, and both together are refused by its argument parser ("the
   argument '--cert <CERT>' cannot be used with '--key <KEY>'"). :class:`TansuBroker` with
   ``cert``/``key`` therefore terminates TLS itself, in front of the broker (see there).
+* ``--authentication`` (no argument) makes every request but ApiVersions and the SASL
+  handshake answer ``NotAuthenticated``, including ``tansu user create`` (AlterUserScram-
+  Credentials): users can only be created while authentication is off. The handshake offers
+  whatever SCRAM mechanism the client asks for, but the ``dynostore`` engine of this binary
+  does not keep SCRAM credentials: ``tansu user create`` answers success, nothing is written
+  (not even to ``s3://``), and every SCRAM login is refused with ``e=unknown-user``. PLAIN is
+  not offered (``NoSharedMechanism``) and OAUTHBEARER fails (``SaslAuthenticationFailed``).
+  So no client can log in to it; see ``docs/reliability.md`` (SASL).
 """
 
 from __future__ import annotations
@@ -54,7 +62,9 @@ from typing import Any, ClassVar, Self
 import redis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
+from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.admin import SaslHandShakeRequest
 
 from trendcast.exceptions import BrokerError, ConfigError, StateStoreError, StreamError
 from trendcast.sync_bridge import run_sync
@@ -71,6 +81,7 @@ __all__ = [
     "list_topics_async",
     "redis_answers",
     "resolve_redis",
+    "scram_rejection",
     "to_bootstrap",
 ]
 
@@ -372,9 +383,11 @@ class _LocalService:
         )
 
 
-async def _kafka_ready_async(bootstrap: str, timeout_s: float) -> bool:
+async def _kafka_ready_async(bootstrap: str, timeout_s: float, **client_kwargs: Any) -> bool:
     client = AIOKafkaClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=max(1, int(timeout_s * 1000))
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=max(1, int(timeout_s * 1000)),
+        **client_kwargs,
     )
     try:
         await client.bootstrap()  # a Metadata request: the broker really speaks Kafka
@@ -383,6 +396,48 @@ async def _kafka_ready_async(bootstrap: str, timeout_s: float) -> bool:
         return False
     finally:
         await client.close()
+
+
+async def _sasl_handshake_answers_async(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` answers a SASL handshake (all a broker with authentication on
+    answers before a login, so it stands in for the Metadata probe)."""
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, port, request_timeout_ms=int(timeout_s * 1000)), timeout_s
+        )
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    try:
+        response = await asyncio.wait_for(
+            conn.send(SaslHandShakeRequest("SCRAM-SHA-512")), timeout_s
+        )
+        return int(response.error_code) == 0
+    except (KafkaError, OSError, TimeoutError):
+        return False
+    finally:
+        conn.close()
+
+
+def scram_rejection(exc: BaseException) -> str | None:
+    """The server's reason when ``exc`` is aiokafka failing on a refused SCRAM login, else None.
+
+    A SCRAM server that refuses a login ends the exchange with ``e=<reason>`` (RFC 5802,
+    e.g. ``e=unknown-user``, ``e=invalid-proof``). aiokafka 0.14 only expects ``v=`` there
+    and raises ``KeyError('v')`` from ``process_server_final_message``, which reads like a
+    bug of the caller. This recognises that case (by the frame it came from, so no other
+    ``KeyError`` is mistaken for it) and returns the server's reason so the CLI can say
+    "login refused" in one line.
+    """
+    if not isinstance(exc, KeyError):
+        return None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "process_server_final_message":
+            final = str(frame.f_locals.get("server_final", ""))
+            return final[2:] if final.startswith("e=") else final or "no server signature"
+        tb = tb.tb_next
+    return None
 
 
 def kafka_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
@@ -489,6 +544,14 @@ class TansuBroker(_LocalService):
         env: Extra environment of the broker (the storage's credentials and endpoint).
         cert: PEM certificate (chain) of the TLS listener; needs ``key``.
         key: Its PEM private key.
+        authentication: Start Tansu with ``--authentication``: clients must log in with SASL
+            (``SASL_PLAINTEXT``, or ``SASL_SSL`` with ``cert``/``key``).
+        users: Name -> password of SCRAM users (SCRAM-SHA-256 and -512), with
+            ``authentication``. Tansu refuses ``tansu user create`` once authentication is
+            on, so the broker first starts without it, the users are created, and it
+            restarts with it: the storage must outlive a restart (not ``memory://``). Every
+            login is then tried, because a storage engine may accept users without keeping
+            them (this binary's ``dynostore`` does: see the module's quirks).
     """
 
     name: ClassVar[str] = "tansu"
@@ -508,6 +571,8 @@ class TansuBroker(_LocalService):
         env: Mapping[str, str] | None = None,
         cert: Path | None = None,
         key: Path | None = None,
+        authentication: bool = False,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             port=port,
@@ -526,6 +591,16 @@ class TansuBroker(_LocalService):
         self.key = Path(key) if key is not None else None
         self._inner_port: int | None = None
         self._front: _TlsFront | None = None
+        self.users = dict(users or {})
+        if self.users and not authentication:
+            raise ConfigError("expected authentication=True with users, got users only")
+        if self.users and storage_engine.startswith("memory://"):
+            raise ConfigError(
+                "expected a storage engine that outlives a restart (s3://, postgres://) with "
+                f"users, got {storage_engine}: they are created before authentication is on"
+            )
+        self.authentication = authentication
+        self._auth_now = authentication  # off while the users are being created
 
     @property
     def tls(self) -> bool:
@@ -540,6 +615,53 @@ class TansuBroker(_LocalService):
     def _prepare(self) -> None:
         if self._binary is None:
             self._binary = _tansu_binary()
+
+    def _start(self) -> Self:
+        if not self.users:
+            return super()._start()
+        self._auth_now = False
+        super()._start()
+        self._create_users()
+        self._auth_now = True
+        self.restart()
+        self._check_logins()
+        return self
+
+    @property
+    def _plain_port(self) -> int:
+        """The broker's own (plaintext) port: behind the TLS front when ``tls``."""
+        return self._inner_port if self.tls and self._inner_port is not None else self.port
+
+    def _create_users(self) -> None:
+        binary = self._binary or _tansu_binary()
+        for name, password in self.users.items():
+            for mechanism in ("scram256", "scram512"):
+                argv = [
+                    binary, "user", "create", "--broker", f"tcp://{self.host}:{self._plain_port}",
+                    "--mechanism", mechanism, name, password,
+                ]  # fmt: skip
+                try:
+                    done = subprocess.run(  # noqa: S603 - argv is built here
+                        argv, capture_output=True, text=True, timeout=20, check=False
+                    )
+                except (OSError, subprocess.TimeoutExpired) as exc:
+                    raise BrokerError(f"tansu user create {name} failed: {exc}") from exc
+                if done.returncode != 0:
+                    why = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                    raise BrokerError(f"tansu user create {name} ({mechanism}) failed: {why[0]}")
+        logger.info("created SCRAM users %s on %s", ", ".join(self.users), self.bootstrap)
+
+    def _check_logins(self) -> None:
+        bootstrap = f"{self.host}:{self._plain_port}"
+        for name, password in self.users.items():
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                why = run_sync(_login_failure_async(bootstrap, mechanism, name, password))
+                if why is not None:
+                    raise BrokerError(
+                        f"Tansu refused the {mechanism} login of user {name!r} it had just "
+                        f"created ({why}): its {self.storage_engine.split(':')[0]} storage does "
+                        "not keep SCRAM credentials (see docs/reliability.md, SASL)"
+                    )
 
     def _cwd(self) -> str | None:
         return "/"  # see _tansu_file_url
@@ -558,21 +680,25 @@ class TansuBroker(_LocalService):
             listen = f"tcp://{self.host}:{self._inner_port}"
         # Every setting is passed as a flag: Tansu also reads generic env names such as
         # LISTENER_URL and STORAGE_ENGINE, which must not leak in from the user's shell.
-        return [
-            binary,
-            "broker",
-            "--cluster-id",
-            "trendcast",
-            "--listener-url",
-            listen,
-            "--advertised-listener-url",
-            advertised,
-            "--storage-engine",
-            self.storage_engine,
-        ] + (  # fmt: skip
-            ["--schema-registry", _tansu_file_url(self.schema_registry)]
-            if self.schema_registry
-            else []
+        return (
+            [
+                binary,
+                "broker",
+                "--cluster-id",
+                "trendcast",
+                "--listener-url",
+                listen,
+                "--advertised-listener-url",
+                advertised,
+                "--storage-engine",
+                self.storage_engine,
+            ]
+            + (  # fmt: skip
+                ["--schema-registry", _tansu_file_url(self.schema_registry)]
+                if self.schema_registry
+                else []
+            )
+            + (["--authentication"] if self._auth_now else [])
         )
 
     def _start_front(self, port: int) -> None:
@@ -592,10 +718,38 @@ class TansuBroker(_LocalService):
     def _ready(self, port: int) -> bool:
         # The plaintext listener answers for the TLS one: the front only forwards bytes.
         inner = self._inner_port if self.tls and self._inner_port is not None else port
+        if self._auth_now:  # Metadata is refused before a login; the handshake is not
+            return run_sync(_sasl_handshake_answers_async(self.host, inner, 1.0))
         return kafka_answers(f"{self.host}:{inner}", timeout_s=1.0)
 
     def _cleanup(self) -> None:
         self._stop_front()
+
+
+async def _login_failure_async(
+    bootstrap: str, mechanism: str, username: str, password: str
+) -> str | None:
+    """Why a SCRAM login (and a Metadata request) at ``bootstrap`` fails, or None."""
+    client = AIOKafkaClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=5000,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism=mechanism,
+        sasl_plain_username=username,
+        sasl_plain_password=password,
+    )
+    try:
+        await client.bootstrap()
+        return None
+    except (KafkaError, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    except KeyError as exc:
+        reason = scram_rejection(exc)
+        if reason is None:
+            raise
+        return f"server said {reason}"
+    finally:
+        await client.close()
 
 
 def _tansu_file_url(url: str) -> str:

@@ -59,7 +59,12 @@ from rich.progress import (
 )
 
 from stream.settings.security import KafkaSecurity
-from trendcast.devtools.embedded import ensure_topics_async, list_topics_async, to_bootstrap
+from trendcast.devtools.embedded import (
+    ensure_topics_async,
+    list_topics_async,
+    scram_rejection,
+    to_bootstrap,
+)
 from trendcast.exceptions import BrokerError, ConfigError, DataError
 from trendcast.sync_bridge import blocking
 
@@ -353,7 +358,16 @@ async def replay_async(
         )
     bootstrap = to_bootstrap(bootstrap)
     security = security or KafkaSecurity()
-    await _check_topic(bootstrap, topic, create_partitions, security)
+    try:
+        await _check_topic(bootstrap, topic, create_partitions, security)
+    except KeyError as exc:  # aiokafka's answer to a refused SCRAM login
+        reason = scram_rejection(exc)
+        if reason is None:
+            raise
+        raise BrokerError(
+            f"cannot replay to {topic} on {bootstrap}: SASL login refused (server said "
+            f"{reason}); check TRENDCAST_KAFKA_SASL_USERNAME, _PASSWORD and _MECHANISM"
+        ) from exc
     events = encode_events(window, source)
     ts_ns = [ev[2] for ev in events]
     due = None if speed is None and rate is None else _schedule(ts_ns, speed, rate, max_pause_s)
