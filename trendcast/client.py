@@ -86,6 +86,10 @@ class Forecast(msgspec.Struct, frozen=True):
     emitted_at_ms: int
     kind: Literal["close", "refresh", "late"]
     open_bucket: OpenBucket | None
+    #: True when the window reached back before the first event the ``sales`` log still
+    #: held when the worker rebuilt lost state from it (retention); absent in the record
+    #: otherwise, hence the default.
+    partial_history: bool = False
 
 
 class Alert(msgspec.Struct, frozen=True):

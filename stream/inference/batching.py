@@ -6,11 +6,15 @@ while bounding memory and latency. Records follow the forecasts topic contract::
 
     key   item_id (UTF-8)
     value {"item_id", "as_of", "freq", "horizon": [{"date", "mean", "p10", "p50", "p90"}],
-           "model_version", "fallback", "emitted_at_ms", "kind", "open_bucket"}
+           "model_version", "fallback", "emitted_at_ms", "kind", "open_bucket"
+           [, "partial_history": true]}
 
 ``kind`` is ``close`` (a bucket closed), ``late`` (a closed bucket in grace changed) or
 ``refresh`` (the open bucket sold: ``open_bucket`` then says what sold so far and the nowcast
-of its total; ``null`` otherwise). ``trendcast schema forecasts`` is the contract.
+of its total; ``null`` otherwise). ``partial_history`` is there (``true``) only on records whose
+window reaches back before what the ``sales`` log still held when lost state was rebuilt from
+it (:mod:`stream.pipeline.recovery`); every other record is unchanged by it, byte for byte.
+``trendcast schema forecasts`` is the contract.
 
 ``as_of`` is the end of the last closed bucket the window includes, ISO-8601 UTC; ``date`` is
 each forecast bucket's start, spelled like the offline forecast table (``YYYY-MM-DD`` for
@@ -91,12 +95,14 @@ class ForecastRequest:
 
     ``kind`` goes into the record; a ``refresh`` carries what the open bucket sold so far
     (``open_bucket``), from which the record's nowcast is made once the forecast is known.
+    ``partial_history`` marks the record (see :mod:`stream.pipeline.recovery`).
     """
 
     item_id: str
     last_start_ms: int
     kind: Kind = "close"
     open_bucket: OpenBucketSales | None = None
+    partial_history: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +169,8 @@ def forecast_records(
 ) -> list[tuple[str, bytes]]:
     """One ``(key, JSON value)`` per item of the batch.
 
-    ``extras`` gives each row's ``kind`` and ``open_bucket`` (default: every row a
-    ``close`` with no open bucket).
+    ``extras`` gives each row's ``kind``, ``open_bucket`` and ``partial_history`` mark
+    (default: every row a ``close`` with no open bucket, unmarked).
 
     Values are rounded to 4 decimals like the offline forecast table, which also keeps
     float32 noise (``0.10000000149011612``) out of the records.
@@ -183,9 +189,12 @@ def forecast_records(
     return _records_py(batch, result, model, emitted_at_ms, extras)
 
 
-#: A row's ``kind`` and ``open_bucket`` object (None: ``null``).
-RowExtra = tuple[str, dict[str, object] | None]
-_CLOSE: RowExtra = ("close", None)
+#: A row's ``kind``, ``open_bucket`` object (None: ``null``) and whether it is marked
+#: ``partial_history`` (False: the field is left out, so the record is as it always was).
+RowExtra = tuple[str, dict[str, object] | None, bool]
+_CLOSE: RowExtra = ("close", None, False)
+#: The end of a marked record (:data:`RowExtra`), after its ``open_bucket``.
+_PARTIAL_END = b',"partial_history":true}'
 
 
 def _row_tails(
@@ -197,26 +206,27 @@ def _row_tails(
     """Each row's text after its last number, up to the closing brace."""
     head = b'}],"model_version":' + orjson.dumps(model.model_version) + b',"fallback":'
     middle = b',"emitted_at_ms":%d,"kind":' % emitted_at_ms
-    cached: dict[tuple[bool, str], bytes] = {}
+    cached: dict[tuple[bool, str, bool], bytes] = {}
 
-    def plain(fb: bool, kind: str) -> bytes:
-        text = cached.get((fb, kind))
+    def plain(fb: bool, kind: str, partial: bool = False) -> bytes:
+        text = cached.get((fb, kind, partial))
         if text is None:
-            text = cached[(fb, kind)] = (
+            text = cached[(fb, kind, partial)] = (
                 head
                 + (b"true" if fb else b"false")
                 + middle
                 + orjson.dumps(kind)
-                + b',"open_bucket":null}'
+                + b',"open_bucket":null'
+                + (_PARTIAL_END if partial else b"}")
             )
         return text
 
     if extras is None:
         return [plain(True, "close") if fb else plain(False, "close") for fb in fallback]
     out = []
-    for fb, (kind, bucket) in zip(fallback, extras, strict=True):
+    for fb, (kind, bucket, partial) in zip(fallback, extras, strict=True):
         if bucket is None:
-            out.append(plain(fb, kind))
+            out.append(plain(fb, kind, partial))
         else:
             out.append(
                 head
@@ -225,7 +235,7 @@ def _row_tails(
                 + orjson.dumps(kind)
                 + b',"open_bucket":'
                 + orjson.dumps(bucket)
-                + b"}"
+                + (_PARTIAL_END if partial else b"}")
             )
     return out
 
@@ -408,9 +418,11 @@ def _records_slow(
             "fallback": bool(result.fallback[row]),
             "emitted_at_ms": emitted_at_ms,
         }
-        kind, bucket = _CLOSE if extras is None else extras[row]
+        kind, bucket, partial = _CLOSE if extras is None else extras[row]
         value["kind"] = kind
         value["open_bucket"] = bucket
+        if partial:  # only marked records carry the field (see RowExtra)
+            value["partial_history"] = True
         out.append((item_id, orjson.dumps(value)))
     return out
 
@@ -478,15 +490,17 @@ def _extras(
     result: ForecastBatch,
     open_bucket_record: OpenBucketRecord | None,
 ) -> list[RowExtra] | None:
-    """Each row's kind and open bucket; None when every row is a plain close (the usual)."""
-    if all(r.kind == "close" for r in chunk):
+    """Each row's kind, open bucket and mark; None when every row is a plain, unmarked close
+    (the usual)."""
+    if all(r.kind == "close" and not r.partial_history for r in chunk):
         return None
     out: list[RowExtra] = []
     for row, request in enumerate(chunk):
         bucket = request.open_bucket
         if bucket is None or open_bucket_record is None:
-            out.append((request.kind, None))
+            out.append((request.kind, None, request.partial_history))
             continue
         step = (result.mean[row, 0], result.p10[row, 0], result.p50[row, 0], result.p90[row, 0])
-        out.append((request.kind, open_bucket_record(bucket, *map(float, step))))
+        record = open_bucket_record(bucket, *map(float, step))
+        out.append((request.kind, record, request.partial_history))
     return out

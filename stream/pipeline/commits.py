@@ -44,9 +44,9 @@ class Rebuild:
         emitted_to_ms: The lost clock's first bucket not yet forecast (``None``: unknown):
             the replay's closes before it were forecast before the loss, the others are
             held until the rebuild ends.
-        replaying: The consumer was sought back to the start of the log: the batches of the
+        replaying: The consumer was sought back to where the replay starts: the batches of the
             partition are the replay.
-        from_offset: Where the replay starts (the start of the log), once known.
+        from_offset: Where the replay starts (the oldest kept bucket, found by time; else the log start), once known.
         first_bucket_ms: The oldest bucket of the replayed events, once seen.
         events: Events replayed so far.
     """

@@ -180,6 +180,7 @@ class SalesProcessor:
                 live_window_ms=live_window_ms,
             ),
             hold=self._recovery.hold,
+            mark=self._recovery.mark,
         )
 
     # --- what the parts hold, read (and for the sink, set) through the facade ----------------

@@ -4,8 +4,8 @@ Why: Redis is a cache of the ``sales`` log, as Kafka Streams' state stores are o
 changelog. A ``FLUSHALL``, a failover to a replica that had not caught up, a restart without
 persistence: the worker would otherwise carry on with empty or partial windows, and every
 forecast after would be silently wrong. Kafka still holds the events, and every store write
-is idempotent (the dedupe sets), so reading a partition again from the start of the log and
-applying it through the normal path rebuilds exactly the windows the events make.
+is idempotent (the dedupe sets), so reading a partition again and applying it through the
+normal path rebuilds exactly the windows the events make, wherever the reading starts.
 
 Detect, per partition:
 
@@ -19,9 +19,9 @@ Detect, per partition:
   leaves it unwritten and reports the partition lost (:attr:`ApplyResult.lost`).
 
 Rebuild: the partition's clock starts over (nothing seen, the buckets claimed before kept
-claimed, the offset reached before kept as ``next_offset``), its consumer is sought back to
-the start of the log (:meth:`Recovery.take_rewinds`, done by the worker), and its batches go
-through the normal path until they reach the offset reached before. Meanwhile:
+claimed, the offset reached before kept as ``next_offset``), its consumer is sought back
+(:meth:`Recovery.take_rewinds`, done by the worker), and its batches go through the normal
+path until they reach the offset reached before. Meanwhile:
 
 * no forecast of the partition is made (:meth:`Recovery.hold`): its closes are not claimed,
   so the batch that ends the rebuild finds them due and forecasts them from whole windows;
@@ -31,8 +31,32 @@ through the normal path until they reach the offset reached before. Meanwhile:
   so a crash mid-rebuild leaves the clock missing and the next owner rebuilds again;
 * the other partitions run as usual.
 
+Where the replay starts. Not at the start of the log, which may hold months: at the first
+record stamped at or after the oldest kept bucket less a margin (:attr:`Recovery.seek_back_ms`
+before the partition's newest event time), which the broker finds with ListOffsets by time
+(aiokafka ``offsets_for_times``). The newest event time is the cached clock's (a loss found
+mid-run), the stored clock's (one found behind the committed offset), or, when no clock is
+left at all, the oldest record timestamp of the batch at hand (records are stamped by their
+producers, after the events they carry). No time known, or a broker that cannot answer or
+answers nonsense (an offset outside the log or past the offset reached, a timestamp before the
+one asked): the start of the log, said in the log. Tansu 0.6 answers every such query with the
+log start, which is always right, only slower.
+
+The answer is then checked against the events found there, because a broker's timestamps are
+producer clocks, not event times. An event accepted at offset ``o`` had a time no older than
+``newest(before o) - lateness - grace - one bucket`` (else it was late), so when the oldest
+bucket of the first replayed batch plus ``lateness + grace + one bucket`` is at most the oldest
+bucket the rebuilt windows need, no record before the start held a needed event, and any event
+the fresh clock accepts there that the old clock called late is older than every needed bucket
+too. Otherwise the rebuild reads again from the start of the log before it ends (dedupe makes
+the second pass count nothing twice). Why not a per-bucket offset index stored with the clock:
+it would live in the store whose loss it is meant to repair, and be lost with it; the broker's
+time index lives with the log.
+
 If the log no longer reaches back far enough (retention), the windows hold what it has; the
-end of the rebuild says so in the log and in ``/health`` (``partial_history``).
+end of the rebuild says so in the log and in ``/health`` (``partial_history``), and the
+partition's forecasts are marked ``partial_history`` (:meth:`Recovery.mark`) until the oldest
+bucket of their window is newer than the first event the log still had.
 """
 
 from __future__ import annotations
@@ -41,8 +65,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
+from stream.inference.batching import ForecastRequest
+from stream.inference.model_info import ModelInfo
 from stream.monitoring.telemetry import REBUILDING_PARTITIONS, REBUILDS
 from stream.pipeline.commits import Commits, Rebuild
 from stream.pipeline.ingest import Plan
@@ -59,12 +85,25 @@ from stream.state.base import (
 )
 from trendcast.freq import Freq
 
-__all__ = ["RecoveringStore", "Recovery"]
+__all__ = ["RecoveringStore", "Recovery", "Rewind"]
 
 logger = logging.getLogger(__name__)
 
 #: Told when a partition starts (detail) or stops (None) rebuilding: ``/health`` shows it.
 OnChange = Callable[[PartitionId, dict[str, Any] | None], None]
+
+
+class Rewind(NamedTuple):
+    """Where to read a rebuilding partition again from (:meth:`Recovery.take_rewinds`).
+
+    Attributes:
+        from_ms: The first record timestamp to read (ListOffsets by time); ``None``: the
+            start of the log.
+        reached_offset: The offset the partition had reached: a start past it is nonsense.
+    """
+
+    from_ms: int | None
+    reached_offset: int
 
 
 class Recovery:
@@ -87,8 +126,23 @@ class Recovery:
         self._commits = commits
         self.window_buckets = window_buckets
         self._clock_s = clock_s
-        self._rewinds: dict[PartitionId, int] = {}
+        self._rewinds: dict[PartitionId, Rewind] = {}
         self._fresh: set[PartitionId] = set()  # lost in the round trip of the batch at hand
+        step = commits.freq.step_ms
+        grace_ms = commits.grace_buckets * step
+        #: How far an accepted event can be older than the newest event before it: an
+        #: older one was late (see the module docstring).
+        self._skew_ms = commits.lateness_ms + grace_ms + step
+        #: How far before the newest event time a replay starts: the kept buckets, the skew
+        #: the check of the start needs (:meth:`_started_too_late`), and the skew again, for
+        #: record timestamps that lag the event times they carry.
+        self.seek_back_ms = window_buckets * step + 2 * self._skew_ms
+        # Per rebuilding partition, the start of the log (once sought back): tells a replay
+        # started by time from one started at the start of the log.
+        self._log_start: dict[PartitionId, int] = {}
+        #: Partitions rebuilt from a log that no longer reached back a whole window, with
+        #: the bucket of the first event the log still held: their forecasts are marked.
+        self.partial: dict[PartitionId, int] = {}
         self.on_change: OnChange | None = None
         commits.on_lost = self.lost
         commits.on_dropped = self._dropped
@@ -101,13 +155,16 @@ class Recovery:
 
     # --- detect ---------------------------------------------------------------------------
 
-    async def check_assigned(self, partition: PartitionId, committed: int | None) -> bool:
+    async def check_assigned(
+        self, partition: PartitionId, committed: int | None, newest_ms: int | None = None
+    ) -> bool:
         """Whether a newly assigned partition's state is lost; if so, start its rebuild.
 
         Called with the first batch of a partition whose clock is not cached (assigned, or
         the worker started): the clock is loaded here. Returns True when the rebuild starts
         now: the batch's records of the partition must not be processed (they come again
-        from the start of the log, :meth:`take_rewinds`).
+        in the replay, :meth:`take_rewinds`). ``newest_ms`` (the oldest record timestamp of
+        the batch) stands for the partition's newest event time when no clock is left.
 
         Raises:
             StateStoreError: Loading the clock failed.
@@ -120,7 +177,9 @@ class Recovery:
         if stored.next_offset is not None and stored.next_offset >= committed:
             return False
         reason = "missing" if stored.next_offset is None else "older"
-        self._begin(partition, committed, stored.emitted_to_ms, reason)
+        if stored.max_event_ms is not None:  # an older clock: older still than the loss
+            newest_ms = stored.max_event_ms
+        self._begin(partition, committed, stored.emitted_to_ms, reason, newest_ms)
         return True
 
     def lost(self, partitions: Iterable[PartitionId]) -> None:
@@ -132,7 +191,8 @@ class Recovery:
             state = PartitionState() if clock is None else clock.state
             # The clock's claims stand (their forecasts were made from whole windows); the
             # batch at hand's claims are not made yet (see hold).
-            self._begin(pid, state.next_offset or 0, state.emitted_to_ms, "lost")
+            reached = state.next_offset or 0
+            self._begin(pid, reached, state.emitted_to_ms, "lost", state.max_event_ms)
             self._fresh.add(pid)
 
     async def verify(self, partitions: Iterable[PartitionId]) -> list[PartitionId]:
@@ -159,7 +219,12 @@ class Recovery:
         return found
 
     def _begin(
-        self, pid: PartitionId, reached: int, emitted_to_ms: int | None, reason: str
+        self,
+        pid: PartitionId,
+        reached: int,
+        emitted_to_ms: int | None,
+        reason: str,
+        newest_ms: int | None,
     ) -> None:
         commits = self._commits
         clock = PartitionClock(
@@ -170,15 +235,18 @@ class Recovery:
         )
         commits.reset(pid, clock)
         commits.rebuilding[pid] = Rebuild(reached, reason, self._clock_s(), emitted_to_ms)
-        self._rewinds[pid] = reached
+        from_ms = None if newest_ms is None else newest_ms - self.seek_back_ms
+        self._rewinds[pid] = Rewind(from_ms, reached)
+        self.partial.pop(pid, None)  # judged again at the end of this rebuild
         REBUILDS.inc()
         REBUILDING_PARTITIONS.set(len(commits.rebuilding))
         logger.warning(
-            "state of %s[%d] lost in the store (%s): rebuilding it from the start of the log "
-            "up to offset %d; its forecasts are held until then",
+            "state of %s[%d] lost in the store (%s): rebuilding it from the log (%s) up to "
+            "offset %d; its forecasts are held until then",
             pid.topic,
             pid.partition,
             reason,
+            "from the start" if from_ms is None else f"from the records of time {from_ms} on",
             reached,
             extra={"topic": pid.topic, "partition": pid.partition, "reason": reason},
         )
@@ -186,6 +254,7 @@ class Recovery:
 
     def _dropped(self, pid: PartitionId) -> None:
         self._rewinds.pop(pid, None)
+        self._log_start.pop(pid, None)
         REBUILDING_PARTITIONS.set(len(self._commits.rebuilding))
         logger.info("%s[%d] revoked while rebuilding; its next owner rebuilds it", *pid)
         if self.on_change is not None:
@@ -193,8 +262,8 @@ class Recovery:
 
     # --- rebuild --------------------------------------------------------------------------
 
-    def take_rewinds(self) -> dict[PartitionId, int]:
-        """Partitions to read again from the start of the log, with the offset reached.
+    def take_rewinds(self) -> dict[PartitionId, Rewind]:
+        """Partitions to read again, with where from (:class:`Rewind`).
 
         The worker seeks each one back and reports where the replay starts
         (:meth:`rewound`); from then on the partition's batches are the replay.
@@ -207,11 +276,15 @@ class Recovery:
                 rebuild.replaying = True
         return out
 
-    def rewound(self, partition: PartitionId, from_offset: int) -> None:
-        """The replay of ``partition`` starts at ``from_offset`` (the start of the log)."""
+    def rewound(
+        self, partition: PartitionId, from_offset: int, log_start: int | None = None
+    ) -> None:
+        """The replay of ``partition`` starts at ``from_offset``; the log at ``log_start``
+        (``None``: the same: the replay starts at the start of the log)."""
         rebuild = self._commits.rebuilding.get(partition)
         if rebuild is not None:
             rebuild.from_offset = from_offset
+            self._log_start[partition] = from_offset if log_start is None else log_start
             self._changed(partition)
 
     def hold(self, plans: Sequence[Plan]) -> list[Plan]:
@@ -222,6 +295,8 @@ class Recovery:
         again at the batch that ends the rebuild, which is forecast as usual, from whole
         windows.
         """
+        if self.partial:
+            self._forget_whole(plans)
         rebuilding = self._commits.rebuilding
         if not rebuilding:
             return list(plans)
@@ -250,12 +325,102 @@ class Recovery:
             if rebuild.first_bucket_ms is None and plan.items:
                 rebuild.first_bucket_ms = min(d.bucket_ms for u in plan.items for d in u.deltas)
             if plan.next_offset is not None and plan.next_offset >= rebuild.reached_offset:
+                if self._started_too_late(plan, rebuild):
+                    self._read_whole_log(plan, rebuild)
+                    continue
                 self._end(plan)
                 kept.append(plan)  # its due buckets: every close held during the rebuild
             else:
                 self._hold_closes(plan, rebuild)
         self._fresh.clear()
         return kept
+
+    def _needed_from_ms(self, plan: Plan) -> int | None:
+        """The oldest bucket the partition's windows keep (``None``: no event yet)."""
+        open_from = plan.clock.open_from_ms
+        if open_from is None:
+            return None
+        return open_from - self.window_buckets * self._commits.freq.step_ms
+
+    def _started_too_late(self, plan: Plan, rebuild: Rebuild) -> bool:
+        """Whether a replay started by time may have skipped events the windows need.
+
+        See the module docstring: the first replayed events must be older than the oldest
+        needed bucket by the skew at least. A replay from the start of the log skipped
+        nothing the log still holds.
+        """
+        log_start = self._log_start.get(plan.pid)
+        if log_start is None or rebuild.from_offset is None or rebuild.from_offset <= log_start:
+            return False
+        needed_from = self._needed_from_ms(plan)
+        first = rebuild.first_bucket_ms
+        if needed_from is None or first is None:
+            return first is None  # nothing replayed up to the offset reached: suspicious
+        return first + self._skew_ms > needed_from
+
+    def _read_whole_log(self, plan: Plan, rebuild: Rebuild) -> None:
+        """Start the replay again, from the start of the log (see :meth:`_started_too_late`)."""
+        pid = plan.pid
+        logger.warning(
+            "%s[%d]: the replay from offset %s (found by time) starts with events of bucket "
+            "%s, too close to the oldest bucket the windows need (%s): reading again from "
+            "the start of the log",
+            pid.topic,
+            pid.partition,
+            rebuild.from_offset,
+            rebuild.first_bucket_ms,
+            self._needed_from_ms(plan),
+            extra={"topic": pid.topic, "partition": pid.partition},
+        )
+        plan.due = []
+        # As at the start of the rebuild: nothing seen, the offset reached kept (the events
+        # before it were judged before the loss), the claims of the lost clock kept.
+        reached = rebuild.reached_offset
+        plan.clock.restore(PartitionState(next_offset=reached or None))
+        rebuild.first_bucket_ms = None
+        rebuild.replaying = False
+        self._log_start.pop(pid, None)
+        self._rewinds[pid] = Rewind(None, reached)
+
+    def _forget_whole(self, plans: Sequence[Plan]) -> None:
+        """Stop marking partitions whose kept buckets are all newer than the log's first event."""
+        for plan in plans:
+            first = self.partial.get(plan.pid)
+            needed_from = self._needed_from_ms(plan)
+            if first is not None and needed_from is not None and needed_from > first:
+                del self.partial[plan.pid]
+                logger.info(
+                    "%s[%d]: forecasts no longer use partial history",
+                    *plan.pid,
+                    extra={"topic": plan.pid.topic, "partition": plan.pid.partition},
+                )
+
+    def mark(
+        self,
+        requests: list[ForecastRequest],
+        active: Mapping[PartitionId, Sequence[str]],
+        model: ModelInfo,
+    ) -> list[ForecastRequest]:
+        """``requests`` with those made from partial history marked ``partial_history``.
+
+        Called by staging with the batch's requests and the partitions' recent sellers
+        (which tell an item's partition). Marked: items of a partition rebuilt from a log
+        that no longer reached back a whole window, while the oldest bucket of the window
+        is not newer than the first event the log still held.
+        """
+        if not self.partial:
+            return requests
+        partition_first = {
+            item: first for pid, first in self.partial.items() for item in active.get(pid, ())
+        }
+        reach_ms = (model.window - 1) * model.freq.step_ms
+        out = []
+        for request in requests:
+            first = partition_first.get(request.item_id)
+            if first is not None and request.last_start_ms - reach_ms <= first:
+                request = replace(request, partial_history=True)
+            out.append(request)
+        return out
 
     def _hold_closes(self, plan: Plan, rebuild: Rebuild) -> None:
         """Claim the replay's closes that were forecast before the loss; hold the others.
@@ -284,6 +449,9 @@ class Recovery:
         rebuild = self._commits.rebuilding.pop(pid)
         REBUILDING_PARTITIONS.set(len(self._commits.rebuilding))
         partial = self._partial(plan, rebuild)
+        self._log_start.pop(pid, None)
+        if partial and rebuild.first_bucket_ms is not None:
+            self.partial[pid] = rebuild.first_bucket_ms
         logger.warning(
             "state of %s[%d] rebuilt from the log in %.1fs: %d events from offset %s to %d%s",
             pid.topic,
@@ -293,7 +461,7 @@ class Recovery:
             rebuild.from_offset,
             rebuild.reached_offset,
             "; the log no longer reaches back a whole window (retention): forecasts of the "
-            "next buckets use partial history"
+            "next buckets use partial history and are marked partial_history"
             if partial
             else "",
             extra={"topic": pid.topic, "partition": pid.partition, "partial_history": partial},
@@ -304,16 +472,18 @@ class Recovery:
     def _partial(self, plan: Plan, rebuild: Rebuild) -> bool:
         """Whether the log lacked events the rebuilt windows need (retention).
 
-        The log is whole if the replay started at offset 0; otherwise it is partial when
-        the oldest replayed event lies after the oldest bucket the windows reach back to.
+        Only a replay from the start of the log can tell (one started by time passed
+        :meth:`_started_too_late`). The log is whole if it starts at offset 0; otherwise it
+        is partial when the oldest replayed event lies after the oldest bucket the windows
+        reach back to.
         """
-        if not rebuild.from_offset or rebuild.first_bucket_ms is None:
+        from_offset = rebuild.from_offset
+        if not from_offset or rebuild.first_bucket_ms is None:
             return False
-        open_from = plan.clock.open_from_ms
-        if open_from is None:
+        if from_offset > self._log_start.get(plan.pid, from_offset):
             return False
-        oldest_needed = open_from - self.window_buckets * self._commits.freq.step_ms
-        return rebuild.first_bucket_ms > oldest_needed
+        needed_from = self._needed_from_ms(plan)
+        return needed_from is not None and rebuild.first_bucket_ms > needed_from
 
     def status(self) -> dict[str, dict[str, Any]]:
         """The rebuilds in progress, JSON-ready (``/health`` detail)."""

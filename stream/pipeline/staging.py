@@ -49,6 +49,12 @@ __all__ = ["Staging"]
 logger = logging.getLogger(PROCESSOR_LOGGER)
 
 _DAY_MS = 86_400_000
+#: Marks the requests of a batch made from partial history, given the partitions' recent
+#: sellers and the model (:meth:`stream.pipeline.recovery.Recovery.mark`).
+MarkPartial = Callable[
+    [list[ForecastRequest], Mapping[PartitionId, Sequence[str]], ModelInfo],
+    list[ForecastRequest],
+]
 
 
 @dataclass
@@ -105,10 +111,13 @@ class Staging:
         catchup: Literal["latest", "every"] = "latest",
         realtime: OpenBuckets | None = None,
         hold: Callable[[Sequence[Plan]], list[Plan]] | None = None,
+        mark: MarkPartial | None = None,
     ) -> None:
         self.store = store
         # Drops the plans of partitions being rebuilt (stream.pipeline.recovery).
         self._hold = hold
+        # Marks requests made from partial history (stream.pipeline.recovery).
+        self._mark = mark
         self.catchup = catchup
         self.realtime = realtime
         self.sink = sink
@@ -479,4 +488,6 @@ class Staging:
                 if (request.item_id, request.last_start_ms) not in made:
                     requests.append(request)
                     stats.refreshes += 1
+        if self._mark is not None:
+            requests = self._mark(requests, result.active, model)
         return requests, windows

@@ -46,11 +46,11 @@ What changes, and what does not:
 
 The private Faust names this module touches (``_drain_messages``, ``_wait_next_records``,
 ``_commit_offsets``, ``_stopped``, ``_buffered_partitions``, ``_new_consumer_thread``,
-``_create_worker_consumer``, and aiokafka's ``_fetch_max_wait_ms``, ``_value_deserializer``,
-``fetcher.PartitionRecords`` and its ``_consumer_record``) are checked by
-``tests/unit/stream/worker/test_batch_consumer.py`` against the installed Faust, so an upgrade that
-renames or
-re-shapes them fails the tests instead of the worker.
+``_create_worker_consumer``, ``_thread`` and its ``_ensure_consumer``, and aiokafka's
+``_fetch_max_wait_ms``, ``_value_deserializer``, ``fetcher.PartitionRecords`` and its
+``_consumer_record``) are checked by ``tests/unit/stream/worker/test_batch_consumer.py``
+against the installed Faust, so an upgrade that renames or re-shapes them fails the tests
+instead of the worker.
 """
 
 from __future__ import annotations
@@ -128,6 +128,13 @@ class _ConsumerThread(AIOKafkaConsumerThread):
     records handed over as aiokafka's C records (:class:`_RawPartitionRecords`)."""
 
     fetch_max_wait_ms: int | None = None
+
+    async def offsets_for_times(self, timestamps: Mapping[TP, int]) -> Mapping[TP, Any]:
+        """aiokafka's ``offsets_for_times`` (ListOffsets by time), on the consumer thread."""
+        return cast(
+            Mapping[TP, Any],
+            await self.call_thread(self._ensure_consumer().offsets_for_times, timestamps),
+        )
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -217,21 +224,81 @@ class BatchConsumer(AIOKafkaConsumer):
         self._rewinding.clear()
         self._handed.clear()
 
-    async def rewind(self, tp: TP) -> int:
-        """Read ``tp`` again from the start of the log (its state is rebuilt); returns where.
+    async def rewind(
+        self, tp: TP, from_ms: int | None = None, not_after: int | None = None
+    ) -> tuple[int, int]:
+        """Read ``tp`` again (its state is rebuilt); returns where from, and the log start.
 
+        From the first record stamped ``from_ms`` or later when given (the broker's
+        ListOffsets by time, :meth:`_offset_for_time`), else from the start of the log.
         Records of ``tp`` fetched before the seek (the fetch ahead) are not handed over:
         the replay must come first (:meth:`_skip_rewinding`).
         """
-        start = (await self.earliest_offsets(tp))[tp]
+        log_start = (await self.earliest_offsets(tp))[tp]
+        start = log_start
+        if from_ms is not None:
+            start = await self._offset_for_time(tp, from_ms, log_start, not_after)
         # Not _expected: the fetch ahead may have moved that past records not handed over.
         stale_from = self._handed.get(tp)
         await self.seek(tp, start)
         self._expected[tp] = start
         if stale_from is not None and stale_from > start:
             self._rewinding[tp] = stale_from
-        logger.info("%s[%d]: reading again from offset %d", tp.topic, tp.partition, start)
-        return start
+        logger.info(
+            "%s[%d]: reading again from offset %d (log start %d)",
+            tp.topic,
+            tp.partition,
+            start,
+            log_start,
+        )
+        return start, log_start
+
+    async def _offset_for_time(
+        self, tp: TP, from_ms: int, log_start: int, not_after: int | None
+    ) -> int:
+        """The broker's first offset stamped ``from_ms`` or later; the log start if it cannot
+        answer or answers nonsense (said in the log).
+
+        Nonsense: an offset outside ``[log_start, not_after]`` (the replay must reach the
+        offset reached before the loss), or a record timestamp before the one asked for.
+        No answer (every record is older than ``from_ms``: the producers' clocks lag the
+        event times) is treated the same way. The rebuild checks the answer again against
+        the events it finds there (:mod:`stream.pipeline.recovery`).
+        """
+        where = f"{tp.topic}[{tp.partition}]"
+        try:
+            thread = cast(_ConsumerThread, self._thread)
+            found = (await thread.offsets_for_times({tp: from_ms})).get(tp)
+        except Exception as exc:  # an old broker, a timeout: the whole log is always right
+            logger.warning(
+                "%s: the broker could not find the offset of time %d (%s: %s); reading again "
+                "from the log start",
+                where,
+                from_ms,
+                type(exc).__name__,
+                exc,
+            )
+            return log_start
+        offset = None if found is None else int(found.offset)
+        stamp = None if found is None else found.timestamp
+        if (
+            offset is None
+            or offset < log_start
+            or (not_after is not None and offset > not_after)
+            or (stamp is not None and 0 <= stamp < from_ms)
+        ):
+            logger.warning(
+                "%s: the broker answered offset %s (timestamp %s) for time %d, which cannot "
+                "be right (log start %d, reached %s); reading again from the log start",
+                where,
+                offset,
+                stamp,
+                from_ms,
+                log_start,
+                not_after,
+            )
+            return log_start
+        return offset
 
     def _skip_rewinding(self, batch: dict[TP, list[Any]]) -> dict[TP, list[Any]]:
         """``batch`` without records fetched before a :meth:`rewind` of their partition."""

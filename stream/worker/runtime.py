@@ -268,28 +268,38 @@ class WorkerRuntime:
 
         Lost means: a stored clock missing or behind the group's committed offset (see
         :meth:`~stream.pipeline.recovery.Recovery.check_assigned`). Their records are taken
-        out of the batch: they are read again from the start of the log (:meth:`_rewind`).
+        out of the batch: they are read again in the replay (:meth:`_rewind`). The oldest
+        record timestamp of the batch goes with them: with no clock left, it is the best
+        known bound of the partition's newest event time (records are stamped by their
+        producers, after the events they carry).
         """
         recovery = self.processor.recovery
         committed: Mapping[TP, int | None] = getattr(self.app.consumer, "_committed_offset", {})
-        for pid in list(batch):
-            if await recovery.check_assigned(pid, committed.get(TP(pid.topic, pid.partition))):
+        for pid, records in list(batch.items()):
+            offset = committed.get(TP(pid.topic, pid.partition))
+            if await recovery.check_assigned(pid, offset, _oldest_timestamp(records)):
                 del batch[pid]
 
     async def _rewind(self) -> None:
-        """Seek the partitions whose state is lost back to the start of the log."""
+        """Seek the partitions whose state is lost back to where their replay starts.
+
+        By time when the recovery knows one (the broker's ListOffsets, checked by the
+        consumer and again by the recovery), else to the start of the log.
+        """
         recovery = self.processor.recovery
         rewinds = recovery.take_rewinds()
         rewind = getattr(self.app.consumer, "rewind", None)
-        for pid in rewinds:
+        for pid, where in rewinds.items():
             if rewind is None:  # not consuming (tests): nothing to seek
                 continue
             try:
-                start = await rewind(TP(pid.topic, pid.partition))
+                start, log_start = await rewind(
+                    TP(pid.topic, pid.partition), where.from_ms, where.reached_offset
+                )
             except Exception as exc:  # revoked meanwhile: the next owner rebuilds it
                 logger.warning("could not seek %s[%d] back (%s)", pid.topic, pid.partition, exc)
                 continue
-            recovery.rewound(pid, start)
+            recovery.rewound(pid, start, log_start)
 
     async def _check_retention(self) -> int | None:
         """Say in the log whether the sales topic keeps enough to rebuild lost state."""
@@ -325,7 +335,7 @@ class WorkerRuntime:
         """Every few seconds, check that idle partitions' state is still stored.
 
         An idle partition makes no round trip that would notice a loss; one found lost is
-        read again from the start of the log (:meth:`_rewind`) like any other.
+        read again (:meth:`_rewind`) like any other.
         """
         now = time.monotonic()
         if now - self._verified_at < _VERIFY_IDLE_S:
@@ -500,6 +510,12 @@ def _assigned(app: faust.App, settings: WorkerSettings) -> frozenset[int] | None
     except Exception:  # not started (tests, the first seconds): handovers are not tracked
         return None
     return frozenset(tp.partition for tp in assignment if tp.topic == settings.sales_topic)
+
+
+def _oldest_timestamp(records: Sequence[Any]) -> int | None:
+    """The oldest producer timestamp of ``records`` (``None``: none carries one)."""
+    stamps = [t for r in records if isinstance(t := getattr(r, "timestamp", None), int) and t >= 0]
+    return min(stamps, default=None)
 
 
 def _partition_list(partitions: Sequence[TP]) -> list[PartitionId]:

@@ -19,12 +19,17 @@ from typing import Any
 import pandas as pd
 import pytest
 import redis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from faust.types import TP
 
 from stream.settings.worker import WorkerSettings
+from stream.worker.batch_consumer import BatchConsumer
 from stream.worker.runner import inspect_items
 from tests.integration.test_worker import END, START, WINDOW, _offline_windows, _settings
 from trendcast.data import read_lines, sample_data_path
+from trendcast.devtools.embedded import to_bootstrap
 from trendcast.devtools.replay import encode_events
+from trendcast.sync_bridge import run_sync
 from trendcast.testkit.kafka import committed_offsets, consume_all, produce, wait_until
 from trendcast.testkit.processes import start_worker
 
@@ -141,5 +146,65 @@ def test_state_lost_in_redis_is_rebuilt_from_the_log(
         client.close()
     text = log_a.read_text()
     assert text.count("lost in the store") == 2, text[-3000:]
+    # Found mid-run, the loss knew the partitions' newest event times: the replay was asked
+    # to start by time (Tansu answers ListOffsets by time with the log start: see below).
+    assert text.count("from the records of time") == 2, text[-3000:]
     # The retention check ran at start (Tansu does not report retention.ms: said so).
     assert "retention" in text and "rebuilding lost state needs" in text
+
+
+class _Thread:
+    """What ``BatchConsumer._offset_for_time`` asks: a consumer thread's offsets_for_times."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+
+    async def offsets_for_times(self, timestamps: dict[TP, int]) -> Any:
+        return await self.consumer.offsets_for_times(timestamps)
+
+
+def test_the_broker_answer_to_a_rewind_by_time_is_never_past_the_records_asked_for(
+    kafka_bootstrap: str, unique_topic: Any
+) -> None:
+    """ListOffsets by time against the real broker, through the worker's checks.
+
+    Records stamped half a day apart: for any time, the offset the worker seeks to must be
+    at or before the first record stamped at or after it (a later one would skip events).
+    Tansu 0.6 answers every such query with offset 0 and a timestamp of its own (the
+    rebuild then reads the whole log: right, only slower); a broker with a real time index
+    (Apache Kafka) answers the exact offset. Either passes; both are written down here.
+    """
+    topic = unique_topic(1, "times")
+    base, half_day = 1_700_000_000_000, 43_200_000
+    stamps = [base + i * half_day for i in range(30)]
+
+    async def run() -> dict[int, int]:
+        producer = AIOKafkaProducer(bootstrap_servers=to_bootstrap(kafka_bootstrap))
+        await producer.start()
+        try:
+            for i, stamp in enumerate(stamps):
+                await producer.send_and_wait(topic, b"%d" % i, partition=0, timestamp_ms=stamp)
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=to_bootstrap(kafka_bootstrap))
+        await consumer.start()
+        try:
+            fake = type("Fake", (), {"_thread": _Thread(consumer)})()
+            tp = TP(topic, 0)
+            found = {}
+            for target in (base - half_day, base + 1, base + 10 * half_day, base + 40 * half_day):
+                found[target] = await BatchConsumer._offset_for_time(
+                    fake,  # type: ignore[arg-type]
+                    tp,
+                    target,
+                    0,
+                    len(stamps),
+                )
+            return found
+        finally:
+            await consumer.stop()
+
+    found = run_sync(run())
+    for target, offset in found.items():
+        exact = next((i for i, s in enumerate(stamps) if s >= target), 0)
+        assert 0 <= offset <= exact, (target, offset, exact)

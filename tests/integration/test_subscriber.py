@@ -52,7 +52,7 @@ def worker_records() -> list[tuple[str, bytes]]:
         "p10": 6.0,
         "p90": 13.0,
     }
-    extras = [("close", None), ("late", None), ("refresh", open_bucket)]
+    extras = [("close", None, False), ("late", None, False), ("refresh", open_bucket, False)]
     return forecast_records(batch, result, MODEL, emitted_at_ms=T0 + DAY + 5, extras=extras)
 
 

@@ -124,6 +124,52 @@ def test_records_of_a_bucket_close_equal_the_dict_path(records: Any):
     assert value["horizon"][3]["mean"] is None and value["item_id"] == "item-5"
 
 
+open_buckets = st.none() | st.fixed_dictionaries(
+    {
+        "start": st.sampled_from(["2011-01-27", "2011-01-27T06:00:00Z"]),
+        "so_far": st.floats(-5, 50),
+        "expected_so_far": st.none() | st.floats(0, 50),
+        "nowcast": st.none() | st.floats(0, 100),
+        "p10": st.none() | st.floats(0, 10),
+        "p90": st.none() | st.floats(10, 100),
+    }
+)
+row_extras = st.tuples(st.sampled_from(["close", "late", "refresh"]), open_buckets, st.booleans())
+
+
+@pytest.mark.parametrize("records", RECORD_PATHS)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=record_cases(), data=st.data())
+def test_records_with_kinds_open_buckets_and_partial_marks_equal_the_dict_path(
+    records: Any, case: tuple[WindowBatch, ForecastBatch, ModelInfo, int], data: st.DataObject
+):
+    batch, result, model, emitted = case
+    extras = data.draw(st.lists(row_extras, min_size=len(batch), max_size=len(batch)))
+    fast = records(batch, result, model, emitted, extras)
+    assert fast == _records_slow(batch, result, model, emitted, extras)
+    for (_, value), (_, _, partial) in zip(fast, extras, strict=True):
+        # The field is there, true, only on marked records; absent everywhere else.
+        assert orjson.loads(value).get("partial_history", False) is partial
+        assert (b'"partial_history"' in value) is partial
+
+
+@pytest.mark.parametrize("records", RECORD_PATHS)
+def test_unmarked_extras_write_the_bytes_of_no_extras(records: Any):
+    """A batch with ``partial_history`` false everywhere is byte-identical to one without
+    extras: records of partitions that were never rebuilt do not change."""
+    rng = np.random.default_rng(3)
+    n, horizon = 20, 7
+    model = ModelInfo(parse_freq("1D"), 4, horizon, "v1")
+    batch = build_batch([ForecastRequest(f"i{k}", 9 * DAY) for k in range(n)], {}, model)
+    mean = rng.gamma(0.5, 20.0, (n, horizon)).astype(np.float32)
+    result = ForecastBatch(mean, mean * 0.5, mean, mean * 2, rng.random(n) < 0.5)
+    plain = records(batch, result, model, 5)
+    assert records(batch, result, model, 5, [("close", None, False)] * n) == plain
+    marked = records(batch, result, model, 5, [("close", None, k % 2 == 0) for k in range(n)])
+    for k, ((_, a), (_, b)) in enumerate(zip(plain, marked, strict=True)):
+        assert b == (a[:-1] + b',"partial_history":true}' if k % 2 == 0 else a)
+
+
 # --- windows -------------------------------------------------------------------------------
 
 quantities = st.one_of(

@@ -9,16 +9,22 @@ are held, then sent), no dead letter is sent twice, the other partition keeps ru
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
+import orjson
 import pytest
 
 from stream.monitoring.telemetry import METRICS_REGISTRY
 from stream.pipeline.processor import RawMessage, SalesProcessor
+from stream.pipeline.recovery import Rewind
 from stream.state.base import PartitionId, PartitionState, StateLostError
 from stream.state.memory import MemoryWindowStore
-from trendcast.testkit.doubles import FREQ, MODEL, Feed, ListSink, processor, sale
+from trendcast import contract
+from trendcast.client import parse_forecast
+from trendcast.testkit.doubles import DAY, FREQ, MODEL, Feed, ListSink, processor, sale
 
 P0, P1 = PartitionId("sales", 0), PartitionId("sales", 1)
 BATCH = 4
@@ -52,9 +58,11 @@ async def _consume(
     start: dict[int, int] | None = None,
     sink: ListSink | None = None,
     trace: list[tuple[int, int]] | None = None,
+    seek: Callable[[list[RawMessage], Rewind], int] | None = None,
 ) -> None:
     """Batches of every partition in turn, as the worker's consumer hands them over; the
-    partitions the processor asks to read again are sought back to ``start`` (the log's)."""
+    partitions the processor asks to read again are sought back to ``start`` (the log's),
+    or where ``seek`` finds (the broker's answer to a rewind by time)."""
     start = start or {}
     pos = {p: start.get(p, 0) for p in log}
     n = 0
@@ -71,9 +79,11 @@ async def _consume(
             trace.append((n, len(sink.forecasts)))
         if n == lose_at:
             lose()
-        for pid in proc.recovery.take_rewinds():
-            pos[pid.partition] = start.get(pid.partition, 0)
-            proc.recovery.rewound(pid, pos[pid.partition])
+        for pid, where in proc.recovery.take_rewinds().items():
+            log_start = start.get(pid.partition, 0)
+            found = None if seek is None else seek(log[pid.partition], where)
+            pos[pid.partition] = log_start if found is None else max(found, log_start)
+            proc.recovery.rewound(pid, pos[pid.partition], log_start)
     await proc.drain()
     await proc.flush()
 
@@ -301,3 +311,148 @@ def test_a_loss_between_the_round_trip_and_the_window_read_skips_no_forecast() -
     asyncio.run(run())
     assert errors and "rebuilding" in errors[0]
     assert set(_records(sink)) == set(_records(control_sink))
+
+
+# --- where the replay starts -----------------------------------------------------------------
+
+
+def _by_time(msgs: list[RawMessage], where: Rewind) -> int | None:
+    """ListOffsets by time, the record timestamps being the event times (a producer that
+    stamps records when it sends the sale): the first offset stamped ``from_ms`` or later."""
+    if where.from_ms is None:
+        return None
+    for msg in msgs:
+        assert msg.value is not None
+        if msg.value.startswith(b"{") and orjson.loads(msg.value)["ts"] >= where.from_ms:
+            return msg.offset
+    return None
+
+
+def _starts(proc: SalesProcessor) -> list[dict[str, Any]]:
+    """The ``/health`` details of the rebuilds, each time they change."""
+    seen: list[dict[str, Any]] = []
+    proc.recovery.on_change = lambda pid, detail: seen.append({"pid": pid, **(detail or {})})
+    return seen
+
+
+def test_a_lost_partition_is_read_again_from_its_oldest_kept_bucket_not_the_log_start() -> None:
+    log = _log(days=30)
+    control_store, control_sink = _control(log)
+    store, sink = MemoryWindowStore(FREQ), ListSink()
+    proc = processor(store=store, sink=sink)
+    seen = _starts(proc)
+    asyncio.run(_consume(proc, log, lose_at=12, lose=store.flush, sink=sink, seek=_by_time))
+    starts = {d["pid"]: d["from_offset"] for d in seen if d.get("from_offset") is not None}
+    # 48 messages read at the loss (day 23.5): the kept buckets and the margin reach back
+    # to about day 7, so the replay skips the first dozen or more messages of each partition.
+    assert set(starts) == {P0, P1}
+    assert all(12 <= start <= 30 for start in starts.values()), starts
+    assert not proc.recovery.rebuilding and not proc.recovery.partial
+    assert _needed(_windows(store)) == _needed(_windows(control_store))
+    assert _records(sink) == _records(control_sink)
+    assert not any("partial_history" in r for _, r in sink.forecasts)
+
+
+def test_a_broker_answering_a_start_too_late_makes_the_rebuild_read_the_whole_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker whose timestamps run ahead of the event times answers an offset past the
+    events the windows need: the rebuild sees it in the first events it replays and reads
+    again from the start of the log, and the windows are still those of a run without loss."""
+    log = _log(days=30)
+    control_store, control_sink = _control(log)
+    store, sink = MemoryWindowStore(FREQ), ListSink()
+    proc = processor(store=store, sink=sink)
+
+    def too_late(msgs: list[RawMessage], where: Rewind) -> int | None:
+        return None if where.from_ms is None else where.reached_offset - 6
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(_consume(proc, log, lose_at=12, lose=store.flush, seek=too_late))
+    again = [r for r in caplog.records if "reading again from the start" in r.getMessage()]
+    assert len(again) == 2  # both partitions
+    assert not proc.recovery.rebuilding and not proc.recovery.partial
+    assert _needed(_windows(store)) == _needed(_windows(control_store))
+    assert _records(sink) == _records(control_sink)
+
+
+def test_a_lost_partition_without_a_known_time_is_read_from_the_log_start() -> None:
+    store = MemoryWindowStore(FREQ)
+    proc = processor(store=store)
+    # A clock missing at assignment and no record timestamp: the start of the log.
+    assert asyncio.run(proc.recovery.check_assigned(P1, 12))
+    # A clock older than the committed offset: its newest event time, less the kept span.
+    asyncio.run(store.save_partition(P0, PartitionState(max_event_ms=40 * DAY, next_offset=3)))
+    assert asyncio.run(proc.recovery.check_assigned(P0, 12, newest_ms=99 * DAY))
+    rewinds = proc.recovery.take_rewinds()
+    assert rewinds[P1] == Rewind(None, 12)
+    assert rewinds[P0] == Rewind(40 * DAY - proc.recovery.seek_back_ms, 12)
+    # Kept buckets (window 7, lateness 1, grace 1, the open one) and twice the skew
+    # (lateness, grace and a bucket: 3 days).
+    assert proc.recovery.seek_back_ms == (10 + 2 * 3) * DAY
+
+
+# --- forecasts from partial history ----------------------------------------------------------
+
+
+def test_forecasts_from_partial_history_are_marked_until_the_window_slides_past() -> None:
+    log = _log(days=30)
+    store, sink = MemoryWindowStore(FREQ), ListSink()
+    proc = processor(store=store, sink=sink)
+    # Retention deleted the first 40 messages of each partition (about 20 days); the
+    # store loses everything three batches later: the rebuild finds the log too short.
+    start = {0: 40, 1: 40}
+    before: list[int] = []
+
+    def lose() -> None:
+        before.append(len(sink.forecasts))
+        store.flush()
+
+    asyncio.run(_consume(proc, log, lose_at=3, lose=lose, start=start, seek=_by_time))
+    after = sink.forecasts[before[0] :]  # made by the rebuilt partitions
+    first = min(orjson.loads(m.value)["ts"] for m in log[0][40:44] if m.value != b"not json")
+    first_bucket = FREQ.floor_ms(first)
+    reach = (MODEL.window - 1) * FREQ.step_ms
+    marked = [r for _, r in after if r.get("partial_history")]
+    whole = [r for _, r in after if "partial_history" not in r]
+    assert marked and whole
+    for record in sink.forecasts:
+        value = orjson.dumps(record[1])
+        contract.validate("forecasts", value)
+        assert parse_forecast(value).partial_history is ("partial_history" in record[1])
+    for record in marked:
+        assert record["partial_history"] is True
+        last_start = _as_of_ms(record["as_of"]) - FREQ.step_ms
+        assert last_start - reach <= first_bucket  # the window reaches before the log
+    for record in whole:  # made after the window slid past the log's first event
+        last_start = _as_of_ms(record["as_of"]) - FREQ.step_ms
+        assert last_start - reach > first_bucket
+    # The last marked bucket is followed by unmarked ones: the marking stopped by itself.
+    assert max(map(_as_of, marked)) < max(map(_as_of, whole))
+    # Forgotten once every kept bucket (the window plus lateness and grace) is newer.
+    assert proc.recovery.partial == {P0: first_bucket, P1: first_bucket}
+    later = {
+        P0: [RawMessage("sales", 0, len(log[0]), b"k", sale("a0", 36))],
+        P1: [RawMessage("sales", 1, len(log[1]), b"k", sale("b0", 36))],
+    }
+
+    async def more() -> None:
+        await proc.submit(later)
+        await proc.drain()
+
+    asyncio.run(more())
+    assert not proc.recovery.partial
+    assert not any("partial_history" in r for _, r in sink.forecasts[-len(later) :])
+
+
+def test_a_run_without_loss_marks_nothing() -> None:
+    _, sink = _control(_log(days=30))
+    assert sink.forecasts and not any("partial_history" in r for _, r in sink.forecasts)
+
+
+def _as_of(record: dict[str, Any]) -> str:
+    return str(record["as_of"])
+
+
+def _as_of_ms(as_of: str) -> int:
+    return int(datetime.fromisoformat(as_of.replace("Z", "+00:00")).timestamp() * 1000)

@@ -60,6 +60,22 @@ def test_the_fetch_wait_still_reaches_aiokafka_through_the_attribute_we_set() ->
     assert "_new_consumer_thread" in vars(AIOKafkaConsumer)
 
 
+def test_the_rewind_by_time_still_finds_the_consumer_thread_and_its_client() -> None:
+    from aiokafka import AIOKafkaConsumer as RawConsumer
+    from faust.transport.consumer import ThreadDelegateConsumer
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    # BatchConsumer._offset_for_time: self._thread.offsets_for_times -> call_thread(
+    # self._ensure_consumer().offsets_for_times, ...).
+    assert issubclass(fastpath.BatchConsumer, ThreadDelegateConsumer)
+    assert "self._thread = self._new_consumer_thread()" in inspect.getsource(
+        ThreadDelegateConsumer.__init__
+    )
+    assert "_ensure_consumer" in vars(AIOKafkaConsumerThread)
+    assert inspect.iscoroutinefunction(AIOKafkaConsumerThread.call_thread)
+    assert _params(RawConsumer.offsets_for_times) == ["self", "timestamps"]
+
+
 def _fetched_partition(value_deserializer: Any) -> list[Any]:
     """Records of one fetched partition, as aiokafka's fetcher iterates them."""
     from aiokafka.record.default_records import DefaultRecordBatchBuilder
