@@ -46,7 +46,8 @@ class Rebuild:
             held until the rebuild ends.
         replaying: The consumer was sought back to where the replay starts: the batches of the
             partition are the replay.
-        from_offset: Where the replay starts (the oldest kept bucket, found by time; else the log start), once known.
+        from_offset: Where the replay starts (the oldest kept bucket, found by time; else
+            the log start), once known.
         first_bucket_ms: The oldest bucket of the replayed events, once seen.
         events: Events replayed so far.
     """
