@@ -122,7 +122,7 @@ def minute_slice(data: Path) -> Path:
     if not out.is_file():
         frame = pd.read_parquet(data)
         ts = pd.to_datetime(frame["InvoiceDate"])
-        keep = (ts >= MINUTE_DAYS[0]) & (ts < MINUTE_DAYS[1])
+        keep = (ts >= pd.Timestamp(MINUTE_DAYS[0])) & (ts < pd.Timestamp(MINUTE_DAYS[1]))
         out.parent.mkdir(parents=True, exist_ok=True)
         frame[keep].reset_index(drop=True).to_parquet(out)
     return out

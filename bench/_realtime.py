@@ -42,7 +42,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench import throughput as tp
 from stream.settings.worker import WorkerSettings
+from trendcast.data import read_lines
 from trendcast.devtools.embedded import ensure_topics
+from trendcast.devtools.up import worker_env
 
 __all__ = ["measure"]
 
@@ -294,7 +296,7 @@ def measure(
 
     daily, _ = daily_bundle(args.data) if args.bundle is None else (args.bundle, True)
     minute, _ = minute_bundle(args.data)
-    lines, _ = tp.read_lines(args.data, columns=tp.COLUMNS, item_pattern=tp.ITEM_PATTERN)
+    lines, _ = read_lines(args.data, columns=tp.COLUMNS, item_pattern=tp.ITEM_PATTERN)
     catalogue = lines["item_id"].value_counts().index.astype(str).tolist()
     items = catalogue[:ITEMS]
     seconds = 10.0 if args.quick else 20.0
@@ -405,7 +407,7 @@ def _with_worker(settings: WorkerSettings, tmp: Path, body: Any) -> Any:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(  # noqa: S603 - argv built here
             [sys.executable, "-m", "stream"],
-            env=tp.worker_env(settings),
+            env=worker_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=str(tp.REPO),

@@ -192,7 +192,12 @@ def fill(
     updates = updates[1::2]  # one per item: the window
     client = redis.Redis.from_url(url)
     try:
-        dumps = [client.dump(item_keys(template, u.item_id)[0]) for u in updates]
+        dumps: list[bytes] = []
+        for u in updates:
+            dump = client.dump(item_keys(template, u.item_id)[0])
+            if not isinstance(dump, bytes):
+                raise ScaleError(f"expected a window of {u.item_id} to DUMP, got {dump!r}")
+            dumps.append(dump)
         last_sale = [max(d.bucket_ms for d in u.deltas) for u in updates]
         for u in updates:
             client.delete(*item_keys(template, u.item_id))
