@@ -6,7 +6,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= train,embedded,bench,dev,tracing
 
-.PHONY: install test test-all lint format up bench bench-offline bench-chaos bench-throughput bench-lookup clean
+.PHONY: install test test-all lint format up bench bench-offline bench-chaos bench-throughput bench-lookup bench-scale clean
 
 install: $(STAMP)  ## Create ./.venv with everything (idempotent; fast when done)
 
@@ -43,11 +43,14 @@ bench-offline: install  ## LSTM vs baselines, AutoETS, LightGBM on the full data
 bench-chaos: install  ## Crash, rebalance, Redis outage, hostile input, broker restart, failover, flush (~6 min)
 	$(PY) bench/chaos.py
 
-bench-throughput: install  ## Raw Kafka vs plain Faust vs the worker, latency, a close (5-9 min)
+bench-throughput: install  ## Live and catch-up workloads, a 20,000-item close, real time (<10 min)
 	$(PY) bench/throughput.py
 
 bench-lookup: install  ## GET /forecasts lookups/s and p99 on a real worker and Redis (~2 min)
 	$(PY) bench/lookup.py
+
+bench-scale: install  ## One daily close of 10^4, 10^5, 10^6 items, 1 and 2 workers (~15 min)
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts

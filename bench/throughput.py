@@ -33,9 +33,19 @@ batch only after its state is in Redis), and the time from a bucket close to the
 of ``--close-items`` new items. Also printed: Redis round trips per batch, where the worker's
 batch time went, ``MEMORY USAGE`` of item keys (and of full 56-day windows), and ONNX Runtime
 windows/s at the batch sizes the worker uses. ``--profile`` runs the worker under pyinstrument
-(slower: use it for where the time goes, not for the rates). The model is the TF-free fake
-bundle of ``trendcast/testkit/bundles.py`` (window 56, horizon 28) unless ``--bundle``
-names a real one.
+(slower: use it for where the time goes, not for the rates).
+
+Issue 18 (honest figures): the model is the daily bundle of ``trendcast train`` on the shared
+data (``bench/_bundles.py``: trained once, cached under ``artifacts/bench-bundle/``; or
+``--bundle``; ``--fake-bundle`` only to debug the bench). The topic above is the *live*
+workload and starts with warm-up history (:func:`build_history`) so that its items have full
+windows; a second topic holds the *catch-up* workload (:func:`build_catchup`: a year of the
+data at its real times after two months of warm-up), read ``--catchup-runs`` times. Rates and
+the counters of the measured part (fallback share, forecasts per event, ONNX seconds) leave
+the warm-up out. One extra read starts past the warm-up (no full windows): the fallback-only
+figure of earlier rounds. The close phase closes ``--close-items`` (20,000) items with full
+windows at once, against ONNX Runtime's one-core windows/s at batch 256; then the real-time
+part (``bench/_realtime.py``; ``--no-realtime`` skips it).
 
 The exit code is 1 on any error (a service that does not start, a reader that does not reach
 the end in time, a worker that dead-letters valid events or exits non-zero).
@@ -58,7 +68,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar, cast
@@ -69,6 +79,7 @@ if str(REPO) not in sys.path:  # `python bench/throughput.py` puts bench/, not t
 
 import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
 import orjson  # noqa: E402
 import redis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
@@ -108,6 +119,12 @@ LOW, HIGH = 0.2, 0.8
 #: Items whose keys get a ``MEMORY USAGE``.
 MEMORY_SAMPLE = 20
 INFERENCE_BATCH = 256
+#: The live workload's warm-up history: this many days of the data from this date.
+WARM_FROM = "2010-09-01"
+WARM_DAYS = 61
+#: The catch-up workload: two months of warm-up, then a year replayed at full speed.
+CATCHUP_WARM = ("2010-07-01", "2010-09-01")
+CATCHUP_YEAR = ("2010-09-01", "2011-09-01")
 
 T = TypeVar("T")
 
@@ -147,14 +164,18 @@ def _crossing(progress: Sequence[tuple[float, int]], target: float) -> float:
     raise BenchError(f"expected progress to reach {target:.0f}, got {progress[-1][1]}")
 
 
-def steady_rate(progress: Sequence[tuple[float, int]], total: int) -> Rate:
-    """Events/s between ``LOW`` and ``HIGH`` of ``total``.
+def steady_rate(progress: Sequence[tuple[float, int]], total: int, base: int = 0) -> Rate:
+    """Events/s between ``LOW`` and ``HIGH`` of ``total`` events after the first ``base``.
+
+    ``base`` is the warm-up part of a topic (history read before the measured part).
 
     >>> round(steady_rate([(0.0, 0), (5.0, 0), (6.0, 50), (7.0, 100)], 100).events_per_s, 6)
     50.0
+    >>> round(steady_rate([(0.0, 0), (5.0, 100), (6.0, 150), (7.0, 200)], 100, 100).events_per_s)
+    50
     """
-    t_low = _crossing(progress, LOW * total)
-    t_high = _crossing(progress, HIGH * total)
+    t_low = _crossing(progress, base + LOW * total)
+    t_high = _crossing(progress, base + HIGH * total)
     if t_high <= t_low:
         raise BenchError(f"expected progress over time, got {len(progress)} samples")
     return Rate(
@@ -230,22 +251,64 @@ class Watch(NamedTuple):
     #: CPU seconds used so far by the worker processes (summed) and by Redis, per sample.
     worker_cpu: list[tuple[float, float | None]]
     redis_cpu: list[tuple[float, float | None]]
+    #: The counters of ``COUNTERS`` summed over the workers, per sample.
+    counters: Sequence[tuple[float, dict[str, float]]] = ()
 
-    def result(self, total: int, exit_code: int = 0) -> WorkerResult:
-        """Steady-state rates (by the workers' counters and by commits) and CPU share."""
-        by_metric = steady_rate(self.by_metric, total)
-        t_low = _crossing(self.by_metric, LOW * total)
-        t_high = _crossing(self.by_metric, HIGH * total)
+    def result(self, total: int, exit_code: int = 0, base: int = 0) -> WorkerResult:
+        """Steady-state rates (by the workers' counters and by commits) and CPU share.
+
+        ``base`` events of warm-up history come first; ``total`` are measured after them.
+        """
+        by_metric = steady_rate(self.by_metric, total, base)
+        t_low = _crossing(self.by_metric, base + LOW * total)
+        t_high = _crossing(self.by_metric, base + HIGH * total)
         return WorkerResult(
             by_metric,
-            steady_rate(self.by_commit, total),
+            steady_rate(self.by_commit, total, base),
             self.metrics,
             self.wall_s,
             exit_code,
             cpu_busy=busy_share(self.cpu, t_low, t_high),
             worker_cores=cores_used(self.worker_cpu, t_low, t_high),
             redis_cores=cores_used(self.redis_cpu, t_low, t_high),
+            measured=counter_deltas(self.counters, t_low, t_high),
         )
+
+
+#: Counters the watcher keeps per sample (summed over the workers): what the measured part
+#: of a read did (forecasts by source, ONNX seconds, events).
+COUNTERS = {
+    "events": "trendcast_events_in_total",
+    "model": 'trendcast_predictions_total{source="model"}',
+    "fallback": 'trendcast_predictions_total{source="fallback"}',
+    "onnx_s": "trendcast_inference_seconds_sum",
+    "batch_s": "trendcast_batch_seconds_sum",
+}
+
+
+def counter_deltas(
+    samples: Sequence[tuple[float, dict[str, float]]], start: float, end: float
+) -> dict[str, float]:
+    """How much each counter grew between the first and last sample in ``[start, end]``.
+
+    >>> counter_deltas([(0.0, {"x": 1.0}), (1.0, {"x": 3.0}), (2.0, {"x": 7.0})], 0.5, 2.5)
+    {'x': 4.0}
+    """
+    inside = [values for t, values in samples if start <= t <= end]
+    if len(inside) < 2:
+        return {}
+    first, last = inside[0], inside[-1]
+    return {k: last.get(k, 0.0) - first.get(k, 0.0) for k in last}
+
+
+def fallback_share(measured: dict[str, float]) -> float | None:
+    """Share of forecast rows made by the fallback in ``measured`` (None: no forecasts).
+
+    >>> fallback_share({"model": 99.0, "fallback": 1.0})
+    0.01
+    """
+    rows = measured.get("model", 0.0) + measured.get("fallback", 0.0)
+    return measured.get("fallback", 0.0) / rows if rows else None
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -297,6 +360,104 @@ def build_events(path: Path, n: int, days: int) -> tuple[list[tuple[bytes, bytes
         events.append((items[i].encode(), orjson.dumps(value)))
     logger.info("%d events from %d lines over %d days", n, len(lines), days)
     return events, start_ms + days * DAY_MS
+
+
+def _encode(
+    prefix: str,
+    items: Sequence[str],
+    event_ms: npt.NDArray[np.int64],
+    quantities: Sequence[float],
+    prices: Sequence[float],
+) -> list[tuple[bytes, bytes]]:
+    """Sale events ``(key, JSON value)``; ``event_id`` is ``prefix`` + the position."""
+    iso = np.datetime_as_string(event_ms.astype("datetime64[ms]"), unit="ms").tolist()
+    events: list[tuple[bytes, bytes]] = []
+    for i, (item, ts, qty, price) in enumerate(zip(items, iso, quantities, prices, strict=True)):
+        value: dict[str, Any] = {
+            "event_id": f"{prefix}{i}",
+            "item_id": item,
+            "ts": ts + "Z",
+            "quantity": qty,
+        }
+        if math.isfinite(price):
+            value["price"] = price
+        events.append((item.encode(), orjson.dumps(value)))
+    return events
+
+
+def build_history(
+    path: Path, items: Iterable[str], start_ms: int, days: int = WARM_DAYS
+) -> list[tuple[bytes, bytes]]:
+    """Warm-up history of the live workload: a full window for every item of ``items``.
+
+    The windows must be full before the measured part, or its forecasts come from the
+    fallback (less than a window of history), not from the model. One event per item and
+    selling day, with the item's real daily units and mean unit price over the ``days`` days
+    of the data from ``WARM_FROM``, placed on the ``days`` days before ``start_ms``; and one
+    unit on the first of those days for an item that did not sell then (its first sale, so
+    that every item has a full window at the measured part's first close). In event-time
+    order, ids ``wh0``, ``wh1``...
+    """
+    wanted = set(items)
+    lines, _ = read_lines(path, columns=COLUMNS, item_pattern=ITEM_PATTERN)
+    lo = np.datetime64(WARM_FROM, "ms")
+    ts = lines["ts"].to_numpy(dtype="datetime64[ms]")
+    lines = lines[
+        (ts >= lo) & (ts < lo + np.timedelta64(days, "D")) & lines["item_id"].isin(wanted)
+    ]
+    lines = lines.assign(
+        day=(lines["ts"].to_numpy(dtype="datetime64[ms]") - lo).astype(np.int64) // DAY_MS,
+        pq=lines["price"].fillna(0.0) * lines["quantity"],
+    )
+    daily = lines.groupby(["day", "item_id"], as_index=False)[["quantity", "pq"]].sum()
+    first_day = set(daily.loc[daily["day"] == 0, "item_id"])
+    rows = [(0, item, 1.0, math.nan) for item in sorted(wanted - first_day)]
+    for day, item, qty, pq in daily.itertuples(index=False, name=None):
+        rows.append((int(day), str(item), float(qty), pq / qty if qty > 0 else math.nan))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    day0 = start_ms - days * DAY_MS
+    # Noon of each day, one millisecond apart: distinct, in order.
+    event_ms = np.array(
+        [day0 + d * DAY_MS + DAY_MS // 2 + i for i, (d, *_) in enumerate(rows)], dtype=np.int64
+    )
+    events = _encode(
+        "wh", [r[1] for r in rows], event_ms, [r[2] for r in rows], [r[3] for r in rows]
+    )
+    logger.info(
+        "warm-up history: %d events for %d items over %d days", len(rows), len(wanted), days
+    )
+    return events
+
+
+def build_catchup(path: Path) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """The catch-up workload: the data's real lines, real times, in event-time order.
+
+    Returns:
+        The warm-up part (``CATCHUP_WARM``: two months, read first so that most items have
+        a full window when the measured part starts) and the measured year
+        (``CATCHUP_YEAR``), ids ``cu0``, ``cu1``... across both.
+    """
+    lines, _ = read_lines(path, columns=COLUMNS, item_pattern=ITEM_PATTERN)
+    lines = lines.sort_values("ts", kind="stable").reset_index(drop=True)
+    ts = lines["ts"].to_numpy(dtype="datetime64[ms]")
+    bounds = [np.datetime64(d, "ms") for d in (*CATCHUP_WARM, CATCHUP_YEAR[1])]
+    keep = (ts >= bounds[0]) & (ts < bounds[2])
+    lines, ts = lines[keep].reset_index(drop=True), ts[keep]
+    prices = (
+        lines["price"].to_numpy(dtype="float64")
+        if "price" in lines.columns
+        else np.full(len(lines), np.nan)
+    )
+    events = _encode(
+        "cu",
+        lines["item_id"].astype(str).tolist(),
+        ts.astype(np.int64),
+        lines["quantity"].to_numpy(dtype="float64").tolist(),
+        prices.tolist(),
+    )
+    warm = int((ts < bounds[1]).sum())
+    logger.info("catch-up: %d warm-up events, %d in the measured year", warm, len(events) - warm)
+    return events[:warm], events[warm:]
 
 
 async def _produce(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> list[int]:
@@ -409,6 +570,8 @@ class WorkerResult:
     redis_cores: float | None = None
     #: The ceiling (a) read just before this read, on the same machine a few seconds earlier.
     ceiling: float | None = None
+    #: Growth of ``COUNTERS`` in the steady state (the measured part).
+    measured: dict[str, float] = field(default_factory=dict)
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
@@ -436,11 +599,13 @@ async def _watch_worker(
     proc: subprocess.Popen[bytes] | Sequence[subprocess.Popen[bytes]],
     timeout_s: float,
     web_ports: Sequence[int] | None = None,
+    skipped: int = 0,
 ) -> Watch:
     """Progress of one worker (or of a group: ``proc`` a list, one web port each) until the
     group's committed offsets reach ``ends``: events counted by the workers' own
     ``events_in`` counters (summed), committed offsets, the last metrics of the first, and
-    the machine's CPU time at each sample."""
+    the machine's CPU time at each sample. ``skipped`` events were never to be read (the
+    group started past them)."""
     procs = [proc] if isinstance(proc, subprocess.Popen) else list(proc)
     urls = [f"http://127.0.0.1:{p}/metrics" for p in (web_ports or [settings.web_port])]
     total = sum(ends)
@@ -455,6 +620,7 @@ async def _watch_worker(
     cpu: list[tuple[float, int, int]] = []
     worker_cpu: list[tuple[float, float | None]] = []
     redis_cpu: list[tuple[float, float | None]] = []
+    counters: list[tuple[float, dict[str, float]]] = []
     redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=1)
     started = time.perf_counter()
     try:
@@ -475,6 +641,9 @@ async def _watch_worker(
                             metrics[i] = parse_metrics(await response.text())
                 seen = sum(int(m.get("trendcast_events_in_total", 0)) for m in metrics)
                 by_metric.append((now, seen))
+                counters.append(
+                    (now, {k: sum(m.get(v, 0.0) for m in metrics) for k, v in COUNTERS.items()})
+                )
                 jiffies = cpu_jiffies()
                 if jiffies is not None:
                     cpu.append((now, *jiffies))
@@ -484,7 +653,7 @@ async def _watch_worker(
                 # committed() is an OffsetFetch: it does not join the group nor rebalance it.
                 committed = [await committer.committed(tp) or 0 for tp in tps]
                 by_commit.append((now, sum(committed)))
-                if committed == ends and seen >= total:
+                if committed == ends and seen >= total - skipped:
                     return Watch(
                         by_metric,
                         by_commit,
@@ -493,6 +662,7 @@ async def _watch_worker(
                         cpu,
                         worker_cpu,
                         redis_cpu,
+                        counters,
                     )
                 await asyncio.sleep(0.25)
     finally:
@@ -501,10 +671,26 @@ async def _watch_worker(
 
 
 def group_run(
-    settings: WorkerSettings, bootstrap: str, ends: list[int], tmp: Path, timeout_s: float, n: int
+    settings: WorkerSettings,
+    bootstrap: str,
+    ends: list[int],
+    tmp: Path,
+    timeout_s: float,
+    n: int,
+    base: int = 0,
+    env: dict[str, str] | None = None,
+    start: Sequence[int] | None = None,
 ) -> WorkerResult:
     """``n`` worker processes in one consumer group over the whole topic (state shared in
-    Redis, partitions split between them): how the worker scales out on one machine."""
+    Redis, partitions split between them): how the worker scales out on one machine.
+
+    The first ``base`` events of the topic are warm-up history (read, not measured); ``env``
+    adds variables to the workers' environment; ``start`` (offsets per partition) is
+    committed for the group first, so that the workers start there (measured: the rest)."""
+    skipped = 0
+    if start is not None:
+        run(commit_offsets(bootstrap, settings.consumer_group, settings.sales_topic, start))
+        skipped, base = sum(start), 0
     ports = [free_port() for _ in range(n)]
     procs: list[subprocess.Popen[bytes]] = []
     logs = [tmp / f"{settings.consumer_group}-{i}.log" for i in range(n)]
@@ -515,13 +701,13 @@ def group_run(
                 procs.append(
                     subprocess.Popen(  # noqa: S603 - argv built here
                         [sys.executable, "-m", "stream"],
-                        env=worker_env(child),
+                        env=worker_env(child) | (env or {}),
                         stdout=log,
                         stderr=subprocess.STDOUT,
                         cwd=str(REPO),
                     )
                 )
-        watch = run(_watch_worker(settings, bootstrap, ends, procs, timeout_s, ports))
+        watch = run(_watch_worker(settings, bootstrap, ends, procs, timeout_s, ports, skipped))
     except BaseException:
         for p in procs:
             _stop(p)
@@ -529,7 +715,21 @@ def group_run(
             logger.error("worker log tail (%s):\n%s", log_path.name, _tail(log_path))
         raise
     codes = [_stop(p) for p in procs]
-    return watch.result(sum(ends), next((c for c in codes if c != 0), 0))
+    return watch.result(sum(ends) - base - skipped, next((c for c in codes if c != 0), 0), base)
+
+
+async def commit_offsets(bootstrap: str, group: str, topic: str, offsets: Sequence[int]) -> None:
+    """Commit ``offsets`` (one per partition) for ``group``: where its workers will start."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(len(offsets))]
+        consumer.assign(tps)
+        await consumer.commit({tp: off for tp, off in zip(tps, offsets, strict=True)})
+    finally:
+        await consumer.stop()
 
 
 @dataclass
@@ -542,6 +742,7 @@ class Phases:
     close_items: int = 0
     close_forecasts: int = 0
     close_built_s: float = 0.0
+    close_fallbacks: int = 0
 
 
 async def _committed(committer: AIOKafkaConsumer, tps: Sequence[TopicPartition]) -> list[int]:
@@ -640,27 +841,43 @@ async def _phases(
             t_done = next(t for t, c in polls if t >= t_sent and c[p] > offset)
             out.latency_ms.append((t_done - t_sent) * 1000)
 
-        # One bucket close with exactly close_items active items. First jump the clocks a
-        # window ahead (one event per partition), so that the earlier items fall out of the
-        # window; that closes every bucket in between (a burst, not timed). Then the items
-        # sell in the open bucket before the jump's, and the closing events close just it.
-        jump_ms = day_ms + (window_days + 4) * DAY_MS
-        futures = []
-        for p in range(len(ends)):
-            futures.append(await producer.send(topic, _sale(items[0], jump_ms, n), partition=p))
-            n += 1
-        for meta in await asyncio.gather(*futures):
-            ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
-        await _wait_committed(committer, tps, ends, 600)
+        # One bucket close with exactly close_items active items, each with a full window
+        # (so the model, not the fallback, forecasts them). First jump the clocks a window
+        # ahead (one event per partition), so that the earlier items fall out of the window;
+        # that closes every bucket in between (a burst, not timed). The new items make
+        # their first sale in the open bucket after the jump (jump_a - 1 day); a second jump
+        # a window later (another untimed burst) leaves that first sale as the oldest
+        # bucket of the window of the bucket that then opens, in which they sell again;
+        # the closing events close just that bucket, whose windows are full.
+        async def jump(to_ms: int) -> None:
+            nonlocal n
+            futures = []
+            for p in range(len(ends)):
+                futures.append(await producer.send(topic, _sale(items[0], to_ms, n), partition=p))
+                n += 1
+            for meta in await asyncio.gather(*futures):
+                ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
+            await _wait_committed(committer, tps, ends, 600)
+
+        async def sell(ids: Sequence[str], at_ms: int) -> None:
+            nonlocal n
+            futures = []
+            for i, item in enumerate(ids):
+                value = _sale(item, at_ms + i, n)
+                futures.append(await producer.send(topic, value, key=item.encode()))
+                n += 1
+            for meta in await asyncio.gather(*futures):
+                ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
+            await _wait_committed(committer, tps, ends, 300)
+
         close_ids = [f"CL{i:05d}" for i in range(close_items)]
-        futures = []
-        for i, item in enumerate(close_ids):
-            value = _sale(item, jump_ms - DAY_MS + 43_200_000 + i, n)
-            futures.append(await producer.send(topic, value, key=item.encode()))
-            n += 1
-        for meta in await asyncio.gather(*futures):
-            ends[meta.partition] = max(ends[meta.partition], meta.offset + 1)
-        await _wait_committed(committer, tps, ends, 120)
+        jump_a = day_ms + (window_days + 4) * DAY_MS
+        await jump(jump_a)
+        await sell(close_ids, jump_a - DAY_MS + 43_200_000)
+        # The closed bucket will be jump_ms - 1 day: the first sale is its window's oldest.
+        jump_ms = jump_a + (window_days - 1) * DAY_MS
+        await jump(jump_ms)
+        await sell(close_ids, jump_ms - DAY_MS + 43_200_000)
         day_ms = jump_ms  # the closing events below are timed from here
         reader = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
@@ -680,11 +897,13 @@ async def _phases(
             t0, t0_wall_ms = time.perf_counter(), time.time() * 1000
             futures = []
             for p in range(len(ends)):
-                value = _sale(items[0], day_ms + DAY_MS, n)  # watermark -> day_ms
+                # Watermark (newest event minus the allowed lateness, under a day) -> day_ms.
+                value = _sale(items[0], day_ms + DAY_MS, n)
                 futures.append(await producer.send(topic, value, partition=p))
                 n += 1
             await asyncio.gather(*futures)
             waiting, last, seen, emitted_ms = set(close_ids), t0, 0, 0
+            fallbacks = 0
             while waiting:
                 if time.perf_counter() - t0 > 120:
                     raise BenchError(f"{len(waiting)} close forecasts missing after 120 s")
@@ -694,11 +913,13 @@ async def _phases(
                         value = orjson.loads(record.value)
                         if value["as_of"] == as_of:
                             seen += 1
+                            fallbacks += bool(value["fallback"])
                             emitted_ms = max(emitted_ms, value["emitted_at_ms"])
                             waiting.discard(value["item_id"])
                             last = time.perf_counter()
             out.close_s, out.close_items, out.close_forecasts = last - t0, close_items, seen
             out.close_built_s = (emitted_ms - t0_wall_ms) / 1000
+            out.close_fallbacks = fallbacks
         finally:
             await reader.stop()
     finally:
@@ -749,6 +970,7 @@ def worker_run(
     latency_s: float,
     close_items: int,
     profile: Path | None = None,
+    base: int = 0,
 ) -> tuple[WorkerResult, Phases]:
     """Run ``python -m stream`` over the whole topic, then the latency and close phases."""
     log_path = tmp / f"{settings.consumer_group}.log"
@@ -765,7 +987,7 @@ def worker_run(
         )
         try:
             result = run(_watch_worker(settings, bootstrap, ends, proc, timeout_s)).result(
-                sum(ends)
+                sum(ends) - base, 0, base
             )
             rate = result.by_metric.events_per_s / 2
             phases = _timed(
@@ -865,8 +1087,11 @@ def clear_prefix(url: str, prefix: str) -> None:
 
 
 # -- ONNX ------------------------------------------------------------------------------------
-def onnx_rate(bundle_dir: Path, sizes: Sequence[int]) -> dict[int, float]:
-    """ONNX Runtime windows/s of the bundle at each batch size in ``sizes``."""
+def onnx_rate(
+    bundle_dir: Path, sizes: Sequence[int], threads: int | None = None
+) -> dict[int, float]:
+    """ONNX Runtime windows/s of the bundle at each batch size in ``sizes`` (``threads``
+    intra-op threads; default: the worker's)."""
     from bench.offline import onnx_throughput
     from trendcast.bundle import load_bundle
     from trendcast.forecasting.base import WindowBatch
@@ -883,7 +1108,7 @@ def onnx_rate(bundle_dir: Path, sizes: Sequence[int]) -> dict[int, float]:
         last_start_ms=np.full(n, 1_309_392_000_000, dtype=np.int64),
         history_len=np.full(n, window, dtype=np.int64),
     )
-    return onnx_throughput(OnnxForecaster(bundle), batch, sizes=tuple(sizes))
+    return onnx_throughput(OnnxForecaster(bundle, threads=threads), batch, sizes=tuple(sizes))
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -934,13 +1159,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=500_000, help="events in the topic")
     parser.add_argument("--partitions", type=int, default=4, help="partitions of the topic")
     parser.add_argument("--quick", action="store_true", help="50,000 events (smoke run)")
-    parser.add_argument("--bundle", type=Path, default=None, help="real bundle (default: fake)")
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="bundle (default: trained and cached here)"
+    )
+    parser.add_argument(
+        "--fake-bundle", action="store_true", help="the TF-free fake bundle (debugging only)"
+    )
+    parser.add_argument(
+        "--catchup-runs", type=int, default=3, help="reads of the catch-up year (0: skip)"
+    )
+    parser.add_argument(
+        "--no-realtime", dest="realtime", action="store_false", help="skip the real-time part"
+    )
     parser.add_argument("--raw-runs", type=int, default=3, help="raw reads (median)")
     parser.add_argument("--data", type=Path, default=DATA, help="sales parquet")
     parser.add_argument("--days", type=int, default=14, help="days of event time in the topic")
     parser.add_argument("--latency-s", type=float, default=15.0, help="latency phase length")
     parser.add_argument(
-        "--close-items", type=int, default=None, help="new items at the close (5000)"
+        "--close-items", type=int, default=None, help="items at the big close (20000)"
     )
     parser.add_argument(
         "--profile", type=Path, default=None, help="write a pyinstrument profile of the worker"
@@ -958,9 +1194,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.events, args.latency_s = 50_000, 5.0
     if args.close_items is None:
-        args.close_items = 500 if args.quick else 5000
+        args.close_items = 2000 if args.quick else 20_000
     if args.quick:
-        args.worker_runs = 1
+        args.worker_runs, args.catchup_runs = 1, min(args.catchup_runs, 1)
     if min(args.partitions, args.raw_runs, args.worker_runs) < 1 or args.events < 1000:
         parser.error("expected --events >= 1000 and --partitions, --raw-runs, --worker-runs >= 1")
     return args
@@ -973,7 +1209,13 @@ def bench(args: argparse.Namespace, tmp: Path) -> list[str]:
     total = len(events)
     timeout_s = max(180.0, total / 1000)  # generous: 1k events/s would be a failure anyway
     suffix = uuid.uuid4().hex[:8]
-    topics = {"sales": f"tp-sales-{suffix}", "dlq": f"tp-dlq-{suffix}", "fc": f"tp-fc-{suffix}"}
+    topics = {
+        "sales": f"tp-sales-{suffix}",
+        "catchup": f"tp-catchup-{suffix}",
+        "dlq": f"tp-dlq-{suffix}",
+        "fc": f"tp-fc-{suffix}",
+        "alerts": f"tp-alerts-{suffix}",
+    }
     with services(tmp) as (broker, redis_url):
         return _bench_on(
             args, tmp, broker, redis_url, events, item_counts, topics, timeout_s, day_ms
@@ -992,6 +1234,47 @@ def services(tmp: Path) -> Iterator[tuple[TansuBroker, str]]:
                 redis_server.stop()
 
 
+@dataclass
+class Workload:
+    """A topic of warm-up history then a measured part, and what the readers measured."""
+
+    name: str
+    topic: str
+    warm_ends: list[int]
+    ends: list[int]
+    raw: list[Rate] = field(default_factory=list)
+    reads: list[WorkerResult] = field(default_factory=list)
+
+    @property
+    def base(self) -> int:
+        """Events of warm-up history (read first, not measured)."""
+        return sum(self.warm_ends)
+
+    @property
+    def measured(self) -> int:
+        """Events of the measured part."""
+        return sum(self.ends) - self.base
+
+
+def _fill(
+    bootstrap: str,
+    topic: str,
+    partitions: int,
+    name: str,
+    warm: list[tuple[bytes, bytes]],
+    events: list[tuple[bytes, bytes]],
+) -> Workload:
+    """Create ``topic`` and produce the warm-up history, then the measured events."""
+    ensure_topics(bootstrap, {topic: partitions})
+    warm_ends = _timed(f"produce {name} warm-up", lambda: run(_produce(bootstrap, topic, warm)))
+    more = _timed(f"produce {name}", lambda: run(_produce(bootstrap, topic, events)))
+    warm.clear()
+    events.clear()  # the topic holds them now; free the memory for the readers
+    ends = [w + m for w, m in zip(warm_ends, more, strict=True)]
+    logger.info("topic %s: %s events per partition (%s warm-up)", topic, ends, warm_ends)
+    return Workload(name, topic, warm_ends, ends)
+
+
 def _bench_on(
     args: argparse.Namespace,
     tmp: Path,
@@ -1004,34 +1287,32 @@ def _bench_on(
     day_ms: int,
 ) -> list[str]:
     bootstrap = broker.bootstrap
-    total = len(events)
     parts = args.partitions
-    ensure_topics(bootstrap, {topics["sales"]: parts, topics["dlq"]: 1, topics["fc"]: parts})
-    ends = _timed("produce", lambda: run(_produce(bootstrap, topics["sales"], events)))
-    events.clear()  # the topic holds them now; free the memory for the readers
-    logger.info("topic %s: %s events per partition", topics["sales"], ends)
+    ensure_topics(bootstrap, {topics["dlq"]: 1, topics["fc"]: parts})
+    warm = build_history(args.data, item_counts, START_MONDAY_MS)
+    live = _fill(bootstrap, topics["sales"], parts, "live", warm, events)
+    total, ends, base = live.measured, live.ends, live.base
+    catchup: Workload | None = None
+    if args.catchup_runs:
+        cu_warm, cu_year = _timed("build catch-up events", lambda: build_catchup(args.data))
+        catchup = _fill(bootstrap, topics["catchup"], parts, "catch-up", cu_warm, cu_year)
 
     topic = topics["sales"]
 
     # The ceiling is read --raw-runs times here and once more just before every worker read:
     # this machine's speed drifts within minutes, so each worker read is also compared with
     # the ceiling read next to it (the paired ratios below).
-    def read_ceiling(label: str = "a: raw read") -> Rate:
-        return _timed(label, lambda: run(_raw_consume(bootstrap, topic, ends, 300)))
+    def read_ceiling(label: str = "a: raw read", on: Workload = live) -> Rate:
+        return _timed(label, lambda: run(_raw_consume(bootstrap, on.topic, on.ends, 300)))
 
     raw = [read_ceiling() for _ in range(args.raw_runs)]
     a = statistics.median(r.events_per_s for r in raw)
     b_rate = _timed(
-        "b: faust agent", lambda: faust_floor(bootstrap, topics["sales"], total, tmp, timeout_s)
+        "b: faust agent", lambda: faust_floor(bootstrap, topic, sum(ends), tmp, timeout_s)
     )
     b = b_rate.events_per_s
 
-    if args.bundle is not None:
-        bundle = args.bundle
-    else:
-        from trendcast.testkit.bundles import make_fake_bundle
-
-        bundle = make_fake_bundle(tmp / "bundle", window=WINDOW_DAYS, horizon=28)
+    bundle, bundle_note = _bundle(args, tmp)
     suffix = topics["sales"].rsplit("-", 1)[-1]
     settings = worker_settings(
         bootstrap,
@@ -1043,38 +1324,61 @@ def _bench_on(
         data_dir=tmp / "worker",
         partitions=parts,
     )
+
+    def fresh_read(
+        label: str, group: str, n: int, on: Workload, start: Sequence[int] | None = None
+    ) -> WorkerResult:
+        fresh = settings.model_copy(
+            update={
+                "consumer_group": f"tp-{group}-{suffix}",
+                "state_prefix": f"tp{group}-{suffix}",
+                "sales_topic": on.topic,
+            }
+        )
+        ceiling = read_ceiling(f"a: raw read (paired, {on.name})", on)
+        on.raw.append(ceiling)
+        try:
+            read = _timed(
+                label,
+                lambda: group_run(
+                    fresh, bootstrap, on.ends, tmp, timeout_s, n, on.base, start=start
+                ),
+            )
+        finally:
+            clear_prefix(redis_url, fresh.state_prefix)
+        if read.exit_code != 0:
+            raise BenchError(f"a worker exited {read.exit_code} after SIGTERM")
+        read.ceiling = ceiling.events_per_s
+        return read
+
     # The machine is noisy (run-to-run swings of 30% were seen): the worker's rates are the
     # median of --worker-runs reads, single worker and group taking turns. Each read uses a
     # fresh consumer group and key prefix, from scratch, and all of them come before the
     # last single-worker read, whose latency and close phases add events to the topic.
+    # Reads of the catch-up topic take turns with them.
     singles: list[WorkerResult] = []
     groups: list[WorkerResult] = []
+    live.raw = raw
     for run_no in range(args.worker_runs):
         plan = [(1, singles)] if run_no < args.worker_runs - 1 else []
         if args.group_workers > 1:
             plan.append((args.group_workers, groups))
         for n, into in plan:
-            fresh = settings.model_copy(
-                update={
-                    "consumer_group": f"tp-w{n}r{run_no}-{suffix}",
-                    "state_prefix": f"tpw{n}r{run_no}-{suffix}",
-                }
+            into.append(
+                fresh_read(f"c: {n} worker(s), run {run_no + 1}", f"w{n}r{run_no}", n, live)
             )
-            ceiling = read_ceiling("a: raw read (paired)")
-            raw.append(ceiling)
-            try:
-                read = _timed(
-                    f"c: {n} worker(s), run {run_no + 1}",
-                    lambda fresh=fresh, n=n: group_run(  # type: ignore[misc]
-                        fresh, bootstrap, ends, tmp, timeout_s, n
-                    ),
-                )
-            finally:
-                clear_prefix(redis_url, fresh.state_prefix)
-            if read.exit_code != 0:
-                raise BenchError(f"a worker exited {read.exit_code} after SIGTERM")
-            read.ceiling = ceiling.events_per_s
-            into.append(read)
+        if catchup is not None and run_no < args.catchup_runs:
+            catchup.reads.append(
+                fresh_read(f"c: catch-up, run {run_no + 1}", f"cu{run_no}", 1, catchup)
+            )
+    if catchup is not None:
+        for run_no in range(args.worker_runs, args.catchup_runs):
+            catchup.reads.append(
+                fresh_read(f"c: catch-up, run {run_no + 1}", f"cu{run_no}", 1, catchup)
+            )
+    # The fallback-only figure (what this bench measured before issue 18): the live
+    # workload read from the end of its warm-up history, so no item has a full window.
+    fallback_only = fresh_read("c: fallback only", "fb", 1, live, start=live.warm_ends)
     top = [item for item, _ in item_counts.most_common(MEMORY_SAMPLE)]
     ceiling = read_ceiling("a: raw read (paired)")
     raw.append(ceiling)
@@ -1092,6 +1396,7 @@ def _bench_on(
                 latency_s=args.latency_s,
                 close_items=args.close_items,
                 profile=args.profile,
+                base=base,
             ),
         )
         result.memory = item_memory(redis_url, settings.state_prefix, top)
@@ -1100,12 +1405,108 @@ def _bench_on(
         clear_prefix(redis_url, settings.state_prefix)
     result.ceiling = ceiling.events_per_s
     singles.append(result)
+    live.reads = singles
     a = statistics.median(r.events_per_s for r in raw)
+    realtime_lines: list[str] = []
+    if args.realtime:
+        from bench import _realtime
+
+        realtime_lines = _timed(
+            "real time",
+            lambda: _realtime.measure(
+                args, tmp, bootstrap, redis_url, rate=result.by_metric.events_per_s / 2
+            ),
+        )
     sizes = (1, 32, settings.inference_batch_size)
     onnx = _timed("onnx", lambda: onnx_rate(bundle, sizes))
-    return report(
+    onnx_one = _timed("onnx, one core", lambda: onnx_rate(bundle, (256,), threads=1))[256]
+    lines = report(
         args, total, ends, raw, a, b_rate, b, result, phases, onnx, singles, groups, settings
     )
+    lines[2] = lines[2].replace(
+        "; model: fake bundle (window 56, horizon 28)", f"; model: {bundle_note} {bundle}", 1
+    )
+    lines += workloads_report(live, catchup, fallback_only, phases, onnx_one)
+    return lines + realtime_lines
+
+
+def _bundle(args: argparse.Namespace, tmp: Path) -> tuple[Path, str]:
+    """The bundle the workers serve, and how it was made (printed with the figures)."""
+    if args.bundle is not None:
+        return args.bundle, "given"
+    if args.fake_bundle:
+        from trendcast.testkit.bundles import make_fake_bundle
+
+        return make_fake_bundle(tmp / "bundle", window=WINDOW_DAYS, horizon=28), "fake"
+    from bench._bundles import daily_bundle
+
+    started = time.perf_counter()
+    bundle, cached = daily_bundle(args.data)
+    how = "cached" if cached else f"trained in {time.perf_counter() - started:.0f} s"
+    return bundle, f"`trendcast train` ({how})"
+
+
+def workloads_report(
+    live: Workload,
+    catchup: Workload | None,
+    fallback_only: WorkerResult,
+    phases: Phases,
+    onnx_one: float,
+) -> list[str]:
+    """The two workloads (and the fallback-only read) and the big close, as markdown."""
+
+    def row(label: str, on: Workload, reads: Sequence[WorkerResult], note: str = "") -> str:
+        c = statistics.median(r.by_metric.events_per_s for r in reads)
+        a = statistics.median(r.events_per_s for r in on.raw)
+        measured = [r.measured for r in reads if r.measured]
+        fb = [x for x in map(fallback_share, measured) if x is not None]
+        forecasts = [
+            (m.get("model", 0) + m.get("fallback", 0)) / m["events"]
+            for m in measured
+            if m.get("events")
+        ]
+        onnx_s = [m.get("onnx_s", 0.0) for m in measured]
+        batch_s = [m.get("batch_s", 0.0) for m in measured]
+        return (
+            f"| {label} | {on.measured:,} (+{on.base:,} warm-up) | {c:,.0f} | {a:,.0f} | "
+            f"{c / a:.3f} | {paired_ratio(reads)} | "
+            f"{statistics.median(fb) if fb else float('nan'):.2%} | "
+            f"{statistics.median(forecasts) if forecasts else float('nan'):.3f} | "
+            f"{statistics.median(onnx_s) if onnx_s else float('nan'):.1f} of "
+            f"{statistics.median(batch_s) if batch_s else float('nan'):.1f} |{note}"
+        )
+
+    lines = [
+        "",
+        "## Workloads (real bundle, full windows; steady state of the measured part)",
+        "",
+        "| workload | events measured | c events/s | a events/s | c/a (medians) | c/a paired "
+        "| fallback share | forecasts per event | ONNX s of batch s (median read) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        row("live: a day's events then its close, 14 days", live, live.reads),
+    ]
+    if catchup is not None and catchup.reads:
+        lines.append(row("catch-up: a year of the data at full speed", catchup, catchup.reads))
+    lines.append(
+        row(
+            "extra, fallback only: live without warm-up (no full window)",
+            live,
+            [fallback_only],
+        )
+    )
+    per_s = phases.close_items / phases.close_s if phases.close_s else float("nan")
+    lines += [
+        "",
+        "| big close | value |",
+        "| --- | ---: |",
+        f"| items with full windows closing at once | {phases.close_items:,} "
+        f"({phases.close_fallbacks:,} fallback forecasts) |",
+        f"| close -> last forecast delivered | {phases.close_s:.2f} s |",
+        f"| forecasts delivered per second | {per_s:,.0f} |",
+        f"| ONNX Runtime windows/s, same bundle, one core, batch 256 | {onnx_one:,.0f} |",
+        f"| ratio (goal >= 0.5) | {per_s / onnx_one:.3f} |",
+    ]
+    return lines
 
 
 def report(

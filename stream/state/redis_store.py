@@ -284,6 +284,7 @@ class RedisWindowStore:
         self._prefix = prefix
         self._shas: dict[str, str] = {}
         self._sums: dict[bytes, BucketSums] = {}  # stored value -> parsed (see read)
+        self._starts: dict[bytes, int] = {}  # window field -> bucket start (see read)
         # A single server takes the keys of many items in one script call; a cluster only
         # keys of one slot (see _APPLY_ITEMS).
         self._cluster = isinstance(client, AsyncRedisCluster)
@@ -626,13 +627,19 @@ class RedisWindowStore:
         # comprehensions, and the sums of a stored value built once — the same few
         # quantities ("1", "12", "6") fill most buckets, and a frozen BucketSums is safe to
         # share between windows.
+        # The bucket start of a field is remembered too: every window of a close holds the
+        # same few dozen bucket indices, so a dict lookup replaces int() and the arithmetic.
         origin, step = self._freq.origin_ms, self._freq.step_ms
         cached = self._sums.get
         parse = self._parse_sums
+        known_start = self._starts.get
+        start_of = self._start_of
         out: dict[str, ItemWindow] = {}
         for item_id, fields in zip(item_ids, results, strict=True):
             f = fields.pop(b"f", None)
-            buckets = {origin + int(k) * step: cached(v) or parse(v) for k, v in fields.items()}
+            buckets = {
+                known_start(k) or start_of(k): cached(v) or parse(v) for k, v in fields.items()
+            }
             # HSET appends new fields, so buckets mostly come oldest first already.
             starts = list(buckets)
             if starts != sorted(starts):
@@ -640,6 +647,13 @@ class RedisWindowStore:
             first = None if f is None else origin + int(f) * step
             out[item_id] = ItemWindow(item_id, first, buckets)
         return out
+
+    def _start_of(self, field: bytes) -> int:
+        """Start (epoch ms) of the bucket of a window field, remembered (see :meth:`read`)."""
+        if len(self._starts) >= _SUMS_CACHED:
+            self._starts.clear()
+        start = self._starts[field] = self._freq.origin_ms + int(field) * self._freq.step_ms
+        return start
 
     def _parse_sums(self, value: bytes) -> BucketSums:
         """:func:`_parse_sums`, remembered for the next windows (see :meth:`read`)."""
