@@ -81,6 +81,7 @@ __all__ = [
     "list_topics_async",
     "redis_answers",
     "resolve_redis",
+    "sasl_refused",
     "scram_rejection",
     "to_bootstrap",
 ]
@@ -438,6 +439,19 @@ def scram_rejection(exc: BaseException) -> str | None:
             return final[2:] if final.startswith("e=") else final or "no server signature"
         tb = tb.tb_next
     return None
+
+
+def sasl_refused(exc: KeyError, what: str) -> BrokerError:
+    """The one-line error of a refused SCRAM login (``what``: e.g. "cannot read T on H:P");
+    ``exc`` itself, re-raised, when it is not one (see :func:`scram_rejection`).
+    """
+    reason = scram_rejection(exc)
+    if reason is None:
+        raise exc
+    return BrokerError(
+        f"{what}: SASL login refused (server said {reason}); check "
+        "TRENDCAST_KAFKA_SASL_USERNAME, _PASSWORD and _MECHANISM"
+    )
 
 
 def kafka_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:

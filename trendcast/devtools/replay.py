@@ -62,7 +62,7 @@ from stream.settings.security import KafkaSecurity
 from trendcast.devtools.embedded import (
     ensure_topics_async,
     list_topics_async,
-    scram_rejection,
+    sasl_refused,
     to_bootstrap,
 )
 from trendcast.exceptions import BrokerError, ConfigError, DataError
@@ -361,13 +361,7 @@ async def replay_async(
     try:
         await _check_topic(bootstrap, topic, create_partitions, security)
     except KeyError as exc:  # aiokafka's answer to a refused SCRAM login
-        reason = scram_rejection(exc)
-        if reason is None:
-            raise
-        raise BrokerError(
-            f"cannot replay to {topic} on {bootstrap}: SASL login refused (server said "
-            f"{reason}); check TRENDCAST_KAFKA_SASL_USERNAME, _PASSWORD and _MECHANISM"
-        ) from exc
+        raise sasl_refused(exc, f"cannot replay to {topic} on {bootstrap}") from exc
     events = encode_events(window, source)
     ts_ns = [ev[2] for ev in events]
     due = None if speed is None and rate is None else _schedule(ts_ns, speed, rate, max_pause_s)

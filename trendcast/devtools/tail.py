@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from stream.settings.security import KafkaSecurity
-from trendcast.devtools.embedded import kafka_failure_reason, scram_rejection, to_bootstrap
+from trendcast.devtools.embedded import kafka_failure_reason, sasl_refused, to_bootstrap
 from trendcast.exceptions import BrokerError, ConfigError
 
 __all__ = ["atail", "decode_record", "print_tail", "tail"]
@@ -196,13 +196,7 @@ async def atail(
             )
             raise BrokerError(f"cannot read {topic} on {bootstrap}: {why}") from exc
         except KeyError as exc:  # aiokafka's answer to a refused SCRAM login
-            reason = scram_rejection(exc)
-            if reason is None:
-                raise
-            raise BrokerError(
-                f"cannot read {topic} on {bootstrap}: SASL login refused (server said "
-                f"{reason}); check TRENDCAST_KAFKA_SASL_USERNAME, _PASSWORD and _MECHANISM"
-            ) from exc
+            raise sasl_refused(exc, f"cannot read {topic} on {bootstrap}") from exc
         for msg in backlog:
             yield _decode(msg)
         if not follow:
