@@ -198,6 +198,8 @@ class OpenBuckets:
     def remember(self, scored: Iterable[ScoredBatch], wall_ms: int) -> None:
         """Keep step 1 of every live forecast made (close, late or refresh): the open
         bucket's forecast that nowcasts and alerts judge its sales by."""
+        if not self._item_partition:
+            return  # no live partition: a replay or a catch-up keeps no forecasts
         for one in scored:
             if one.role != "live":
                 continue
