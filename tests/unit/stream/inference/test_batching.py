@@ -12,6 +12,7 @@ odd item ids and buckets outside the window or off the frequency grid.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -26,13 +27,17 @@ from stream.inference.batching import (
     _records_py,
     _records_slow,
     build_batch,
+    forecast,
+    forecast_and_deliver,
     forecast_records,
 )
 from stream.inference.model_info import ModelInfo
 from stream.inference.stacking import stack_windows
 from stream.state.base import BucketSums, ItemWindow
+from trendcast.exceptions import BrokerError, ForecastError
 from trendcast.forecasting.base import ForecastBatch, WindowBatch
 from trendcast.freq import Freq, parse_freq
+from trendcast.testkit.doubles import FakeForecaster
 
 DAY = 86_400_000
 FREQS = ["1D", "1h", "6h", "7D", "1W"]
@@ -243,3 +248,92 @@ def test_tiny_batches(records: Any, n: int):
     batch = build_batch([ForecastRequest("a", 5 * DAY)] * n, {}, model)
     result = ForecastBatch(*(np.ones((n, 2), np.float32) for _ in range(4)), np.zeros(n, bool))
     assert records(batch, result, model, 1) == _records_slow(batch, result, model, 1)
+
+
+# --- forecast_and_deliver: inference, records and produce overlapped --------------------------
+
+
+def _requests(n: int) -> tuple[list[ForecastRequest], dict[str, ItemWindow]]:
+    windows = {
+        f"i{k:04d}": ItemWindow(f"i{k:04d}", 5 * DAY, {9 * DAY: BucketSums(float(k))})
+        for k in range(n)
+    }
+    return [ForecastRequest(item, 10 * DAY) for item in windows], windows
+
+
+class _Slow(FakeForecaster):
+    """Fails on the ``fail_at``-th call; counts calls in flight (at most one at a time)."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__(horizon=2)
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def predict(self, batch: WindowBatch) -> ForecastBatch:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("model bug")
+        return super().predict(batch)
+
+
+@pytest.mark.parametrize(("n", "every"), [(0, 4), (3, 4), (10, 4), (10, 1), (37, 8)])
+def test_forecast_and_deliver_sends_every_record_in_order(n: int, every: int) -> None:
+    requests, windows = _requests(n)
+    model = ModelInfo(parse_freq("1D"), 4, 2, "v1")
+    sent: list[list[str]] = []
+    bodies: list[bytes] = []
+
+    async def deliver(records: list[tuple[str, bytes]]) -> None:
+        await asyncio.sleep(0)  # a real send yields to the loop: forecasting goes on
+        sent.append([key for key, _ in records])
+        bodies.extend(value for _, value in records)
+
+    async def run() -> tuple[int, list[tuple[str, bytes]]]:
+        count = await forecast_and_deliver(
+            _Slow(), requests, windows, model, 3, deliver, deliver_every=every
+        )
+        alone = await forecast(_Slow(), requests, windows, model, 3)
+        return count, alone
+
+    count, alone = asyncio.run(run())
+    assert count == n
+    assert [key for chunk in sent for key in chunk] == [r.item_id for r in requests]
+    assert all(len(chunk) >= min(every, n) for chunk in sent[:-1])
+    # The same records as forecast() makes (their emitted_at_ms aside).
+    assert [key for key, _ in alone] == [r.item_id for r in requests]
+    strip = [{**orjson.loads(v), "emitted_at_ms": 0} for v in bodies]
+    assert strip == [{**orjson.loads(v), "emitted_at_ms": 0} for _, v in alone]
+
+
+def test_forecast_and_deliver_raises_a_model_failure_and_stops_sending() -> None:
+    requests, windows = _requests(20)
+    model = ModelInfo(parse_freq("1D"), 4, 2, "v1")
+    sent: list[int] = []
+
+    async def deliver(records: list[tuple[str, bytes]]) -> None:
+        await asyncio.sleep(0)
+        sent.append(len(records))
+
+    async def run() -> None:
+        await forecast_and_deliver(
+            _Slow(fail_at=4), requests, windows, model, 3, deliver, deliver_every=3
+        )
+
+    with pytest.raises(ForecastError, match="model bug"):
+        asyncio.run(run())
+    assert sum(sent) <= 9  # never more than the chunks predicted before the failure
+
+
+def test_forecast_and_deliver_raises_a_failed_send() -> None:
+    requests, windows = _requests(20)
+    model = ModelInfo(parse_freq("1D"), 4, 2, "v1")
+
+    async def deliver(records: list[tuple[str, bytes]]) -> None:
+        await asyncio.sleep(0)
+        raise BrokerError("broker down")
+
+    async def run() -> None:
+        await forecast_and_deliver(_Slow(), requests, windows, model, 3, deliver, deliver_every=3)
+
+    with pytest.raises(BrokerError, match="broker down"):
+        asyncio.run(run())

@@ -158,7 +158,9 @@ def test_each_batch_is_one_span_with_a_child_per_stage(
     first, second = batches
     assert first.parent is None and second.parent is None
     assert first.context.trace_id != second.context.trace_id
-    stages = ["fetch", "validate", "store", "store", "infer", "produce"]
+    # In order of their ends: forecasts are produced while inference goes on (their
+    # "produce" ends within "infer").
+    stages = ["fetch", "validate", "store", "store", "produce", "infer"]
     assert _children(spans, first) == stages[:2] + ["produce"] + stages[2:]  # + dead letters
     assert _children(spans, second) == stages
     assert dict(first.attributes or {}) == {
