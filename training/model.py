@@ -126,10 +126,88 @@ def _recent_levels(x: Any, window: int, n_features: int) -> list[Any]:
     return levels
 
 
-def _head(
-    h: Any, levels: list[Any] | None, horizon: int, name: str, base_activation: str | None
+#: Buckets of the seasonal level: eight whole weeks, so every weekday counts alike.
+SEASONAL_SPAN = 56
+#: A bucket counts in the seasonal level up to this many times the eight weeks' mean: one
+#: wholesale order of a hundred times the usual would otherwise set the level for weeks.
+ROBUST_CAP = 3.0
+#: Sharpness of the frozen weekday one-hot: relu(1 - 2k + 2k cos(angle to weekday d)) is 1 on
+#: weekday d and 0 on every other (their cosine is at most cos(2 pi / 7) = 0.62).
+_ONEHOT_K = 2.0
+
+
+def _seasonal_level(
+    x: Any,
+    window: int,
+    n_features: int,
+    horizon: int,
+    weekday_columns: tuple[int, int],
+    weekday_factors: Sequence[float],
 ) -> Any:
-    """``base(h) + sum_k softplus(w_k(h)) * level_k``: a learned correction of recent levels."""
+    """``[n, horizon]``: the item's robust recent level times the weekday factor of each step.
+
+    ``level56 * g[weekday of step h]``, where level56 is the window's mean scaled quantity
+    over its last eight weeks, each bucket capped at :data:`ROBUST_CAP` times that mean, and
+    ``g`` the catalogue's weekday shares (mean 1) learned from the training data. Measured on
+    the UCI backtest (5 weekly origins, RMSSE): flat 28-day mean 0.437, eight weeks' mean
+    times ``g`` 0.428 (a flat level forecasts every Saturday, when the shop is closed, at a
+    seventh of the week), capped as here 0.420 (a one-off wholesale order no longer lifts the
+    next four weeks).
+
+    Made of standard frozen layers, so the model saves, loads and converts without custom
+    code: the weekday of step ``h`` is that of the window bucket ``window - 7 + h % 7``, read
+    from its ``dow_sin``/``dow_cos`` features by a Dense + ReLU one-hot (the seven weekdays are
+    seven points on the unit circle, and ``sin a sin d + cos a cos d = cos(a - d)``), turned
+    into ``g`` by a Dense, spread over the horizon by a 0/1 Dense, times level56 (Dense,
+    Minimum and Dense over the last eight weeks' scaled quantities).
+    """
+    import numpy as np
+
+    layers = keras.layers
+    sin_col, cos_col = weekday_columns
+    last_week = layers.Cropping1D((window - 7, 0), name="last_week")(x)
+    onehot_layer = layers.Dense(7, activation="relu", trainable=False, name="weekday_onehot")
+    onehot = onehot_layer(last_week)
+    angles = 2.0 * np.pi * np.arange(7) / 7.0
+    kernel = np.zeros((n_features, 7), dtype=np.float32)
+    kernel[sin_col] = 2.0 * _ONEHOT_K * np.sin(angles)
+    kernel[cos_col] = 2.0 * _ONEHOT_K * np.cos(angles)
+    onehot_layer.set_weights([kernel, np.full(7, 1.0 - 2.0 * _ONEHOT_K, dtype=np.float32)])
+    factor_layer = layers.Dense(1, use_bias=False, trainable=False, name="weekday_factor")
+    factor = layers.Flatten(name="weekday_factor_flat")(factor_layer(onehot))
+    factor_layer.set_weights([np.asarray(weekday_factors, dtype=np.float32).reshape(7, 1)])
+    spread_layer = layers.Dense(horizon, use_bias=False, trainable=False, name="step_factor")
+    per_step = spread_layer(factor)
+    spread = np.zeros((7, horizon), dtype=np.float32)
+    spread[np.arange(horizon) % 7, np.arange(horizon)] = 1.0
+    spread_layer.set_weights([spread])
+    flat = layers.Flatten(name="flat_window_seasonal")(x)
+    used = min(SEASONAL_SPAN, window)
+    weights = np.zeros((window * n_features, used), dtype=np.float32)
+    weights[np.arange(window - used, window) * n_features, np.arange(used)] = 1.0
+    recent_layer = layers.Dense(used, use_bias=False, trainable=False, name="recent_sales")
+    recent = recent_layer(flat)  # [n, used]: the scaled quantities of the last eight weeks
+    recent_layer.set_weights([weights])
+    mean_layer = layers.Dense(1, use_bias=False, trainable=False, name=f"level{SEASONAL_SPAN}")
+    cap_layer = layers.Dense(1, use_bias=False, trainable=False, name=f"level{SEASONAL_SPAN}_cap")
+    cap = cap_layer(recent)
+    capped = layers.Minimum(name="recent_sales_capped")([recent, cap])
+    level = mean_layer(capped)
+    cap_layer.set_weights([np.full((used, 1), ROBUST_CAP / used, dtype=np.float32)])
+    mean_layer.set_weights([np.full((used, 1), 1.0 / used, dtype=np.float32)])
+    return layers.Multiply(name="seasonal_level")([per_step, level])
+
+
+def _head(
+    h: Any,
+    levels: list[Any] | None,
+    horizon: int,
+    name: str,
+    base_activation: str | None,
+    seasonal: Any = None,
+) -> Any:
+    """``base(h) + sum_k softplus(w_k(h)) * level_k``: a learned correction of recent levels
+    (and of the seasonal level, per step, when given)."""
     layers = keras.layers
     if levels is None:
         return layers.Dense(horizon, activation=base_activation, name=name)(h)
@@ -137,6 +215,9 @@ def _head(
     for span, level in zip(LEVEL_SPANS, levels, strict=True):
         weight = layers.Dense(horizon, activation="softplus", name=f"{name}_w{span}")(h)
         terms.append(layers.Multiply(name=f"{name}_x{span}")([weight, level]))
+    if seasonal is not None:
+        weight = layers.Dense(horizon, activation="softplus", name=f"{name}_wseasonal")(h)
+        terms.append(layers.Multiply(name=f"{name}_xseasonal")([weight, seasonal]))
     return layers.Add(name=name)(terms)
 
 
@@ -164,15 +245,21 @@ def _blend(model_out: Any, level: Any, horizon: int, name: str) -> Any:
 
 def set_blend(model: keras.Model, name: str, weight: float) -> None:
     """Set the combination ``name`` (``mean_blend`` or ``p50``) to ``weight * model + (1 -
-    weight) * level28``."""
+    weight) * level``, the level being level28 (``[n, 1]``) or the seasonal level (``[n,
+    horizon]``, step by step)."""
     import numpy as np
 
     own = model.get_layer(f"{name}_own")
     horizon = int(own.units)
     own.set_weights([np.eye(horizon, dtype=np.float32) * np.float32(weight)])
-    model.get_layer(f"{name}_level").set_weights(
-        [np.full((1, horizon), 1.0 - weight, dtype=np.float32)]
+    level = model.get_layer(f"{name}_level")
+    rows = int(level.get_weights()[0].shape[0])
+    kernel = (
+        np.eye(horizon, dtype=np.float32)
+        if rows == horizon
+        else np.ones((1, horizon), dtype=np.float32)
     )
+    level.set_weights([kernel * np.float32(1.0 - weight)])
 
 
 def build_model(
@@ -187,6 +274,8 @@ def build_model(
     quantile_weight: float = 1.0,
     tweedie_power: float = 1.5,
     level_skip: bool = True,
+    weekday_columns: tuple[int, int] | None = None,
+    weekday_factors: Sequence[float] | None = None,
 ) -> keras.Model:
     """Build and compile the LSTM.
 
@@ -215,6 +304,8 @@ def build_model(
         )
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"expected 0 <= dropout < 1, got {dropout}")
+    if weekday_factors is not None and len(weekday_factors) != 7:
+        raise ConfigError(f"expected 7 weekday factors, got {len(weekday_factors)}")
     mean_fn = mean_loss(loss, tweedie_power=tweedie_power)
     layers = keras.layers
     x = keras.Input(shape=(window, n_features), name="x")
@@ -224,8 +315,11 @@ def build_model(
     recent = _recent_levels(x, window, n_features)
     levels = recent if level_skip else None
     level28 = recent[-1]
-    raw_mean = _head(h, levels, horizon, "raw_mean", base_activation="softplus")
-    raw_mean = _blend(raw_mean, level28, horizon, "mean_blend")
+    seasonal = None
+    if level_skip and weekday_columns is not None and weekday_factors is not None and window >= 7:
+        seasonal = _seasonal_level(x, window, n_features, horizon, weekday_columns, weekday_factors)
+    raw_mean = _head(h, levels, horizon, "raw_mean", "softplus", seasonal=seasonal)
+    raw_mean = _blend(raw_mean, level28 if seasonal is None else seasonal, horizon, "mean_blend")
     # Frozen diagonal calibration, identity until :func:`calibrate_mean` sets it (a standard
     # layer, so the calibrated model saves, loads and converts like the rest: one MatMul).
     mean = layers.Dense(

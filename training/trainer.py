@@ -36,6 +36,7 @@ from typing import Any, get_args
 
 import keras
 import numpy as np
+import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -118,6 +119,10 @@ class TrainConfig:
         profile_min_buckets: Selling buckets an item needs for its own intraday profile
             (see :mod:`trendcast.forecasting.profile`).
         profile_prior_buckets: Weight of the global intraday profile in an item's.
+        seasonal_level: For daily data, give the mean head the seasonal level (the recent
+            eight weeks' level times the catalogue's weekday factor of each step, see
+            :func:`training.model.build_model`) and blend the mean with it instead of the flat
+            level28.
     """
 
     window: int = 56
@@ -146,6 +151,7 @@ class TrainConfig:
     epsilon: float = DEFAULT_EPSILON
     profile_min_buckets: int = DEFAULT_MIN_BUCKETS
     profile_prior_buckets: float = DEFAULT_PRIOR_BUCKETS
+    seasonal_level: bool = True
 
     def validate(self) -> None:
         """Check the values make sense together.
@@ -348,6 +354,43 @@ def _sample_weights(
 _BLEND_GRID = tuple(i / 10 for i in range(11))
 
 
+def _blend_level(
+    model: keras.Model, x: np.ndarray[Any, np.dtype[np.float32]], window: int
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The level the mean is blended with: the model's seasonal level ``[n, horizon]`` where
+    it has one, else level28 ``[n, 1]``."""
+    names = {layer.name for layer in model.layers}
+    if "seasonal_level" not in names:
+        return np.asarray(x[:, -min(28, window) :, 0].mean(axis=1)[:, None], np.float32)
+    level = keras.Model(model.inputs, model.get_layer("seasonal_level").output)
+    return np.asarray(level.predict(x, batch_size=4096, verbose=0), np.float32)
+
+
+def weekday_factors(panel: Panel, until: Any) -> list[float] | None:
+    """The catalogue's units by weekday before ``until``, Monday first, scaled to mean 1.
+
+    None for data that is not daily, or sold nothing. Computed on the training part only, so
+    the factors frozen into the model know nothing of the validation period.
+
+    >>> import pandas as pd
+    >>> from trendcast.data import Panel
+    >>> from trendcast.freq import parse_freq
+    >>> days = pd.date_range("2024-01-01", periods=14, freq="D")  # Monday first
+    >>> qty = ([2.0] * 5 + [0.0] * 2) * 2
+    >>> frame = pd.DataFrame({"item_id": "a", "ts": days, "quantity": qty})
+    >>> weekday_factors(Panel(frame=frame, freq=parse_freq("1D"), has_price=False), days[-1])
+    [1.4, 1.4, 1.4, 1.4, 1.4, 0.0, 0.0]
+    """
+    if panel.freq.timedelta != pd.Timedelta(days=1):
+        return None
+    frame = panel.frame[panel.frame["ts"] < until]
+    units = frame.groupby(frame["ts"].dt.dayofweek)["quantity"].sum()
+    totals = np.array([max(float(units.get(day, 0.0)), 0.0) for day in range(7)])
+    if totals.sum() <= 0:
+        return None
+    return [round(float(v), 6) for v in totals / totals.mean()]
+
+
 def _choose_blends(
     model: keras.Model, windows: TrainingWindows, config: TrainConfig
 ) -> dict[str, float]:
@@ -355,7 +398,7 @@ def _choose_blends(
     mean_w, p50_w = config.mean_blend, config.p50_blend
     if mean_w is None or p50_w is None:
         raw_mean, raw_q = predict_scaled(model, windows.x_val)
-        level = windows.x_val[:, -min(28, config.window) :, 0].mean(axis=1)[:, None]
+        level = _blend_level(model, windows.x_val, config.window)
         y_val = windows.y_val * windows.scale_val[:, None]
 
         def scores(w_mean: float, w_p50: float) -> dict[str, float]:
@@ -422,6 +465,14 @@ def train(
         f"{windows.n_items:,} items; validating on {windows.x_val.shape[0]:,} items' last "
         f"{config.horizon} buckets from {freq.label(cutoff)}"
     )
+    factors = weekday_factors(panel, cutoff) if config.seasonal_level else None
+    columns = (
+        (features.index("dow_sin"), features.index("dow_cos"))
+        if factors is not None and "dow_sin" in features and "dow_cos" in features
+        else None
+    )
+    if columns is None:
+        factors = None
     keras.utils.set_random_seed(config.seed)
     model = build_model(
         window=config.window,
@@ -434,6 +485,8 @@ def train(
         quantile_weight=config.quantile_weight,
         tweedie_power=config.tweedie_power,
         level_skip=config.level_skip,
+        weekday_columns=columns,
+        weekday_factors=factors,
     )
     steps = -(-windows.x_train.shape[0] // config.batch_size)
     callbacks = [
@@ -517,6 +570,6 @@ def train(
         epochs_run=len(losses),
         best_epoch=best_epoch,
         seconds=seconds,
-        extra={"mean_calibration": calibration, **blends},
+        extra={"mean_calibration": calibration, **blends, "weekday_factors": factors},
         profile=profile,
     )
