@@ -111,6 +111,14 @@ def test_one_step(bundle_dir: Path, panel) -> None:
         assert _complete(part)
 
 
+def test_a_wide_gap_is_refined(bundle_dir: Path, panel: Panel) -> None:
+    """Two steps cannot follow the p50 head's kinks: the explainer doubles them where needed."""
+    explainer = Explainer(load_bundle(bundle_dir), output="p50", n_steps=2)
+    parts = [p for item in explainer.explain(panel, [ITEM, OTHER]) for p in item.parts.values()]
+    assert max(p.integration_steps for p in parts) > 2
+    assert all(_complete(p) for p in parts)
+
+
 def test_change_attributions_sum_to_the_change(p50: Explainer, panel) -> None:
     vs = pd.Timestamp("2011-07-31")
     [change] = p50.compare(panel, [ITEM], vs=vs)
@@ -176,6 +184,7 @@ def test_json_and_pngs_are_written(p50: Explainer, panel, tmp_path: Path) -> Non
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     data = orjson.loads(json_path.read_bytes())
     assert data["output"] == "p50" and data["horizon_steps"] == list(range(1, TINY_HORIZON + 1))
+    assert data["min_integration_steps"] == 64
     first = data["items"][0]
     assert first["item_id"] == ITEM and first["parts"]["sales"]["completeness_error"] < 1.0
     assert len(first["top"]) == 5 and first["top"][0]["attribution"] != 0
