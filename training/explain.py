@@ -40,7 +40,8 @@ paths, each complete on its own:
   (calendar kinds and ``price t-k``) say how much this window's dates and prices moved the
   forecast, given its own sales. The model is not linear: the forecast at the centre of the
   circles is not the average of the forecasts over all dates; it is a reference, not a
-  counterfactual anyone observed.
+  counterfactual anyone observed, and the trained network is steep next to it (the paths that
+  need the most integration steps are these).
 
 The two paths do not add up to one number: ``sales`` explains ``f(x) - f(no sales)``,
 ``context`` explains ``f(x) - f(average day, usual price)``; both are in forecast units, so
@@ -76,6 +77,7 @@ import pandas as pd
 import tensorflow as tf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from rich.table import Table
 
 from trendcast.bundle import Bundle
@@ -996,7 +998,6 @@ def plot_explanation(item: ItemExplanation, path: Path | str) -> Path:
         attr,
         width=width,
         color=np.where(attr >= 0, "tab:green", "tab:red"),
-        label="sales",
     )
     if prices:
         ax_attr.bar(
@@ -1004,9 +1005,14 @@ def plot_explanation(item: ItemExplanation, path: Path | str) -> Path:
             [i.attribution for i in prices],
             width=width,
             color="tab:purple",
-            label="price",
         )
-        ax_attr.legend(fontsize=7, loc="upper left")
+    handles = [
+        Patch(color="tab:green", label="sales: added"),
+        Patch(color="tab:red", label="sales: removed"),
+    ]
+    if prices:
+        handles.append(Patch(color="tab:purple", label="price"))
+    ax_attr.legend(handles=handles, fontsize=7, loc="upper left")
     ax_attr.axhline(0, color="0.3", lw=0.8)
     ax_attr.set_ylabel("moved forecast by (units)", fontsize=8)
     groups: dict[str, float] = {}
