@@ -14,6 +14,7 @@ COMMANDS = (
     "train",
     "export",
     "evaluate",
+    "explain",
     "worker",
     "replay",
     "tail",
