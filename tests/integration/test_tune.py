@@ -41,7 +41,8 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
 def searched(seen: dict[str, list[Panel]], storage: str) -> tuning.TuneResult:
     """Two trials with seed 5, recording every panel that training and scoring were given."""
     patch = pytest.MonkeyPatch()
-    train, backtest = tuning.train, tuning.backtest
+    study = tuning.study  # the module whose trials train and score
+    train, backtest = study.train, study.backtest
 
     def recording_train(panel: Panel, *args: Any, **kwargs: Any) -> Any:
         seen["train"].append(panel)
@@ -51,8 +52,8 @@ def searched(seen: dict[str, list[Panel]], storage: str) -> tuning.TuneResult:
         seen["backtest"].append(panel)
         return backtest(panel, *args, **kwargs)
 
-    patch.setattr(tuning, "train", recording_train)
-    patch.setattr(tuning, "backtest", recording_backtest)
+    patch.setattr(study, "train", recording_train)
+    patch.setattr(study, "backtest", recording_backtest)
     try:
         return tuning.tune(tiny_panel(), trials=2, seed=5, storage=storage, console=QUIET, **BUDGET)
     finally:
@@ -86,12 +87,14 @@ def test_result_and_json(searched: tuning.TuneResult, tmp_path: Path) -> None:
     assert tuning.config_from_json(tmp_path / "best.json") == searched.best_config
 
 
+@pytest.mark.slow  # a second two-trial search
 def test_same_seed_same_trials(searched: tuning.TuneResult) -> None:
     again = tuning.tune(tiny_panel(), trials=2, seed=5, console=QUIET, **BUDGET)
     assert [t.params for t in again.trials] == [t.params for t in searched.trials]
     assert searched.trials[0].params != searched.trials[1].params
 
 
+@pytest.mark.slow  # two more searches on the stored study
 def test_a_stored_study_resumes_with_new_trials_and_refuses_other_settings(
     searched: tuning.TuneResult, storage: str
 ) -> None:
@@ -104,6 +107,7 @@ def test_a_stored_study_resumes_with_new_trials_and_refuses_other_settings(
         )
 
 
+@pytest.mark.slow  # a full train, an ONNX export and a test-period backtest
 def test_train_best_scores_the_test_period_and_keras_equals_onnx(
     searched: tuning.TuneResult, tmp_path: Path
 ) -> None:
