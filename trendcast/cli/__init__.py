@@ -8,7 +8,7 @@ import sys
 import typer
 from pydantic import ValidationError
 
-from trendcast.cli import dev, explain, offline, subscribers, worker
+from trendcast.cli import dev, explain, offline, subscribers, tune, worker
 from trendcast.config import OfflineSettings
 from trendcast.exceptions import TrendcastError
 
@@ -31,6 +31,7 @@ for _command in (
     offline.train,
     offline.export,
     offline.evaluate,
+    tune.tune,
     explain.explain,
     worker.worker,
     dev.replay,

@@ -10,7 +10,7 @@ import logging
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -101,6 +101,14 @@ def train(
         int, typer.Option(min=1, help="Sample at most this many training windows.")
     ] = 60_000,
     quantize: Annotated[bool, typer.Option(help="Also export an INT8 model.")] = False,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Training settings from JSON: the best.json of `trendcast tune` or TrainConfig "
+            "fields. Flags given on the command line win over it.",
+        ),
+    ] = None,
 ) -> None:
     """Train the global LSTM and export a verified ONNX bundle.
 
@@ -124,16 +132,31 @@ def train(
     from trendcast.plots import plot_training_curves
 
     target = bundle or settings.bundle
-    config = TrainConfig(
-        window=window,
-        horizon=horizon,
-        epochs=epochs,
-        seed=seed,
-        loss=loss.value,
-        units=units,
-        batch_size=batch_size,
-        max_windows=max_windows,
-    )
+    flags: dict[str, Any] = {
+        "window": window,
+        "horizon": horizon,
+        "epochs": epochs,
+        "seed": seed,
+        "loss": loss.value,
+        "units": units,
+        "batch_size": batch_size,
+        "max_windows": max_windows,
+    }
+    if config_file is None:
+        config = TrainConfig(**flags)
+    else:
+        from training.tuning import config_from_json
+
+        # Typer vendors its own click: compare the parameter source by name, not by enum.
+        given = {
+            k: v
+            for k, v in flags.items()
+            if getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+        }
+        config = config_from_json(config_file, **given)
+        if given:
+            typer.echo(f"flags over {config_file}: {', '.join(sorted(given))}", err=True)
+        panel.require_history(config.horizon)
     console = Console(stderr=True)
     result = train_model(panel, config, console=console)
     path = export_bundle(result, target)

@@ -14,6 +14,7 @@ COMMANDS = (
     "train",
     "export",
     "evaluate",
+    "tune",
     "explain",
     "worker",
     "replay",
