@@ -2,13 +2,29 @@
 
 Run::
 
-    python bench/offline.py [--data PATH] [--quick] [--skip-lstm] [--out DIR]
+    python bench/offline.py [--data PATH] [--dataset retail|smooth|both] [--quick]
+                            [--skip-lstm] [--out DIR]
 
-Setup (UCI Online Retail II, daily): items whose id looks like a product code and that sold on
-at least 100 days; models are trained on data through 2011-06-30; rolling weekly origins in
-July-August 2011, each forecasting 28 days, placed so the last horizon ends on 2011-08-31
-(origins 07-07 .. 08-04). Every model is scored by :mod:`trendcast.metrics` through the same
-:func:`trendcast.backtest.backtest` call, so all rows of the table are comparable.
+Two data sets, both derived from UCI Online Retail II, daily buckets (``--dataset``, default
+both; one table each, the same models, the LSTM trained on each):
+
+* ``retail``: items whose id looks like a product code and that sold on at least 100 days:
+  intermittent, spiky wholesale demand (~1,500 series, most days zero).
+* ``smooth``: a smooth, high-volume set in the manner of store x department totals: the daily
+  number of order lines of each product family (the first three digits of the StockCode, e.g.
+  ``fam849``: 84945, 84946...), families with order lines on at least 450 days (of about 520
+  days the shop opened): 40-50 series, a few dozen to a few hundred lines a day, a strong
+  weekly pattern (no trade on Saturdays, less on Sundays and Fridays) and the Christmas
+  closure. Order lines, not units: units of a family are still driven by a few wholesale
+  orders of thousands of pieces (coefficient of variation ~0.95 on open days, seasonal-naive
+  WAPE ~0.8), while order lines, like a shop's unit sales, add up many small purchases
+  (~0.45 and ~0.45).
+
+Models are trained on data through 2011-06-30; rolling weekly origins in July-August 2011, each
+forecasting 28 days, placed so the last horizon ends on 2011-08-31. Every model is scored by
+:mod:`trendcast.metrics` through the same :func:`trendcast.backtest.backtest` call, so all rows
+of a table are comparable. Under each table: the LSTM's p10-p90 coverage by origin and on its
+validation split (the last 28 days of training, in-sample for the band calibration).
 
 Models:
 
@@ -26,6 +42,9 @@ Models:
   objectives.
 * ``lstm``: trendcast's model, trained through 2011-06-30 and served from its ONNX bundle
   (training wall time and ONNX Runtime windows/s at batch 1 and 256 are reported too).
+* ``lstm_uncalibrated_band``: the same trained network exported once more with its p10/p90
+  band calibration reset to identity (labelled extra row: before vs after calibration on the
+  same weights).
 
 AutoETS and LightGBM are bench-only dependencies (``pip install .[bench]``), imported here only.
 """
@@ -55,7 +74,7 @@ from trendcast.backtest import (
     print_metrics,
     write_report,
 )
-from trendcast.data import ColumnMap, Panel, load_sales
+from trendcast.data import ColumnMap, Panel, bucketize, clean_lines, load_sales, read_table
 from trendcast.exceptions import ConfigError, TrendcastError
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 from trendcast.forecasting.baselines import (
@@ -83,6 +102,9 @@ TEST_END = pd.Timestamp("2011-08-31")  # every horizon ends by this day
 HORIZON = 28
 WINDOW = 56  # input length for baselines and LightGBM features
 DAY_MS = 86_400_000
+DATASETS = ("retail", "smooth")
+SMOOTH_FAMILY_DIGITS = 3  # product family: the StockCode's first digits
+SMOOTH_MIN_ACTIVE = 450  # days with order lines, of ~520 open days 2009-12..2011-08
 
 F32 = npt.NDArray[np.float32]
 
@@ -92,21 +114,51 @@ F32 = npt.NDArray[np.float32]
 # --------------------------------------------------------------------------------------------
 
 
-def train_lstm_bundle(panel_train: Panel, out_dir: Path) -> Path:
-    """Train the LSTM on ``panel_train`` and export it to ``out_dir/bundle``; return that path.
+def train_lstm_bundle(panel_train: Panel, out_dir: Path) -> tuple[Path, Path | None]:
+    """Train the LSTM on ``panel_train`` and export it to ``out_dir/bundle``.
 
     Written against ``training.train(panel, TrainConfig)`` -> ``TrainResult`` and
     ``export.onnx_export.export_bundle(result, dir)`` as they stood when this bench was
     written; imported lazily (TensorFlow) so ``--skip-lstm`` never needs them. The training
     split is taken inside ``train`` (its last ``horizon`` buckets validate), so everything it
     sees is before 2011-07-01.
+
+    Returns:
+        The bundle, and the same network with its band calibration reset to identity exported
+        to ``out_dir/bundle-uncalibrated-band`` (``None`` if training did not calibrate).
     """
     trainer = importlib.import_module("training.trainer")
     exporter = importlib.import_module("export.onnx_export")
+    model_mod = importlib.import_module("training.model")
     config = trainer.TrainConfig(window=WINDOW, horizon=HORIZON)
     result = trainer.train(panel_train, config)
     bundle_dir: Path = Path(exporter.export_bundle(result, out_dir / "bundle"))
-    return bundle_dir
+    if result.extra.get("band_calibration") is None:
+        return bundle_dir, None
+    ones = [1.0] * HORIZON
+    model_mod.calibrate_band(result.model, ones, ones)
+    plain: Path = Path(exporter.export_bundle(result, out_dir / "bundle-uncalibrated-band"))
+    return bundle_dir, plain
+
+
+class Renamed:
+    """A forecaster under another name (two bundles of one model in one backtest)."""
+
+    def __init__(self, inner: Forecaster, name: str) -> None:
+        self._inner = inner
+        self._name = name
+        self.window = _window(inner)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def horizon(self) -> int:
+        return self._inner.horizon
+
+    def predict(self, batch: WindowBatch) -> ForecastBatch:
+        return self._inner.predict(batch)
 
 
 def load_lstm(bundle_dir: Path) -> Forecaster:
@@ -392,16 +444,56 @@ def _sample_items(panel: Panel, n: int, seed: int) -> Panel:
     return Panel(frame=frame, freq=panel.freq, has_price=panel.has_price)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the bench; return the exit code."""
-    t0 = time.perf_counter()
-    panel = load_sales(
-        args.data,
-        parse_freq("1D"),
-        columns=COLUMNS,
-        item_pattern=ITEM_PATTERN,
-        min_active=MIN_ACTIVE,
+def smooth_panel(
+    lines: pd.DataFrame,
+    *,
+    digits: int = SMOOTH_FAMILY_DIGITS,
+    min_active: int = SMOOTH_MIN_ACTIVE,
+) -> Panel:
+    """Daily order lines per product family from canonical sales lines (the ``smooth`` set).
+
+    A family is ``fam`` + the first ``digits`` characters of the item id; every sales line with
+    a positive quantity counts 1, whatever its quantity (see the module docstring for why).
+
+    >>> lines = pd.DataFrame({"item_id": ["84945", "84946", "84945", "22423"],
+    ...     "ts": pd.to_datetime(["2011-01-03 09:00", "2011-01-03 10:00", "2011-01-04 11:00",
+    ...         "2011-01-04 12:00"]), "quantity": [1.0, 480.0, 6.0, 2.0]})
+    >>> p = smooth_panel(lines, min_active=2)
+    >>> p.frame.assign(ts=p.frame.ts.dt.day).values.tolist()
+    [['fam849', 3, 2.0], ['fam849', 4, 1.0]]
+    """
+    sold = lines[lines["quantity"] > 0]
+    families = pd.DataFrame(
+        {
+            "item_id": "fam" + sold["item_id"].astype(str).str[:digits],
+            "ts": sold["ts"],
+            "quantity": 1.0,
+        }
     )
+    return bucketize(families, parse_freq("1D"), has_price=False, min_active=min_active)
+
+
+def load_dataset(name: str, path: Path) -> Panel:
+    """The ``retail`` or ``smooth`` panel (see the module docstring), through :data:`TEST_END`.
+
+    Raises:
+        ConfigError: Unknown name, or the data does not reach :data:`TEST_END`.
+    """
+    if name == "retail":
+        panel = load_sales(
+            path,
+            parse_freq("1D"),
+            columns=COLUMNS,
+            item_pattern=ITEM_PATTERN,
+            min_active=MIN_ACTIVE,
+        )
+    elif name == "smooth":
+        lines, _ = clean_lines(
+            read_table(path), columns=COLUMNS, item_pattern=ITEM_PATTERN, source=str(path)
+        )
+        panel = smooth_panel(lines)
+    else:
+        raise ConfigError(f"expected a data set in {list(DATASETS)}, got {name!r}")
     panel = Panel(
         frame=panel.frame[panel.frame["ts"] <= TEST_END].reset_index(drop=True),
         freq=panel.freq,
@@ -409,6 +501,35 @@ def run(args: argparse.Namespace) -> int:
     )
     if panel.end != TEST_END:
         raise ConfigError(f"expected data through {TEST_END.date()}, got {panel.end.date()}")
+    return panel
+
+
+def coverage_by_origin(forecasts: pd.DataFrame, model: str) -> dict[str, float]:
+    """p10-p90 coverage of ``model`` at each origin (as :func:`trendcast.metrics.coverage`).
+
+    >>> f = pd.DataFrame({"model": ["lstm"] * 3, "origin": pd.to_datetime(["2011-07-07"] * 2
+    ...     + ["2011-07-14"]), "actual": [1.0, 5.0, 0.0], "p10": [0.0] * 3, "p90": [2.0] * 3})
+    >>> coverage_by_origin(f, "lstm")
+    {'2011-07-07': 0.5, '2011-07-14': 1.0}
+    """
+    rows = forecasts[forecasts["model"] == model]
+    inside = (rows["actual"] >= rows["p10"]) & (rows["actual"] <= rows["p90"])
+    by_origin = inside.groupby(pd.to_datetime(rows["origin"]).dt.date).mean()
+    return {str(origin): round(float(share), 3) for origin, share in by_origin.items()}
+
+
+DATASET_TITLES = {
+    "retail": f"Online Retail II, daily units, items with >= {MIN_ACTIVE} selling days",
+    "smooth": (
+        f"smooth set: Online Retail II, daily order lines per product family "
+        f"(first {SMOOTH_FAMILY_DIGITS} StockCode digits, >= {SMOOTH_MIN_ACTIVE} active days)"
+    ),
+}
+
+
+def run_dataset(name: str, args: argparse.Namespace, t0: float) -> str:
+    """Backtest every model on data set ``name``; print and return its markdown block."""
+    panel = load_dataset(name, args.data)
     if args.quick:
         panel = _sample_items(panel, args.quick_items, seed=0)
     train = panel.until(TRAIN_END + panel.freq.timedelta)
@@ -421,8 +542,8 @@ def run(args: argparse.Namespace) -> int:
         step=7,
     )
     print(
-        f"data: {panel.n_items} items, {panel.start.date()}..{panel.end.date()}; train through "
-        f"{train.end.date()}; origins {[o.date().isoformat() for o in origins]}; "
+        f"[{name}] data: {panel.n_items} items, {panel.start.date()}..{panel.end.date()}; train "
+        f"through {train.end.date()}; origins {[o.date().isoformat() for o in origins]}; "
         f"load {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
@@ -436,23 +557,31 @@ def run(args: argparse.Namespace) -> int:
     timings: dict[str, str] = {}
     lstm: Forecaster | None = None
     notes: list[str] = []
+    validation: list[str] = []
     if not args.skip_lstm:
+        from trendcast.bundle import load_bundle
+
+        plain_dir: Path | None = None
         if args.lstm_bundle is not None:
             # Reuse a bundle trained elsewhere (its own leakage check below still applies).
             bundle_dir = Path(args.lstm_bundle)
             timings["lstm training wall time"] = "n/a (--lstm-bundle)"
         else:
-            out = args.lstm_dir or Path(tempfile.mkdtemp(prefix="tc-lstm-"))
+            base = args.lstm_dir or Path(tempfile.mkdtemp(prefix="tc-lstm-"))
             started = time.perf_counter()
-            bundle_dir = train_lstm_bundle(train, out)
-            timings["lstm training wall time"] = f"{time.perf_counter() - started:.1f} s"
+            bundle_dir, plain_dir = train_lstm_bundle(train, base / name)
+            timings["lstm training wall time (+ 2 exports)"] = (
+                f"{time.perf_counter() - started:.1f} s"
+            )
         lstm = load_lstm(bundle_dir)
-        from trendcast.bundle import load_bundle
-
-        note = bundle_leakage_warning(load_bundle(bundle_dir), origins)
+        bundle = load_bundle(bundle_dir)
+        note = bundle_leakage_warning(bundle, origins)
         if note:
             notes.append(note)
+        validation.append(_validation_line(bundle.meta.metrics, bundle.meta.training.extra))
         forecasters.insert(0, lstm)
+        if plain_dir is not None:
+            forecasters.insert(1, Renamed(load_lstm(plain_dir), "lstm_uncalibrated_band"))
     if not args.skip_ets:
         forecasters.append(AutoETSForecaster(HORIZON))
     if not args.skip_lgbm:
@@ -463,7 +592,8 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(index: int, count: int, origin: pd.Timestamp) -> None:
         print(
-            f"  origin {index + 1}/{count} {origin.date()} done ({time.perf_counter() - t0:.0f}s)",
+            f"  [{name}] origin {index + 1}/{count} {origin.date()} done "
+            f"({time.perf_counter() - t0:.0f}s)",
             flush=True,
         )
 
@@ -474,29 +604,69 @@ def run(args: argparse.Namespace) -> int:
         batch = windows_from_panel(panel, _window(lstm), cutoff=origins[-1])
         for size, rate in onnx_throughput(lstm, batch).items():
             timings[f"onnx runtime windows/s at batch {size}"] = f"{rate:,.0f}"
-    for name, secs in result.metrics["predict_seconds"].items():
-        timings[f"{name} predict (all origins)"] = f"{secs:.2f} s"
+    for model, secs in result.metrics["predict_seconds"].items():
+        timings[f"{model} predict (all origins)"] = f"{secs:.2f} s"
 
     print_metrics(result)
     columns = ["rmsse", "wape", "mase", "pinball", "coverage", "fallback_share"]
-    print()
-    print(
-        f"Online Retail II, daily, {result.n_items} items (>= {MIN_ACTIVE} selling days), "
-        f"trained through {TRAIN_END.date()}, {len(origins)} weekly origin(s) "
-        f"{origins[0].date()}..{origins[-1].date()}, horizon {HORIZON}"
-        f"{' (QUICK: sampled items)' if args.quick else ''}:"
-    )
-    print()
-    print(metrics_markdown(result.metrics, columns))
-    print()
-    print("| timing | value |\n|---|---:|")
-    for key, value in timings.items():
-        print(f"| {key} | {value} |")
-    for note in notes:
-        print(f"\nWARNING: {note}")
+    lines = [
+        f"{DATASET_TITLES[name]}: {result.n_items} series, trained through {TRAIN_END.date()}, "
+        f"{len(origins)} weekly origin(s) {origins[0].date()}..{origins[-1].date()}, horizon "
+        f"{HORIZON}{' (QUICK: sampled items)' if args.quick else ''}:",
+        "",
+        metrics_markdown(result.metrics, columns),
+        "",
+    ]
+    for model in ("lstm", "lstm_uncalibrated_band"):
+        if model in result.metrics.index:
+            by_origin = coverage_by_origin(result.forecasts, model)
+            lines.append(
+                f"{model} p10-p90 coverage by origin: "
+                + ", ".join(f"{o} {c:.3f}" for o, c in by_origin.items())
+            )
+    lines.extend(validation)
+    lines += ["", "| timing | value |", "|---|---:|"]
+    lines += [f"| {key} | {value} |" for key, value in timings.items()]
+    lines += [f"\nWARNING: {note}" for note in notes]
     if args.out:
-        written = write_report(result, args.out, extra={"timings": timings, "notes": notes})
-        print(f"\nreport: {', '.join(str(p) for p in written.values())}")
+        written = write_report(
+            result, Path(args.out) / name, extra={"timings": timings, "notes": notes}
+        )
+        lines.append(f"\nreport: {', '.join(str(p) for p in written.values())}")
+    block = "\n".join(lines)
+    print()
+    print(block, flush=True)
+    return block
+
+
+def _validation_line(metrics: dict[str, Any], extra: dict[str, Any]) -> str:
+    """The LSTM's scores on its validation split, with the band calibration's before/after."""
+    scores = metrics.get("validation", {}).get("lstm", {})
+    band = extra.get("band_calibration")
+    text = (
+        f"lstm validation split (last {HORIZON} days of training): coverage "
+        f"{scores.get('coverage', float('nan')):.3f}, pinball {scores.get('pinball', 0):.4f}, "
+        f"RMSSE {scores.get('rmsse', float('nan')):.4f}, WAPE {scores.get('wape', 0):.4f}"
+    )
+    if band:
+        text += (
+            f"; band calibration (in-sample): coverage {band['coverage_before']:.3f} -> "
+            f"{band['coverage_after']:.3f}, p10 offset x{min(band['p10']):.2f}.."
+            f"{max(band['p10']):.2f}, p90 offset x{min(band['p90']):.2f}..{max(band['p90']):.2f}"
+        )
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench on the chosen data set(s); return the exit code."""
+    t0 = time.perf_counter()
+    names = DATASETS if args.dataset == "both" else (args.dataset,)
+    if args.lstm_bundle is not None and len(names) > 1:
+        raise ConfigError("expected --dataset retail or smooth with --lstm-bundle, got both")
+    blocks = [run_dataset(name, args, t0) for name in names]
+    if len(blocks) > 1:
+        print("\n" + "=" * 80 + "\nall data sets\n")
+        print("\n\n".join(blocks))
     print(f"\ntotal {time.perf_counter() - t0:.0f}s")
     return 0
 
@@ -509,7 +679,15 @@ def _window(forecaster: Forecaster) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--data", type=Path, default=DATA, help="Online Retail parquet/CSV")
-    parser.add_argument("--quick", action="store_true", help="~100 items, 1 origin (smoke test)")
+    parser.add_argument(
+        "--dataset",
+        choices=[*DATASETS, "both"],
+        default="both",
+        help="retail: intermittent items; smooth: order lines per product family",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="<= --quick-items series, 1 origin (smoke test)"
+    )
     parser.add_argument("--quick-items", type=int, default=100)
     parser.add_argument("--skip-lstm", action="store_true", help="baselines only (no TF)")
     parser.add_argument("--skip-ets", action="store_true")
@@ -519,7 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--lstm-bundle", type=Path, default=None, help="score this bundle instead of training"
     )
-    parser.add_argument("--out", type=Path, default=None, help="also write the report here")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="also write the reports here (one dir per set)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(

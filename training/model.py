@@ -10,7 +10,10 @@ Inputs are ``[window, n_features]`` windows from
   than squared error, which chases the spikes.
 * ``quantiles`` ``[horizon, 3]``: p10, p50, p90 trained with the pinball loss. Monotone by
   construction: p10 = p50 - softplus(a), p90 = p50 + softplus(b), so quantiles never cross.
-  p10 and p50 may go below zero; inference clips at zero.
+  p10 and p50 may go below zero; inference clips at zero. Each offset then passes through a
+  frozen diagonal layer (``p10_offset_cal``, ``p90_offset_cal``), identity during training;
+  the trainer sets per-step factors afterwards (:func:`calibrate_band`) so the band holds
+  about 80% of the validation actuals (:mod:`training.calibration`).
 
 With ``level_skip`` (default) the mean and p50 heads are ``base + w7 * level7 + w28 * level28``
 where the levels are the window's mean scaled quantity over its last 7 and 28 buckets and the
@@ -42,6 +45,7 @@ __all__ = [
     "QUANTILES",
     "LossName",
     "build_model",
+    "calibrate_band",
     "calibrate_mean",
     "mean_calibration",
     "mean_loss",
@@ -262,6 +266,18 @@ def set_blend(model: keras.Model, name: str, weight: float) -> None:
     level.set_weights([kernel * np.float32(1.0 - weight)])
 
 
+def _band_calibration(offset: Any, horizon: int, name: str) -> Any:
+    """Frozen diagonal Dense ``{name}_offset_cal`` on a quantile offset, identity until
+    :func:`calibrate_band` sets its per-step factors (one MatMul in ONNX, no custom object)."""
+    return keras.layers.Dense(
+        horizon,
+        use_bias=False,
+        trainable=False,
+        kernel_initializer=keras.initializers.Identity(),
+        name=f"{name}_offset_cal",
+    )(offset)
+
+
 def build_model(
     *,
     window: int,
@@ -335,8 +351,12 @@ def build_model(
     p50 = _blend(
         _head(h, levels, horizon, "p50_raw", base_activation=None), level28, horizon, "p50"
     )
-    down = layers.Dense(horizon, activation="softplus", name="p10_offset")(h)
-    up = layers.Dense(horizon, activation="softplus", name="p90_offset")(h)
+    down = _band_calibration(
+        layers.Dense(horizon, activation="softplus", name="p10_offset")(h), horizon, "p10"
+    )
+    up = _band_calibration(
+        layers.Dense(horizon, activation="softplus", name="p90_offset")(h), horizon, "p90"
+    )
     p10 = layers.Subtract(name="p10")([p50, down])
     p90 = layers.Add(name="p90")([p50, up])
     columns = [
@@ -384,3 +404,19 @@ def calibrate_mean(model: keras.Model, factor: float) -> None:
     layer = model.get_layer("mean")
     horizon = int(layer.units)
     layer.set_weights([np.eye(horizon, dtype=np.float32) * np.float32(factor)])
+
+
+def calibrate_band(model: keras.Model, p10: Sequence[float], p90: Sequence[float]) -> None:
+    """Set the frozen band calibration layers: ``p10 = p50 - diag(p10) @ down`` and
+    ``p90 = p50 + diag(p90) @ up``, one factor per horizon step
+    (:func:`training.calibration.fit_band_scales` fits them)."""
+    import numpy as np
+
+    for name, factors in (("p10", p10), ("p90", p90)):
+        layer = model.get_layer(f"{name}_offset_cal")
+        values = np.asarray(factors, dtype=np.float32)
+        if values.shape != (int(layer.units),):
+            raise ConfigError(
+                f"expected {int(layer.units)} {name} band factors, got shape {values.shape}"
+            )
+        layer.set_weights([np.diag(values)])

@@ -12,10 +12,10 @@ from types import ModuleType
 
 import pytest
 
-from bench import _bundles, ab_worker, scale, throughput
+from bench import _bundles, ab_worker, offline, scale, throughput
 
 
-@pytest.mark.parametrize("module", [throughput, ab_worker], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [throughput, ab_worker, offline], ids=lambda m: m.__name__)
 def test_bench_doctests_pass(module: ModuleType) -> None:
     failed, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert attempted > 0
