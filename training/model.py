@@ -13,7 +13,7 @@ Inputs are ``[window, n_features]`` windows from
   p10 and p50 may go below zero; inference clips at zero. Each offset then passes through a
   frozen diagonal layer (``p10_offset_cal``, ``p90_offset_cal``), identity during training;
   the trainer sets per-step factors afterwards (:func:`calibrate_band`) so the band holds
-  about 80% of the validation actuals (:mod:`training.calibration`).
+  about 84% of the validation actuals (:mod:`training.calibration`).
 
 With ``level_skip`` (default) the mean and p50 heads are ``base + w7 * level7 + w28 * level28``
 where the levels are the window's mean scaled quantity over its last 7 and 28 buckets and the
@@ -348,8 +348,10 @@ def build_model(
     # Linear base, not softplus: most scaled targets are 0, and a softplus median pushed
     # towards 0 early in training saturates (zero gradient) and never recovers. Inference
     # clips at 0.
+    # The median gets the seasonal level as a learned term too (its blend stays with level28,
+    # at weight 1 by default): on smooth series the median is near the mean.
     p50 = _blend(
-        _head(h, levels, horizon, "p50_raw", base_activation=None), level28, horizon, "p50"
+        _head(h, levels, horizon, "p50_raw", None, seasonal=seasonal), level28, horizon, "p50"
     )
     down = _band_calibration(
         layers.Dense(horizon, activation="softplus", name="p10_offset")(h), horizon, "p10"

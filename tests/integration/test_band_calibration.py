@@ -67,7 +67,7 @@ def test_validation_coverage_moves_towards_the_target(bundle_dir: Path) -> None:
     band = meta.training.extra["band_calibration"]
     before, after = band["coverage_before"], band["coverage_after"]
     # Two epochs leave the band far too narrow; the factors' upper bound limits the move.
-    assert abs(after - 0.8) < abs(before - 0.8)
+    assert abs(after - 0.84) < abs(before - 0.84)
     # The validation scores in bundle.json are those of the calibrated, served model.
     assert meta.metrics["validation"]["lstm"]["coverage"] == pytest.approx(after, abs=1e-3)
 

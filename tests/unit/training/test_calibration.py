@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from training.calibration import (
+    DEFAULT_TAIL,
     BandScales,
     fit_band_scales,
     pooled_steps,
@@ -54,14 +55,16 @@ def test_misses_are_counted_as_the_served_forecast_is_scored() -> None:
     assert cov0 < 0.75 < cov  # the narrow band widens towards 0.8
 
 
-def test_each_tail_holds_about_ten_percent_when_it_can() -> None:
+@pytest.mark.parametrize("tail", [0.1, DEFAULT_TAIL])
+def test_each_tail_holds_its_share_when_it_can(tail: float) -> None:
     rng = np.random.default_rng(1)
     y = rng.gamma(20.0, 5.0, size=(300, 28))  # smooth and high: no zeros, no clipping
     p50 = np.full_like(y, 100.0)
-    band = fit_band_scales(y, p50, np.full_like(y, 12.0), np.full_like(y, 12.0), high=3.0)
+    offsets = np.full_like(y, 12.0)
+    band = fit_band_scales(y, p50, offsets, offsets, high=3.0, tail=tail)
     assert band.below_before > 0.25 and band.above_before > 0.25
-    assert band.below_after == pytest.approx(0.1, abs=0.01)
-    assert band.above_after == pytest.approx(0.1, abs=0.01)
+    assert band.below_after == pytest.approx(tail, abs=0.01)
+    assert band.above_after == pytest.approx(tail, abs=0.01)
     assert np.all(band.p10 > 1.5) and np.all(band.p90 > 1.5)  # sd 22 vs offsets 12
 
 
