@@ -106,8 +106,9 @@ def model_info(bundle: Bundle) -> ModelInfo:
     )
 
 
-def load_model(location: Path) -> LoadedModel:
-    """Resolve ``location``, verify the bundle and open its ONNX model (blocking).
+def load_model(location: Path, threads: int | None = None) -> LoadedModel:
+    """Resolve ``location``, verify the bundle and open its ONNX model (blocking) with
+    ``threads`` intra-op threads (None: :func:`trendcast.forecasting.onnx.default_threads`).
 
     Raises:
         BundleError: Bad pointer, or a missing, corrupt or inconsistent bundle.
@@ -117,7 +118,7 @@ def load_model(location: Path) -> LoadedModel:
 
     path = resolve_bundle(location)
     bundle = load_bundle(path)
-    return LoadedModel(path, OnnxForecaster(bundle), model_info(bundle))
+    return LoadedModel(path, OnnxForecaster(bundle, threads=threads), model_info(bundle))
 
 
 #: What identifies a bundle on disk cheaply: (resolved directory, model_version, bundle.json

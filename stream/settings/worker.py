@@ -91,6 +91,9 @@ class WorkerSettings(BaseSettings):
             long polls; the embedded Tansu broker holds every fetch for the full wait, so
             ``trendcast up``, the tests and the benches set 50 ms.
         inference_batch_size: Windows per ``Forecaster.predict`` call.
+        onnx_threads: ONNX Runtime intra-op threads of the worker's models; 0: the CPUs
+            available but one (1 to 4), leaving a core to the event loop, which builds the
+            next micro-batch, writes records and produces them while ONNX Runtime computes.
         gc_threshold: Allocations between two collections of Python's youngest garbage
             collector generation (``gc.set_threshold``; 0 keeps Python's 700). A batch
             allocates hundreds of thousands of short-lived objects, and with Python's
@@ -187,6 +190,7 @@ class WorkerSettings(BaseSettings):
     batch_timeout_s: float = Field(default=0.5, gt=0)
     fetch_max_wait_ms: int = Field(default=500, ge=1, le=30_000)
     inference_batch_size: int = Field(default=256, gt=0)
+    onnx_threads: int = Field(default=0, ge=0, le=64)
     gc_threshold: int = Field(default=50_000, ge=0)
     state_ttl_s: int | None = Field(default=None, gt=0)
     max_message_bytes: int = Field(default=64 * 1024, gt=0)

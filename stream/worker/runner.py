@@ -6,6 +6,7 @@ functions, so ``trendcast --help`` does not pay for them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -49,7 +50,9 @@ def load_model(settings: WorkerSettings) -> tuple[Forecaster, ModelInfo]:
     from stream.lifecycle import hot_reload, live_pointer
 
     source = live_pointer.version_source(settings)
-    loaded = hot_reload.load_model(live_pointer.resolve_now(settings.bundle, source))
+    loaded = hot_reload.load_model(
+        live_pointer.resolve_now(settings.bundle, source), settings.onnx_threads or None
+    )
     return loaded.forecaster, loaded.model
 
 
@@ -149,11 +152,17 @@ def build_worker_app(
         # every later one; the same source object goes on to the watcher, so "key absent,
         # following current" is logged once, not once at start and again at the first poll.
         source = live_pointer.version_source(settings)
-        loaded = hot_reload.load_model(live_pointer.resolve_now(settings.bundle, source))
+        threads = settings.onnx_threads or None
+        loaded = hot_reload.load_model(live_pointer.resolve_now(settings.bundle, source), threads)
         forecaster, model = loaded.forecaster, loaded.model
         # Hot reload follows the bundle location the worker loaded from; a caller that
         # hands in its own forecaster owns the model.
-        watcher = hot_reload.BundleWatcher(settings.bundle, loaded, source=source)
+        watcher = hot_reload.BundleWatcher(
+            settings.bundle,
+            loaded,
+            source=source,
+            loader=functools.partial(hot_reload.load_model, threads=threads),
+        )
     if store is None:
         # Kept buckets: the window, the open ones (lateness) and the writable closed ones
         # (grace), a margin for the batch that closes buckets, and the first-sale field.
@@ -173,7 +182,7 @@ def build_worker_app(
     if settings.shadow_bundle is not None:
         # Verified like the live bundle; refused here (one line, no start) if it is broken
         # or if the live windows cannot feed it (checked by the processor).
-        shadow_model = hot_reload.load_model(settings.shadow_bundle)
+        shadow_model = hot_reload.load_model(settings.shadow_bundle, settings.onnx_threads or None)
         shadow = (shadow_model.forecaster, shadow_model.model)
     return create_app(
         settings,
