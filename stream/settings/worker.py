@@ -92,8 +92,7 @@ class WorkerSettings(BaseSettings):
             ``trendcast up``, the tests and the benches set 50 ms.
         inference_batch_size: Windows per ``Forecaster.predict`` call.
         onnx_threads: ONNX Runtime intra-op threads of the worker's models; 0: the CPUs
-            available but one (1 to 4), leaving a core to the event loop, which builds the
-            next micro-batch, writes records and produces them while ONNX Runtime computes.
+            available, at most 4 (:func:`trendcast.forecasting.onnx.default_threads`).
         gc_threshold: Allocations between two collections of Python's youngest garbage
             collector generation (``gc.set_threshold``; 0 keeps Python's 700). A batch
             allocates hundreds of thousands of short-lived objects, and with Python's

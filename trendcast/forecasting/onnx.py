@@ -41,14 +41,14 @@ _MAX_DEFAULT_THREADS = 4
 
 
 def default_threads() -> int:
-    """Intra-op threads when none are given: the CPUs available to us but one, 1 to 4.
+    """Intra-op threads when none are given: the CPUs available to us, at most 4.
 
-    One core is left to the rest of the process: the worker's event loop builds the next
-    micro-batch, writes records and produces them while ONNX Runtime computes
-    (:func:`stream.inference.batching.forecast_and_deliver`), and a worker usually shares its
-    machine with Redis or the broker. On 2 cores one thread gave 18,600-21,300 windows/s of
-    the daily LSTM at batch 256 inside the worker, two threads 16,400-18,200
-    (docs/performance-log.md). ``TRENDCAST_THREADS`` sets it for ``trendcast forecast``.
+    Leaving a core to the worker's event loop (one thread on 2 cores) was measured too, now
+    that the loop writes and sends records while ONNX Runtime computes
+    (:func:`stream.inference.batching.forecast_and_deliver`): a 100,000-item close took 15.9
+    and 15.6 s with one thread, 14.3 and 15.2 s with two (docs/performance-log.md, ninth
+    round), so the default stays; ``TRENDCAST_ONNX_THREADS`` sets it for the worker and
+    ``TRENDCAST_THREADS`` for ``trendcast forecast``.
 
     >>> 1 <= default_threads() <= 4
     True
@@ -57,7 +57,7 @@ def default_threads() -> int:
         available = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         available = os.cpu_count() or 1
-    return max(1, min(available - 1, _MAX_DEFAULT_THREADS))
+    return max(1, min(available, _MAX_DEFAULT_THREADS))
 
 
 def unscale_outputs(mean: F32, quantiles: F32, scale: F32) -> ForecastBatch:
