@@ -225,26 +225,25 @@ def _head(
     return layers.Add(name=name)(terms)
 
 
+def _frozen(units: int, name: str, *, identity: bool = True) -> Any:
+    """A frozen bias-free Dense: identity (or zeros) until set after training.
+
+    The model's after-training parts (blends, calibrations) are such layers, so the final
+    model saves, loads and converts like the rest (one MatMul each in ONNX, no custom object).
+    """
+    initializer = keras.initializers.Identity() if identity else keras.initializers.Zeros()
+    return keras.layers.Dense(
+        units, use_bias=False, trainable=False, kernel_initializer=initializer, name=name
+    )
+
+
 def _blend(model_out: Any, level: Any, horizon: int, name: str) -> Any:
     """``w * model_out + (1 - w) * level`` with frozen weights, identity (w = 1) until
     :func:`set_blend` sets ``w`` after training: a forecast combination with the recent-mean
     forecast, in-graph so the exported model carries it (two MatMuls and an Add in ONNX)."""
-    layers = keras.layers
-    own = layers.Dense(
-        horizon,
-        use_bias=False,
-        trainable=False,
-        kernel_initializer=keras.initializers.Identity(),
-        name=f"{name}_own",
-    )(model_out)
-    lvl = layers.Dense(
-        horizon,
-        use_bias=False,
-        trainable=False,
-        kernel_initializer=keras.initializers.Zeros(),
-        name=f"{name}_level",
-    )(level)
-    return layers.Add(name=name)([own, lvl])
+    own = _frozen(horizon, f"{name}_own")(model_out)
+    lvl = _frozen(horizon, f"{name}_level", identity=False)(level)
+    return keras.layers.Add(name=name)([own, lvl])
 
 
 def set_blend(model: keras.Model, name: str, weight: float) -> None:
@@ -269,13 +268,7 @@ def set_blend(model: keras.Model, name: str, weight: float) -> None:
 def _band_calibration(offset: Any, horizon: int, name: str) -> Any:
     """Frozen diagonal Dense ``{name}_offset_cal`` on a quantile offset, identity until
     :func:`calibrate_band` sets its per-step factors (one MatMul in ONNX, no custom object)."""
-    return keras.layers.Dense(
-        horizon,
-        use_bias=False,
-        trainable=False,
-        kernel_initializer=keras.initializers.Identity(),
-        name=f"{name}_offset_cal",
-    )(offset)
+    return _frozen(horizon, f"{name}_offset_cal")(offset)
 
 
 def build_model(
@@ -338,13 +331,7 @@ def build_model(
     raw_mean = _blend(raw_mean, level28 if seasonal is None else seasonal, horizon, "mean_blend")
     # Frozen diagonal calibration, identity until :func:`calibrate_mean` sets it (a standard
     # layer, so the calibrated model saves, loads and converts like the rest: one MatMul).
-    mean = layers.Dense(
-        horizon,
-        use_bias=False,
-        trainable=False,
-        kernel_initializer=keras.initializers.Identity(),
-        name="mean",
-    )(raw_mean)
+    mean = _frozen(horizon, "mean")(raw_mean)
     # Linear base, not softplus: most scaled targets are 0, and a softplus median pushed
     # towards 0 early in training saturates (zero gradient) and never recovers. Inference
     # clips at 0.

@@ -9,15 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Literal, get_args
 
-import numpy as np
-
 from training.trainer import TrainResult, predict_scaled
 from trendcast.backtest import BacktestResult
 from trendcast.data import Panel
 from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 from trendcast.forecasting.baselines import SeasonalNaiveForecaster, WindowMeanForecaster
 from trendcast.forecasting.features import build_inputs
-from trendcast.forecasting.onnx import unscale_outputs
+from trendcast.forecasting.onnx import unscale_outputs, with_fallback
 from trendcast.freq import season_length
 
 __all__ = [
@@ -64,37 +62,19 @@ class KerasForecaster:
 
     def predict(self, batch: WindowBatch) -> ForecastBatch:
         """Forecast every window of ``batch`` (model or fallback, flagged)."""
-        n, h = len(batch), self.horizon
-        mean = np.zeros((n, h), np.float32)
-        p10, p50, p90 = mean.copy(), mean.copy(), mean.copy()
-        fallback = batch.history_len < self.window
-        rows = np.flatnonzero(~fallback)
-        if rows.size:
-            result = self._result
-            x, scale = build_inputs(
-                batch.take(rows),
-                result.features,
-                result.scales,
-                result.prices,
-                result.freq,
-                result.config.epsilon,
-            )
-            out = unscale_outputs(*predict_scaled(result.model, x), scale)
-            finite = np.isfinite(out.mean).all(axis=1) & np.isfinite(out.p90).all(axis=1)
-            fallback[rows[~finite]] = True
-            ok = rows[finite]
-            mean[ok], p10[ok] = out.mean[finite], out.p10[finite]
-            p50[ok], p90[ok] = out.p50[finite], out.p90[finite]
-        fb_rows = np.flatnonzero(fallback)
-        if fb_rows.size:
-            fb = self._fallback.predict(batch.take(fb_rows))
-            mean[fb_rows], p10[fb_rows], p50[fb_rows], p90[fb_rows] = (
-                fb.mean,
-                fb.p10,
-                fb.p50,
-                fb.p90,
-            )
-        return ForecastBatch(mean=mean, p10=p10, p50=p50, p90=p90, fallback=fallback)
+        return with_fallback(batch, self.window, self._model_forecast, self._fallback)
+
+    def _model_forecast(self, batch: WindowBatch) -> ForecastBatch:
+        result = self._result
+        x, scale = build_inputs(
+            batch,
+            result.features,
+            result.scales,
+            result.prices,
+            result.freq,
+            result.config.epsilon,
+        )
+        return unscale_outputs(*predict_scaled(result.model, x), scale)
 
 
 def _scores(result: BacktestResult, name: str) -> dict[str, float]:

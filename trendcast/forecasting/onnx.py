@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -24,12 +25,18 @@ import onnxruntime as ort
 
 from trendcast.bundle import Bundle
 from trendcast.exceptions import BundleError, ForecastError
-from trendcast.forecasting.base import ForecastBatch, WindowBatch
+from trendcast.forecasting.base import ForecastBatch, Forecaster, WindowBatch
 from trendcast.forecasting.baselines import SeasonalNaiveForecaster
 from trendcast.forecasting.features import build_inputs
 from trendcast.freq import season_length
 
-__all__ = ["FALLBACK_SEASON", "OnnxForecaster", "default_threads", "unscale_outputs"]
+__all__ = [
+    "FALLBACK_SEASON",
+    "OnnxForecaster",
+    "default_threads",
+    "unscale_outputs",
+    "with_fallback",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -173,46 +180,59 @@ class OnnxForecaster:
         """
         if batch.window != self.window:
             raise ForecastError(f"expected windows of {self.window} buckets, got {batch.window}")
-        n, h = len(batch), self.horizon
-        mean = np.zeros((n, h), dtype=np.float32)
-        p10, p50, p90 = mean.copy(), mean.copy(), mean.copy()
-        fallback = batch.history_len < self.window
-        model_rows = np.flatnonzero(~fallback)
-        if model_rows.size:
-            sub = batch if model_rows.size == n else _subset(batch, model_rows)
-            x, scale = build_inputs(
-                sub,
-                self._features,
-                self.bundle.scales,
-                self.bundle.prices,
-                self._freq,
-                self._epsilon,
+        return with_fallback(batch, self.window, self._model_forecast, self._fallback)
+
+    def _model_forecast(self, batch: WindowBatch) -> ForecastBatch:
+        """The model's forecast of windows with full history (unscaled, clipped)."""
+        x, scale = build_inputs(
+            batch,
+            self._features,
+            self.bundle.scales,
+            self.bundle.prices,
+            self._freq,
+            self._epsilon,
+        )
+        try:
+            raw_mean, raw_q = self._session.run(self._outputs, {self._input: x})
+        except Exception as exc:  # onnxruntime's exception classes are not exported
+            raise ForecastError(f"ONNX Runtime failed on {len(batch)} windows: {exc}") from exc
+        return unscale_outputs(
+            np.asarray(raw_mean, np.float32), np.asarray(raw_q, np.float32), scale
+        )
+
+
+def with_fallback(
+    batch: WindowBatch,
+    window: int,
+    model: Callable[[WindowBatch], ForecastBatch],
+    fallback: Forecaster,
+) -> ForecastBatch:
+    """``model``'s forecasts of the windows with full history, ``fallback``'s of the rest.
+
+    Items with less than ``window`` buckets of history were never seen in that form in
+    training (its windows lie fully inside history), and a non-finite model forecast would
+    poison every consumer downstream: both get the fallback, flagged ``fallback=True``. Shared
+    by the served model and the Keras one scored by ``trendcast tune``.
+    """
+    n = len(batch)
+    mean = np.zeros((n, fallback.horizon), dtype=np.float32)
+    p10, p50, p90 = mean.copy(), mean.copy(), mean.copy()
+    use_fallback = batch.history_len < window
+    model_rows = np.flatnonzero(~use_fallback)
+    if model_rows.size:
+        out = model(batch if model_rows.size == n else _subset(batch, model_rows))
+        finite = np.isfinite(out.mean).all(axis=1) & np.isfinite(out.p90).all(axis=1)
+        if not finite.all():
+            logger.warning(
+                "%d non-finite model forecasts replaced by the fallback", int((~finite).sum())
             )
-            try:
-                raw_mean, raw_q = self._session.run(self._outputs, {self._input: x})
-            except Exception as exc:  # onnxruntime's exception classes are not exported
-                raise ForecastError(f"ONNX Runtime failed on {len(sub)} windows: {exc}") from exc
-            out = unscale_outputs(
-                np.asarray(raw_mean, np.float32), np.asarray(raw_q, np.float32), scale
-            )
-            finite = np.isfinite(out.mean).all(axis=1) & np.isfinite(out.p90).all(axis=1)
-            if not finite.all():
-                # A non-finite forecast would poison every consumer downstream; the fallback
-                # is always finite.
-                logger.warning(
-                    "%d non-finite model forecasts replaced by the fallback", int((~finite).sum())
-                )
-                fallback[model_rows[~finite]] = True
-            ok = model_rows[finite]
-            mean[ok], p10[ok], p50[ok], p90[ok] = (
-                out.mean[finite],
-                out.p10[finite],
-                out.p50[finite],
-                out.p90[finite],
-            )
-        fallback_rows = np.flatnonzero(fallback)
-        if fallback_rows.size:
-            fb = self._fallback.predict(_subset(batch, fallback_rows))
-            mean[fallback_rows], p10[fallback_rows] = fb.mean, fb.p10
-            p50[fallback_rows], p90[fallback_rows] = fb.p50, fb.p90
-        return ForecastBatch(mean=mean, p10=p10, p50=p50, p90=p90, fallback=fallback)
+            use_fallback[model_rows[~finite]] = True
+        ok = model_rows[finite]
+        mean[ok], p10[ok] = out.mean[finite], out.p10[finite]
+        p50[ok], p90[ok] = out.p50[finite], out.p90[finite]
+    fallback_rows = np.flatnonzero(use_fallback)
+    if fallback_rows.size:
+        fb = fallback.predict(_subset(batch, fallback_rows))
+        mean[fallback_rows], p10[fallback_rows] = fb.mean, fb.p10
+        p50[fallback_rows], p90[fallback_rows] = fb.p50, fb.p90
+    return ForecastBatch(mean=mean, p10=p10, p50=p50, p90=p90, fallback=use_fallback)
