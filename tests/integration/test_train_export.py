@@ -24,7 +24,6 @@ from trendcast.testkit.trained_bundle import (
     TINY_HORIZON,
     TINY_WINDOW,
     tiny_panel,
-    train_tiny_bundle,
 )
 
 pytest.importorskip("tensorflow")
@@ -32,8 +31,8 @@ pytest.importorskip("tf2onnx")
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+def bundle_dir(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 @pytest.fixture
