@@ -15,7 +15,8 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 
-from stream.inference.batching import ForecastRequest, forecast
+from stream.inference.batching import ForecastRequest
+from stream.inference.delivery import forecast
 from stream.inference.model_info import ModelInfo
 from stream.inference.observers import ForecastObserver, ScoredBatch, notify
 from stream.monitoring.telemetry import SHADOW_FAILURES

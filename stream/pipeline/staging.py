@@ -22,7 +22,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stream.inference.batching import ForecastRequest, forecast_and_deliver
+from stream.inference.batching import ForecastRequest
+from stream.inference.delivery import forecast_and_deliver
 from stream.inference.model_info import ModelInfo
 from stream.inference.observers import ScoredBatch
 from stream.monitoring import tracing

@@ -52,7 +52,7 @@ def default_threads() -> int:
 
     Leaving a core to the worker's event loop (one thread on 2 cores) was measured too, now
     that the loop writes and sends records while ONNX Runtime computes
-    (:func:`stream.inference.batching.forecast_and_deliver`): a 100,000-item close took 15.9
+    (:func:`stream.inference.delivery.forecast_and_deliver`): a 100,000-item close took 15.9
     and 15.6 s with one thread, 14.3 and 15.2 s with two (docs/performance-log.md, ninth
     round), so the default stays; ``TRENDCAST_ONNX_THREADS`` sets it for the worker and
     ``TRENDCAST_THREADS`` for ``trendcast forecast``.

@@ -27,10 +27,9 @@ from stream.inference.batching import (
     _records_py,
     _records_slow,
     build_batch,
-    forecast,
-    forecast_and_deliver,
     forecast_records,
 )
+from stream.inference.delivery import forecast, forecast_and_deliver
 from stream.inference.model_info import ModelInfo
 from stream.inference.stacking import stack_windows
 from stream.state.base import BucketSums, ItemWindow
