@@ -40,21 +40,24 @@ from typing import Any, Literal, get_args
 
 import keras
 import numpy as np
-import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from training.calibration import fit_band_scales
 from training.evaluation import baseline_scores, score_forecast
+from training.finishing import (
+    calibrate_band_on_validation,
+    choose_blends,
+    predict_scaled,
+    rmsse_calibration,
+    weekday_factors,
+)
 from training.model import (
     QUANTILES,
     LossName,
     build_model,
-    calibrate_band,
     calibrate_mean,
     mean_calibration,
-    set_blend,
 )
 from trendcast.data import Panel
 from trendcast.exceptions import ConfigError, ModelError
@@ -321,14 +324,6 @@ class RichProgress(keras.callbacks.Callback):  # type: ignore[misc]
         self._progress.stop()
 
 
-def predict_scaled(
-    model: keras.Model, x: np.ndarray[Any, np.dtype[np.float32]], batch_size: int = 1024
-) -> tuple[np.ndarray[Any, np.dtype[np.float32]], np.ndarray[Any, np.dtype[np.float32]]]:
-    """Scaled ``(mean, quantiles)`` of a Keras model (inference mode, no dropout)."""
-    out = model.predict(x, batch_size=batch_size, verbose=0)
-    return np.asarray(out["mean"], np.float32), np.asarray(out["quantiles"], np.float32)
-
-
 def _summary_table(metrics: dict[str, Any]) -> Table:
     table = Table(title="validation (last horizon of every item)")
     for column in ("model", "RMSSE (mean)", "WAPE (p50)", "MASE (p50)", "coverage p10-p90"):
@@ -371,113 +366,6 @@ def _sample_weights(
         "mean": ones if mean_w is None else mean_w,
         "quantiles": ones if quant_w is None else quant_w,
     }
-
-
-_BLEND_GRID = tuple(i / 10 for i in range(11))
-
-
-def _blend_level(
-    model: keras.Model, x: np.ndarray[Any, np.dtype[np.float32]], window: int
-) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """The level the mean is blended with: the model's seasonal level ``[n, horizon]`` where
-    it has one, else level28 ``[n, 1]``."""
-    names = {layer.name for layer in model.layers}
-    if "seasonal_level" not in names:
-        return np.asarray(x[:, -min(28, window) :, 0].mean(axis=1)[:, None], np.float32)
-    level = keras.Model(model.inputs, model.get_layer("seasonal_level").output)
-    return np.asarray(level.predict(x, batch_size=4096, verbose=0), np.float32)
-
-
-_CALIBRATION_GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(21))
-
-
-def _rmsse_calibration(
-    raw_mean: np.ndarray[Any, np.dtype[np.float32]],
-    raw_q: np.ndarray[Any, np.dtype[np.float32]],
-    windows: TrainingWindows,
-) -> float:
-    """The factor of :data:`_CALIBRATION_GRID` with the lowest validation RMSSE of the mean."""
-    y_val = windows.y_val * windows.scale_val[:, None]
-
-    def rmsse(factor: float) -> float:
-        forecast = unscale_outputs(
-            (raw_mean * np.float32(factor)).astype(np.float32), raw_q, windows.scale_val
-        )
-        scores = score_forecast(y_val, forecast, windows.val_scale_sq, windows.val_scale_abs)
-        return scores["rmsse"]
-
-    return float(min(_CALIBRATION_GRID, key=rmsse))
-
-
-def weekday_factors(panel: Panel, until: Any) -> list[float] | None:
-    """The catalogue's units by weekday before ``until``, Monday first, scaled to mean 1.
-
-    None for data that is not daily, or sold nothing. Computed on the training part only, so
-    the factors frozen into the model know nothing of the validation period.
-
-    >>> import pandas as pd
-    >>> from trendcast.data import Panel
-    >>> from trendcast.freq import parse_freq
-    >>> days = pd.date_range("2024-01-01", periods=14, freq="D")  # Monday first
-    >>> qty = ([2.0] * 5 + [0.0] * 2) * 2
-    >>> frame = pd.DataFrame({"item_id": "a", "ts": days, "quantity": qty})
-    >>> weekday_factors(Panel(frame=frame, freq=parse_freq("1D"), has_price=False), days[-1])
-    [1.4, 1.4, 1.4, 1.4, 1.4, 0.0, 0.0]
-    """
-    if panel.freq.timedelta != pd.Timedelta(days=1):
-        return None
-    frame = panel.frame[panel.frame["ts"] < until]
-    units = frame.groupby(frame["ts"].dt.dayofweek)["quantity"].sum()
-    totals = np.array([max(float(units.get(day, 0.0)), 0.0) for day in range(7)])
-    if totals.sum() <= 0:
-        return None
-    return [round(float(v), 6) for v in totals / totals.mean()]
-
-
-def _choose_blends(
-    model: keras.Model, windows: TrainingWindows, config: TrainConfig
-) -> dict[str, float]:
-    """Set the mean and p50 combinations (fixed or chosen on validation): the mean's with
-    the seasonal level where the model has one (else level28), the median's with level28."""
-    mean_w, p50_w = config.mean_blend, config.p50_blend
-    if mean_w is None or p50_w is None:
-        raw_mean, raw_q = predict_scaled(model, windows.x_val)
-        level = _blend_level(model, windows.x_val, config.window)
-        level28 = windows.x_val[:, -min(28, config.window) :, 0].mean(axis=1)[:, None]
-        y_val = windows.y_val * windows.scale_val[:, None]
-
-        def scores(w_mean: float, w_p50: float) -> dict[str, float]:
-            mean = w_mean * raw_mean + (1.0 - w_mean) * level
-            q = raw_q + ((1.0 - w_p50) * (level28 - raw_q[..., 1]))[..., None]
-            forecast = unscale_outputs(mean, q.astype(np.float32), windows.scale_val)
-            return score_forecast(y_val, forecast, windows.val_scale_sq, windows.val_scale_abs)
-
-        if mean_w is None:
-            mean_w = min(_BLEND_GRID, key=lambda w: scores(w, 1.0)["rmsse"])
-        if p50_w is None:
-            p50_w = min(_BLEND_GRID, key=lambda w: scores(1.0, w)["wape"])
-    set_blend(model, "mean_blend", mean_w)
-    set_blend(model, "p50", p50_w)
-    logger.info("blends: mean x%.2f, p50 x%.2f", mean_w, p50_w)
-    return {"mean_blend": float(mean_w), "p50_blend": float(p50_w)}
-
-
-def _calibrate_band(
-    model: keras.Model, windows: TrainingWindows, console: Console
-) -> dict[str, Any]:
-    """Fit and set the per-step p10/p90 offset factors on the validation split (in-graph)."""
-    _, quantiles = predict_scaled(model, windows.x_val)
-    p50 = quantiles[..., 1]
-    band = fit_band_scales(windows.y_val, p50, p50 - quantiles[..., 0], quantiles[..., 2] - p50)
-    calibrate_band(model, band.p10.tolist(), band.p90.tolist())
-    facts = band.as_dict()
-    console.print(
-        "band calibration on the validation split: p10 offset x"
-        f"{band.p10.min():.2f}..{band.p10.max():.2f}, p90 offset x"
-        f"{band.p90.min():.2f}..{band.p90.max():.2f} (per step); coverage "
-        f"{facts['coverage_before']:.1%} -> {facts['coverage_after']:.1%} (in-sample)"
-    )
-    return facts
 
 
 def train(
@@ -591,21 +479,25 @@ def train(
     val_losses = history.get("val_loss", losses)
     best_epoch = int(np.nanargmin(val_losses)) + 1
 
-    blends = _choose_blends(model, windows, config)
+    blends = choose_blends(model, windows, config.window, config.mean_blend, config.p50_blend)
     calibration = 1.0
     raw_mean, raw_q = predict_scaled(model, windows.x_val)
     if config.calibrate:
         calibration = (
             mean_calibration(windows.y_val, raw_mean)
             if config.calibrate_to == "volume"
-            else _rmsse_calibration(raw_mean, raw_q, windows)
+            else rmsse_calibration(raw_mean, raw_q, windows)
         )
         calibrate_mean(model, calibration)
         console.print(
             f"mean calibration on the validation split ({config.calibrate_to}): x{calibration:.3f}"
         )
     volume_ratio = mean_calibration(windows.y_val, raw_mean * calibration, low=0.0, high=1e9)
-    band = _calibrate_band(model, windows, console) if config.calibrate_quantiles else None
+    band = (
+        calibrate_band_on_validation(model, windows, console)
+        if config.calibrate_quantiles
+        else None
+    )
     mean, quantiles = predict_scaled(model, windows.x_val)
     forecast = unscale_outputs(mean, quantiles, windows.scale_val)
     y_val = windows.y_val * windows.scale_val[:, None]
